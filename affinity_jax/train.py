@@ -1,0 +1,267 @@
+"""One trainer for the three networks (CAM, AffinityNet, segmentation).
+
+Data parallel over every device through a one-axis `("data",)` mesh: the global batch is split
+over devices, parameters and optimiser state are replicated. Each host feeds its own slice of the
+batch (`jax.make_array_from_process_local_data`), so the same code runs on one CPU, one GPU or a
+TPU pod. The optimiser is the original's: SGD with a poly schedule and four learning-rate groups
+(pretrained weights x1, pretrained biases x2, new weights x10, new biases x20; decay on weights
+only), the frozen set excluded from differentiation altogether, every BatchNorm a constant.
+
+Checkpoints are written with an orbax `CheckpointManager` every `checkpoint_every` steps, at the
+end, and when the process receives SIGTERM/SIGINT (the pre-emption path). A rerun of the same
+command resumes from the newest checkpoint and, the input being deterministic in the step, ends
+with the same parameters as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import sys
+import time
+from typing import Any, Callable, Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import traverse_util
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from affinity_jax.errors import NonFiniteLossError
+
+PyTree = Any
+Batch = Mapping[str, np.ndarray]
+# loss_fn(model_output, batch) -> (scalar loss, dict of scalar metrics)
+LossFn = Callable[[Any, Batch], tuple[jax.Array, dict[str, jax.Array]]]
+
+GROUP_MULTIPLIERS = {  # label -> (lr multiplier, weight decay applies)
+    "pretrained_weight": (1.0, True),
+    "pretrained_bias": (2.0, False),
+    "new_weight": (10.0, True),
+    "new_bias": (20.0, False),
+}
+
+
+class TrainingInterrupted(Exception):
+  """SIGTERM/SIGINT arrived; a checkpoint of the current step was saved first."""
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  lr: float
+  total_steps: int
+  weight_decay: float = 5e-4
+  poly_power: float = 0.9
+  # The original hands its weight decay to SGD's momentum slot, so it trains with momentum
+  # 5e-4 (i.e. none). True reproduces that; False uses `momentum` below.
+  momentum_quirk: bool = True
+  momentum: float = 0.9
+
+  @property
+  def effective_momentum(self) -> float:
+    return self.weight_decay if self.momentum_quirk else self.momentum
+
+
+def poly_schedule(base_lr: float, total_steps: int, power: float) -> optax.Schedule:
+  """lr * (1 - step / total_steps) ** power, as the original's PolyOptimizer (0 past the end)."""
+  def schedule(count):
+    frac = jnp.clip(1.0 - count / total_steps, 0.0, 1.0)
+    return base_lr * frac ** power
+  return schedule
+
+
+def make_optimizer(cfg: OptimConfig, labels: PyTree) -> optax.GradientTransformation:
+  """SGD with the original's parameter groups over a params tree labelled by `param_labels`.
+
+  `labels` must not contain "frozen" leaves: frozen parameters are split off before
+  differentiation (see `split_frozen`).
+  """
+  momentum = cfg.effective_momentum or None
+  transforms = {}
+  for label, (mult, decay) in GROUP_MULTIPLIERS.items():
+    sgd = optax.sgd(poly_schedule(cfg.lr * mult, cfg.total_steps, cfg.poly_power),
+                    momentum=momentum)
+    transforms[label] = (optax.chain(optax.add_decayed_weights(cfg.weight_decay), sgd)
+                         if decay and cfg.weight_decay else sgd)
+  return optax.multi_transform(transforms, labels)
+
+
+def split_frozen(params: PyTree, labels: PyTree) -> tuple[dict, dict, dict]:
+  """Splits params into (trainable, frozen) flat dicts and the trainable labels."""
+  flat = traverse_util.flatten_dict(params)
+  flat_labels = traverse_util.flatten_dict(labels)
+  trainable = {k: v for k, v in flat.items() if flat_labels[k] != "frozen"}
+  frozen = {k: v for k, v in flat.items() if flat_labels[k] == "frozen"}
+  train_labels = {k: flat_labels[k] for k in trainable}
+  return trainable, frozen, train_labels
+
+
+def merge_params(trainable: dict, frozen: dict) -> PyTree:
+  return traverse_util.unflatten_dict({**trainable, **frozen})
+
+
+def data_mesh() -> jax.sharding.Mesh:
+  return jax.make_mesh((jax.device_count(),), ("data",))
+
+
+def global_batch(local: Batch, sharding: NamedSharding) -> dict[str, jax.Array]:
+  """Turns this host's numpy slice of the batch into global arrays split over the mesh."""
+  out = {}
+  for k, v in local.items():
+    v = np.asarray(v)
+    if v.dtype.kind in "biuf":  # names and other strings stay on the host.
+      out[k] = jax.make_array_from_process_local_data(sharding, v)
+  return out
+
+
+class _Progress:
+  """Console lines with rate and ETA, and TensorBoard scalars (process 0 only)."""
+
+  def __init__(self, name: str, total: int, start: int, logdir: str | None, batch_size: int):
+    self.name, self.total, self.start, self.batch_size = name, total, start, batch_size
+    self.t0 = time.time()
+    self.writer = None
+    self.main = jax.process_index() == 0
+    if logdir and self.main:
+      import tensorflow as tf  # only for the event-file writer.
+      self.writer = tf.summary.create_file_writer(logdir)
+
+  def log(self, step: int, metrics: Mapping[str, float]) -> None:
+    if not self.main:
+      return
+    done = step - self.start
+    elapsed = time.time() - self.t0
+    rate = done / elapsed if elapsed > 0 else 0.0
+    eta = (self.total - step) / rate if rate > 0 else float("nan")
+    pct = 100.0 * step / self.total
+    bar = "#" * int(pct // 5) + "." * (20 - int(pct // 5))
+    vals = " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+    print(f"[{self.name}] [{bar}] step {step}/{self.total} {vals} "
+          f"{rate * self.batch_size:.1f} img/s ETA {_fmt_seconds(eta)}", flush=True)
+    if self.writer is not None:
+      import tensorflow as tf
+      with self.writer.as_default(step=step):
+        for k, v in metrics.items():
+          tf.summary.scalar(f"{self.name}/{k}", v)
+      self.writer.flush()
+
+
+def _fmt_seconds(s: float) -> str:
+  if not np.isfinite(s):
+    return "?"
+  s = int(s)
+  return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def train(*, name: str, model, variables: Mapping[str, PyTree], labels: PyTree,
+          loss_fn: LossFn, batches: Callable[[int], Iterator[Batch]], optim: OptimConfig,
+          workdir: str, batch_size: int, seed: int = 0, checkpoint_every: int = 100,
+          log_every: int = 10, max_to_keep: int = 2) -> dict[str, PyTree]:
+  """Trains `model` from `variables` for `optim.total_steps` steps, resuming if it can.
+
+  Args:
+    name: the network's name, used for the checkpoint folder and log lines.
+    model: a Flax module whose `apply(variables, images, train=True, rngs={"dropout": ...})`
+      returns what `loss_fn` takes.
+    variables: {"params": ..., "batch_stats": ...}; batch_stats are constants.
+    labels: `affinity_jax.models.param_labels(params)`.
+    loss_fn: (model output, device batch) -> (loss, metrics).
+    batches: start_step -> iterator of host batches for steps start_step, start_step+1, ...
+      (global batch size / process_count examples each, numpy).
+    workdir: checkpoints go to `{workdir}/checkpoints`, event files to `{workdir}/logs`.
+  Returns:
+    The trained {"params", "batch_stats"} as host numpy arrays.
+  """
+  mesh = data_mesh()
+  if batch_size % jax.device_count():
+    raise ValueError(f"{name}: global batch size {batch_size} is not divisible by the "
+                     f"{jax.device_count()} devices")
+  replicated = NamedSharding(mesh, P())
+  data_sharding = NamedSharding(mesh, P("data"))
+
+  trainable, frozen, train_labels = split_frozen(variables["params"], labels)
+  tx = make_optimizer(optim, train_labels)
+  batch_stats = jax.device_put(variables.get("batch_stats", {}), replicated)
+  frozen = jax.device_put(frozen, replicated)
+  trainable = jax.device_put(trainable, replicated)
+  state = {"step": jax.device_put(jnp.zeros((), jnp.int32), replicated),
+           "params": trainable,
+           "opt_state": jax.jit(tx.init, out_shardings=replicated)(trainable)}
+  base_rng = jax.random.key(seed)
+
+  # Frozen params and BN statistics are arguments, not closure constants: XLA would otherwise
+  # bake them into the executable.
+  def train_step(state, frozen, batch_stats, batch):
+    rng = jax.random.fold_in(base_rng, state["step"])
+
+    def loss_of(trainable):
+      v = {"params": merge_params(trainable, frozen), "batch_stats": batch_stats}
+      out = model.apply(v, batch["image"], train=True, rngs={"dropout": rng})
+      return loss_fn(out, batch)
+
+    (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics = {"loss": loss, **metrics,
+               "lr": poly_schedule(optim.lr, optim.total_steps, optim.poly_power)(state["step"])}
+    return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+
+  step_fn = jax.jit(train_step, out_shardings=(replicated, replicated), donate_argnums=(0,))
+
+  ckpt_dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  manager = ocp.CheckpointManager(
+      ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+  start = manager.latest_step()
+  if start is not None:
+    state = manager.restore(start, args=ocp.args.StandardRestore(state))
+    if jax.process_index() == 0:
+      print(f"[{name}] resuming from step {start} ({ckpt_dir})", flush=True)
+  start = int(start or 0)
+
+  stop = {"signal": None}
+  def on_signal(signum, frame):
+    stop["signal"] = signum
+  old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+
+  progress = _Progress(name, optim.total_steps, start, os.path.join(workdir, "logs"), batch_size)
+  last_saved = start if start else None
+  try:
+    it = batches(start)
+    for step in range(start, optim.total_steps):
+      try:
+        host_batch = next(it)
+      except StopIteration:
+        raise ValueError(f"{name}: the input pipeline ended at step {step} of "
+                         f"{optim.total_steps}; it must repeat") from None
+      state, metrics = step_fn(state, frozen, batch_stats,
+                               global_batch(host_batch, data_sharding))
+      done = step + 1
+      loss = float(metrics["loss"])
+      if not np.isfinite(loss):
+        where = (f"the last good checkpoint is step {last_saved} in {ckpt_dir}"
+                 if last_saved is not None else "no checkpoint was saved yet")
+        raise NonFiniteLossError(
+            f"{name}: loss is {loss} at step {done}; {where}. Lower the learning rate "
+            f"(--config.{name}.lr) or check the input data.")
+      if done % log_every == 0 or done == optim.total_steps or done == start + 1:
+        progress.log(done, {k: float(v) for k, v in metrics.items()})
+      if done % checkpoint_every == 0 or done == optim.total_steps or stop["signal"]:
+        manager.save(done, args=ocp.args.StandardSave(state), force=True)
+        last_saved = done
+      if stop["signal"] and done < optim.total_steps:
+        manager.wait_until_finished()
+        raise TrainingInterrupted(
+            f"{name}: stopped by signal {stop['signal']} at step {done}; checkpoint saved in "
+            f"{ckpt_dir}. Run the same command again to resume.")
+  finally:
+    manager.wait_until_finished()
+    manager.close()
+    for s, h in old_handlers.items():
+      signal.signal(s, h)
+
+  params = merge_params(state["params"], frozen)
+  return jax.device_get({"params": params, "batch_stats": batch_stats})

@@ -1,0 +1,95 @@
+"""PSA on PASCAL VOC 2012 + SBD with ResNet-38: the original's recipe, every value named.
+
+Sources (see ../shared/reference/PSA.md): the paper (Ahn & Kwak, CVPR 2018) and the PyTorch
+original's defaults (train_cls.py, infer_cls.py, train_aff.py, infer_aff.py).
+
+Usage:
+  affinity-jax run --config configs/voc_resnet38.py --workdir runs/voc \
+      --config.data.manual_dir=/path/to/downloads --config.init.backbone=runs/ilsvrc_resnet38
+  affinity-jax run --config configs/voc_resnet38.py:tiny ...   # a few steps, to check a set-up
+"""
+
+import ml_collections
+
+
+def get_config(arg=None):
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.workdir = "runs/voc_resnet38"
+  c.distributed = False  # True: jax.distributed.initialize() before anything else (multi-host).
+  c.debug_nans = False
+
+  c.data = ml_collections.ConfigDict(dict(
+      name="voc2012_aug",
+      data_dir="",          # tfds data dir; "" = tfds default (~/tensorflow_datasets).
+      manual_dir="",        # holds VOCdevkit/ and benchmark_RELEASE/ (see README).
+      options={},
+      train_split="train_aug",   # 10,582 images: VOC train + SBD train/val - VOC val.
+      pseudo_splits=("train_aug",),  # CAMs, affinity labels and pseudo labels are made here.
+      canvas=(512, 512),    # every VOC image (at most 500x500) fits; inference pads to it.
+      shuffle_buffer=1024,
+  ))
+  c.model = ml_collections.ConfigDict(dict(
+      num_classes=20, width=1.0,
+      dtype="float32",      # "bfloat16" for TPU/GPU compute; parameters stay float32.
+  ))
+  c.init = ml_collections.ConfigDict(dict(
+      # The ImageNet ResNet-38 converted by `affinity-jax convert mxnet
+      # ilsvrc-cls_rna-a1_cls1000_ep-0001.params DIR`; "" = random init (only for tests).
+      backbone="",
+  ))
+
+  # Classification network (train_cls.py).
+  c.cam = ml_collections.ConfigDict(dict(
+      batch_size=16, epochs=15,
+      # The original's README says 0.1; its author says 0.1 was meant for VGG-16 and diverges
+      # for ResNet-38 (psa issues #8, #9). ResNet-38 reproductions use 0.01.
+      lr=0.01, weight_decay=5e-4, poly_power=0.9,
+      momentum_quirk=True,  # the original runs SGD with momentum = weight decay (5e-4).
+      momentum=0.9,         # used only with momentum_quirk=False.
+      crop_size=448, resize_long=(256, 512),
+      color_jitter=(0.3, 0.3, 0.3, 0.1),  # brightness, contrast, saturation, hue.
+      checkpoint_every=500, log_every=20, steps=-1,  # steps > 0 overrides epochs.
+  ))
+  # CAM inference (infer_cls.py): scales, each with its flip.
+  c.cam_infer = ml_collections.ConfigDict(dict(scales=(1.0, 0.5, 1.5, 2.0), batch_size=1))
+  # Affinity labels from dCRF on (bg, classes) with two background powers.
+  c.aff_labels = ml_collections.ConfigDict(dict(alpha_low=4.0, alpha_high=32.0, crf_iters=10,
+                                                workers=0))  # 0 = one per CPU core.
+  # AffinityNet (train_aff.py).
+  c.aff = ml_collections.ConfigDict(dict(
+      batch_size=8, epochs=8, lr=0.1, weight_decay=5e-4, poly_power=0.9,
+      momentum_quirk=True, momentum=0.9, crop_size=448,
+      color_jitter=(0.3, 0.3, 0.3, 0.1), radius=5,
+      checkpoint_every=500, log_every=20, steps=-1,
+  ))
+  # Random walk (infer_aff.py): A = W^beta, t = 2^logt steps, background (1-max)^alpha.
+  c.random_walk = ml_collections.ConfigDict(dict(
+      beta=8.0, logt=8, alpha=16.0, radius=5,
+      scheme="psa",   # the original's pair set; "full" covers the border too.
+      tol=-1.0,       # > 0: stop early once the largest change falls under it.
+      batch_size=1,
+  ))
+  # Segmentation network (the paper's; not in the original repository).
+  c.seg = ml_collections.ConfigDict(dict(
+      batch_size=16, epochs=30, lr=0.01, weight_decay=5e-4, poly_power=0.9,
+      momentum_quirk=False, momentum=0.9, crop_size=448, scale_range=(0.7, 1.3),
+      checkpoint_every=500, log_every=20, steps=-1,
+  ))
+  c.seg_infer = ml_collections.ConfigDict(dict(scales=(1.0, 0.75, 1.25), crf=True, batch_size=1))
+  c.eval = ml_collections.ConfigDict(dict(
+      cam_splits=("train",),  # CAM and CAM+RW quality is reported on VOC train (1,464).
+      seg_splits=("val",),
+      panels=8,               # picture panels written per split.
+  ))
+
+  if arg == "tiny":  # checks a set-up end to end in minutes; numbers are meaningless.
+    for net in (c.cam, c.aff, c.seg):
+      net.steps, net.batch_size, net.crop_size, net.checkpoint_every = 4, 2, 64, 2
+    c.model.width = 0.0625
+    c.cam.resize_long = (48, 96)
+    c.cam_infer.scales = (1.0,)
+    c.seg_infer.scales = (1.0,)
+  elif arg:
+    raise ValueError(f"configs/voc_resnet38.py: unknown variant {arg!r} (known: tiny)")
+  return c
