@@ -105,7 +105,10 @@ def merge_params(trainable: dict, frozen: dict) -> PyTree:
 
 
 def data_mesh() -> jax.sharding.Mesh:
-  return jax.make_mesh((jax.device_count(),), ("data",))
+  # Auto axes: XLA propagates the batch sharding through the model (GSPMD), so model code
+  # needs no sharding annotations. (make_mesh defaults to Explicit axes in current JAX.)
+  return jax.make_mesh((jax.device_count(),), ("data",),
+                       axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def global_batch(local: Batch, sharding: NamedSharding) -> dict[str, jax.Array]:
