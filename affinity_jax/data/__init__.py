@@ -1,0 +1,91 @@
+"""Datasets (tfds builders) and their tf.data pipelines.
+
+`voc2012_aug` reads a local PASCAL VOC 2012 + SBD copy; `synthetic_wsss` is generated from a seed.
+Both yield the same features (image, name, label, mask, has_mask), so stages treat them alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+
+import tensorflow_datasets as tfds
+
+from affinity_jax.data.synthetic import SyntheticConfig, SyntheticWsss
+from affinity_jax.data.voc import Voc2012Aug, VocConfig
+from affinity_jax.errors import UserError
+
+_BUILDERS = {"voc2012_aug": (Voc2012Aug, VocConfig), "synthetic_wsss": (SyntheticWsss,
+                                                                        SyntheticConfig)}
+
+
+def get_builder(name: str, data_dir: str | os.PathLike | None = None, *,
+                config: str | None = None, manual_dir: str | os.PathLike | None = None,
+                prepare: bool = True, **options) -> tfds.core.DatasetBuilder:
+  """A prepared builder by dataset name, named config and/or knobs (fields of its config).
+
+  `get_builder("synthetic_wsss", d)` is the default config; `config="tiny"` a named one;
+  knobs such as `num_classes=7, size_range=(96, 160)` start from the named config (or the
+  default) and make a new config whose name encodes the knobs, so different knobs never share
+  prepared files. `manual_dir` is where `voc2012_aug` finds the local VOC / SBD copy.
+  With `prepare` (the default) the dataset is generated into `data_dir` unless it is there.
+  """
+  if name not in _BUILDERS:
+    raise UserError(f"unknown dataset {name!r}; known: {sorted(_BUILDERS)}")
+  cls, config_cls = _BUILDERS[name]
+  named = {c.name: c for c in cls.BUILDER_CONFIGS}
+  base_name = config or cls.DEFAULT_CONFIG_NAME
+  if base_name not in named:
+    raise UserError(f"dataset {name}: unknown config {base_name!r}; known: {sorted(named)}")
+  data_dir = os.fspath(data_dir) if data_dir is not None else None
+  if not options:
+    return _prepared(cls(config=base_name, data_dir=data_dir), manual_dir, prepare)
+  fields = {f.name for f in dataclasses.fields(config_cls)} - {
+      "name", "version", "release_notes", "supported_versions", "description", "tags"}
+  unknown = sorted(set(options) - fields)
+  if unknown:
+    raise UserError(f"dataset {name}: unknown option(s) {unknown}; known: {sorted(fields)}")
+  options = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+  base = named[base_name]
+  knobs = {f: getattr(base, f) for f in sorted(fields)}
+  knobs.update(options)
+  digest = hashlib.sha1(json.dumps(knobs, sort_keys=True, default=str).encode()).hexdigest()[:10]
+  custom = config_cls(name=f"{base_name}_{digest}", description=f"{base_name} with {options}",
+                      **knobs)
+  return _prepared(cls(config=custom, data_dir=data_dir), manual_dir, prepare)
+
+
+def _prepared(builder, manual_dir, prepare: bool):
+  if not prepare or builder.is_prepared():
+    return builder
+  if getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None) and not manual_dir:
+    raise UserError(f"dataset {builder.name} is not prepared in {builder.data_dir}; set "
+                    "data.manual_dir to the folder holding VOCdevkit/ (and benchmark_RELEASE/) "
+                    "to build it")
+  if manual_dir and not os.path.isdir(manual_dir):
+    raise UserError(f"dataset {builder.name}: manual_dir {manual_dir} does not exist")
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      manual_dir=os.fspath(manual_dir) if manual_dir else None))
+  return builder
+
+
+def split_names(builder: tfds.core.DatasetBuilder, split: str) -> list[str]:
+  """Image names of a split (or sub-split) in the dataset's stored order; decodes no image."""
+  if isinstance(split, str) and split.split("[")[0] not in builder.info.splits:
+    raise UserError(f"dataset {builder.name} has no split {split!r}; it has "
+                    f"{sorted(builder.info.splits)}")
+  ds = builder.as_dataset(split=split, shuffle_files=False, decoders={
+      "image": tfds.decode.SkipDecoding(), "mask": tfds.decode.SkipDecoding()})
+  return [n.decode() for n in ds.map(lambda ex: ex["name"]).as_numpy_iterator()]
+
+
+def class_names(builder: tfds.core.DatasetBuilder) -> tuple[str, ...]:
+  """Foreground class names in label order (background, index 0 of masks, not included)."""
+  return tuple(builder.class_names)
+
+
+def num_classes(builder: tfds.core.DatasetBuilder) -> int:
+  """Foreground classes: the length of the multi-hot label."""
+  return len(class_names(builder))

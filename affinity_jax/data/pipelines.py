@@ -1,0 +1,403 @@
+"""tf.data input pipelines of the three trainings and of inference, yielding numpy batches.
+
+Each host reads its own part of a split (`tfds.even_splits(split, process_count)[index]`).
+Training: per-epoch seeded shuffle of the encoded records -> decode + augment (parallel,
+order-preserving) -> batch(drop_remainder) -> prefetch, endless. Every random op is stateless and
+seeded from (seed, host, example counter), so two runs with one seed give identical batches, and
+`start_step` resumes exactly where an interrupted run stopped without replaying it.
+Inference: no randomness, fixed shapes, and masked dummy examples that make every host run the
+same number of batches.
+
+Images come out NHWC float32, normalised as (x / 255 - mean) / std with the ImageNet statistics;
+padding of a normalised image is 0, of a label 255.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from typing import Iterator, Sequence
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from affinity_jax.data import transforms
+from affinity_jax.errors import UserError
+
+AUTOTUNE = tf.data.AUTOTUNE
+IGNORE = 255
+STRIDE = 8
+# Errors raised inside tf.data come back as tf.errors.OpError; this marker lets us recover ours.
+_MARK = "[affinity_jax.data]"
+
+Batch = dict[str, np.ndarray]
+
+
+def _host(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise UserError(f"process_index {process_index} is not in [0, {process_count})")
+  return process_index, process_count
+
+
+def host_split(builder, split: str, process_index: int, process_count: int):
+  """This host's part of `split`: the whole split on one host, else an even share."""
+  if split.split("[")[0] not in builder.info.splits:
+    raise UserError(f"dataset {builder.name} has no split {split!r}; it has "
+                    f"{sorted(builder.info.splits)}")
+  if process_count == 1:
+    return split
+  return tfds.even_splits(split, n=process_count)[process_index]
+
+
+def _records(builder, split) -> tf.data.Dataset:
+  """Encoded examples in stored order; decoding happens later, in the parallel map."""
+  return builder.as_dataset(split=split, shuffle_files=False, decoders={
+      "image": tfds.decode.SkipDecoding(), "mask": tfds.decode.SkipDecoding()})
+
+
+def _decode(example: dict) -> dict:
+  out = dict(example)
+  out["image"] = tf.ensure_shape(
+      tf.io.decode_image(example["image"], channels=3, expand_animations=False), [None, None, 3])
+  out["mask"] = tf.ensure_shape(
+      tf.io.decode_png(example["mask"], channels=1), [None, None, 1])
+  return out
+
+
+def _num_examples(builder, split) -> int:
+  return builder.info.splits[split].num_examples
+
+
+def _train_stream(builder, split, *, seed: int, start_step: int, batch_size: int,
+                  shuffle_buffer: int, process_index: int, process_count: int
+                  ) -> tuple[tf.data.Dataset, int]:
+  """Endless (example, per-example seed) stream, shuffled per epoch, starting at start_step."""
+  part = host_split(builder, split, process_index, process_count)
+  count = _num_examples(builder, part)
+  if count == 0:
+    raise UserError(f"host {process_index} of {process_count} gets no example of {split!r}")
+  records = _records(builder, part)
+  first = start_step * batch_size
+  # Epoch e is shuffled with its own seed, so resuming can start at any epoch directly.
+  epochs = tf.data.Dataset.counter(start=first // count)
+  stream = epochs.flat_map(lambda e: records.shuffle(
+      max(1, min(shuffle_buffer, count)), seed=_shuffle_seed(seed, process_index, e),
+      reshuffle_each_iteration=False))
+  stream = stream.skip(first % count)
+  # Per-example seeds: (run seed, host * 2^40 + example counter).
+  counter = tf.data.Dataset.counter(start=first)
+  seeds = counter.map(lambda i: tf.stack([tf.constant(seed, tf.int64),
+                                          tf.constant(process_index, tf.int64) * 2**40 + i]))
+  return tf.data.Dataset.zip((stream, seeds)), count
+
+
+def _shuffle_seed(seed: int, process_index: int, epoch: tf.Tensor) -> tf.Tensor:
+  return (tf.constant(seed, tf.int64) * 1_000_003 + process_index) * 1_000_033 + epoch
+
+
+def _finish_train(ds: tf.data.Dataset, batch_size: int) -> Iterator[Batch]:
+  ds = ds.batch(batch_size, drop_remainder=True).prefetch(AUTOTUNE)
+  return _numpy(ds)
+
+
+def _numpy(ds: tf.data.Dataset) -> Iterator[Batch]:
+  """Numpy batches; our own errors raised inside tf.data come out as UserError."""
+  it = iter(tfds.as_numpy(ds))
+  while True:
+    try:
+      batch = next(it)
+    except StopIteration:
+      return
+    except tf.errors.OpError as e:
+      found = re.search(re.escape(_MARK) + r" (.*?)" + re.escape(_MARK), e.message, re.S)
+      if found:
+        raise UserError(found.group(1)) from None
+      raise
+    yield batch
+
+
+def _fail(message: str):
+  raise UserError(f"{_MARK} {message}{_MARK}")
+
+
+def _check_crop(crop_size: int) -> None:
+  if crop_size <= 0 or crop_size % STRIDE:
+    raise UserError(f"crop_size must be a positive multiple of {STRIDE}, got {crop_size}")
+
+
+def _check_batch(batch_size: int) -> None:
+  if batch_size <= 0:
+    raise UserError(f"batch_size must be positive, got {batch_size}")
+
+
+def _jitter(image, seed, color_jitter: Sequence[float] | None):
+  if not color_jitter:
+    return image
+  b, c, s, h = color_jitter
+  return transforms.color_jitter(image, seed, brightness=b, contrast=c, saturation=s, hue=h)
+
+
+def check_files(builder, split, folder: str, suffix: str) -> None:
+  """Raises, naming them, if files `{folder}/{name}{suffix}` of the split's images are missing."""
+  from affinity_jax.data import split_names  # pylint: disable=g-import-not-at-top
+  if not os.path.isdir(folder):
+    raise UserError(f"folder {folder} does not exist (run the stage that writes it first)")
+  missing = [os.path.join(folder, n + suffix) for n in split_names(builder, split)
+             if not os.path.isfile(os.path.join(folder, n + suffix))]
+  if missing:
+    raise UserError(f"{len(missing)} file(s) missing, e.g. {missing[0]}" +
+                    (f" and {missing[1]}" if len(missing) > 1 else ""))
+
+
+def cls_train(builder, split: str, *, batch_size: int, crop_size: int,
+              resize_long: tuple[int, int] = (256, 512),
+              color_jitter: Sequence[float] | None = (0.3, 0.3, 0.3, 0.1), seed: int = 0,
+              start_step: int = 0, shuffle_buffer: int = 1024,
+              process_index: int | None = None, process_count: int | None = None
+              ) -> Iterator[Batch]:
+  """Classification (CAM network) training batches, endless.
+
+  Per image, as the original: resize so the long side is uniform in `resize_long` (bilinear,
+  antialiased), horizontal flip, colour jitter (brightness, contrast, saturation, hue; fixed
+  order, see transforms.color_jitter), normalise, random crop_size crop with zero fill.
+
+  Yields:
+    {"image": float32 [B, S, S, 3], "label": float32 [B, C]} with S = crop_size.
+  """
+  _check_crop(crop_size)
+  _check_batch(batch_size)
+  index, count = _host(process_index, process_count)
+  stream, _ = _train_stream(builder, split, seed=seed, start_step=start_step,
+                            batch_size=batch_size, shuffle_buffer=shuffle_buffer,
+                            process_index=index, process_count=count)
+  low, high = resize_long
+
+  def preprocess(example, seed):
+    s_resize, s_flip, s_jitter, s_crop = transforms.split_seed(seed, 4)
+    image = tf.cast(_decode(example)["image"], tf.float32)
+    [image] = transforms.random_resize_long([image], ["bilinear"], low, high, s_resize)
+    [image] = transforms.random_flip([image], s_flip)
+    image = _jitter(image, s_jitter, color_jitter)
+    image = transforms.normalize(image)
+    [image] = transforms.random_crop([image], [0.0], crop_size, s_crop)
+    return {"image": image, "label": example["label"]}
+
+  ds = stream.map(preprocess, num_parallel_calls=AUTOTUNE, deterministic=True)
+  return _finish_train(ds, batch_size)
+
+
+def _load_scores(path: bytes, height, width, channels):
+  path = path.decode()
+  if not os.path.isfile(path):
+    _fail(f"score file {path} is missing (run the aff_labels stage first)")
+  try:
+    with np.load(path) as f:
+      la, ha = f["la"], f["ha"]
+  except Exception as e:  # A truncated or foreign file: name it.
+    _fail(f"cannot read keys 'la' and 'ha' from {path}: {e}")
+  if la.ndim != 3 or la.shape != ha.shape or la.shape[:2] != (height, width):
+    _fail(f"{path}: la {la.shape} and ha {ha.shape} must both be [H, W, K+1] with the image's "
+          f"H, W = {height}, {width}")
+  if la.shape[2] > channels:
+    _fail(f"{path}: {la.shape[2]} score channels, more than 1 + {channels - 1} classes")
+  # Zero channels up to a fixed count give static shapes; a zero score never wins an argmax
+  # that a real score could win, and does not change the "no score" test.
+  pad = ((0, 0), (0, 0), (0, channels - la.shape[2]))
+  return np.pad(la.astype(np.float32), pad), np.pad(ha.astype(np.float32), pad)
+
+
+def aff_train(builder, split: str, score_dir: str, *, batch_size: int, crop_size: int,
+              color_jitter: Sequence[float] | None = (0.3, 0.3, 0.3, 0.1), seed: int = 0,
+              start_step: int = 0, shuffle_buffer: int = 1024,
+              process_index: int | None = None, process_count: int | None = None,
+              check: bool = True) -> Iterator[Batch]:
+  """AffinityNet training batches, endless.
+
+  Reads `{score_dir}/{name}.npz` (keys "la", "ha": float32 [H, W, K+1], channel 0 background,
+  K present classes). The image and both score maps are flipped and cropped together (zero fill,
+  so padding has no score and becomes 255); colour jitter touches the image only. Affinity
+  labels on the stride-8 grid then follow PSA step 3 (geometry.affinity_labels_tf).
+  With `check`, every score file of this host's images must exist before the first batch.
+
+  Yields:
+    {"image": float32 [B, S, S, 3], "aff_label": uint8 [B, S/8, S/8]} (0 background,
+    1..K present classes in score-map order, 255 not confident).
+  """
+  from affinity_jax.geometry import affinity_labels_tf  # pylint: disable=g-import-not-at-top
+  _check_crop(crop_size)
+  _check_batch(batch_size)
+  index, count = _host(process_index, process_count)
+  if check:
+    check_files(builder, host_split(builder, split, index, count), score_dir, ".npz")
+  stream, _ = _train_stream(builder, split, seed=seed, start_step=start_step,
+                            batch_size=batch_size, shuffle_buffer=shuffle_buffer,
+                            process_index=index, process_count=count)
+  score_dir = os.fspath(score_dir)
+  channels = len(builder.class_names) + 1
+
+  def preprocess(example, seed):
+    s_flip, s_jitter, s_crop = transforms.split_seed(seed, 3)
+    image = tf.cast(_decode(example)["image"], tf.float32)
+    shape = tf.shape(image)
+    path = tf.strings.join([score_dir, "/", example["name"], ".npz"])
+    la, ha = tf.numpy_function(_load_scores, [path, shape[0], shape[1], channels],
+                               [tf.float32, tf.float32], stateful=False)
+    la = tf.ensure_shape(la, [None, None, channels])
+    ha = tf.ensure_shape(ha, [None, None, channels])
+    image, la, ha = transforms.random_flip([image, la, ha], s_flip)
+    image = transforms.normalize(_jitter(image, s_jitter, color_jitter))
+    image, la, ha = transforms.random_crop([image, la, ha], [0.0, 0.0, 0.0], crop_size, s_crop)
+    label = tf.ensure_shape(affinity_labels_tf(la, ha, STRIDE),
+                            [crop_size // STRIDE, crop_size // STRIDE])
+    return {"image": image, "aff_label": label}
+
+  ds = stream.map(preprocess, num_parallel_calls=AUTOTUNE, deterministic=True)
+  return _finish_train(ds, batch_size)
+
+
+def _load_label(path: bytes, height, width):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  path = path.decode()
+  if not os.path.isfile(path):
+    _fail(f"pseudo label {path} is missing (run the random_walk stage first)")
+  try:
+    with Image.open(path) as im:
+      label = np.asarray(im)
+  except Exception as e:
+    _fail(f"cannot decode pseudo label {path}: {e}")
+  if label.ndim != 2 or label.shape != (height, width):
+    _fail(f"pseudo label {path} has shape {label.shape}, the image is {height}x{width}")
+  return label.astype(np.uint8)[..., None]
+
+
+def seg_train(builder, split: str, label_dir: str | None, *, batch_size: int, crop_size: int,
+              scale_range: tuple[float, float] = (0.7, 1.3),
+              resize_long: tuple[int, int] | None = None,
+              color_jitter: Sequence[float] | None = None, seed: int = 0, start_step: int = 0,
+              shuffle_buffer: int = 1024, process_index: int | None = None,
+              process_count: int | None = None, check: bool = True) -> Iterator[Batch]:
+  """Segmentation training batches, endless.
+
+  Labels are the pseudo labels `{label_dir}/{name}.png` (uint8 [H, W], 255 ignored), or with
+  label_dir=None the dataset's own masks (a fully supervised sanity check; images without a mask
+  are all 255). Image and label are scaled together (by a factor uniform in `scale_range`, or to a
+  long side uniform in `resize_long` when given; bilinear / nearest), flipped, optionally colour
+  jittered, normalised and cropped (image fill 0, label fill 255).
+
+  Yields:
+    {"image": float32 [B, S, S, 3], "label": int32 [B, S, S]}.
+  """
+  _check_crop(crop_size)
+  _check_batch(batch_size)
+  index, count = _host(process_index, process_count)
+  if check and label_dir is not None:
+    check_files(builder, host_split(builder, split, index, count), label_dir, ".png")
+  stream, _ = _train_stream(builder, split, seed=seed, start_step=start_step,
+                            batch_size=batch_size, shuffle_buffer=shuffle_buffer,
+                            process_index=index, process_count=count)
+
+  def preprocess(example, seed):
+    s_scale, s_flip, s_jitter, s_crop = transforms.split_seed(seed, 4)
+    example = _decode(example)
+    image = tf.cast(example["image"], tf.float32)
+    if label_dir is None:
+      label = example["mask"]
+    else:
+      shape = tf.shape(image)
+      path = tf.strings.join([os.fspath(label_dir), "/", example["name"], ".png"])
+      label = tf.numpy_function(_load_label, [path, shape[0], shape[1]], tf.uint8,
+                                stateful=False)
+      label = tf.ensure_shape(label, [None, None, 1])
+    methods = ["bilinear", "nearest"]
+    if resize_long is not None:
+      image, label = transforms.random_resize_long([image, label], methods, *resize_long,
+                                                   s_scale)
+    else:
+      image, label = transforms.random_scale([image, label], methods, *scale_range, s_scale)
+    image, label = transforms.random_flip([image, label], s_flip)
+    image = transforms.normalize(_jitter(image, s_jitter, color_jitter))
+    image, label = transforms.random_crop([image, label], [0.0, IGNORE], crop_size, s_crop)
+    return {"image": image, "label": tf.cast(label[..., 0], tf.int32)}
+
+  ds = stream.map(preprocess, num_parallel_calls=AUTOTUNE, deterministic=True)
+  return _finish_train(ds, batch_size)
+
+
+def canvas_for_scale(canvas: tuple[int, int], scale: float) -> tuple[int, int]:
+  """The fixed padded size at one scale: ceil(canvas * scale / 8) * 8 per side."""
+  return tuple(int(math.ceil(c * scale / STRIDE)) * STRIDE for c in canvas)
+
+
+def inference_num_batches(builder, split: str, batch_size: int, process_count: int) -> int:
+  """Batches every host runs: enough for the largest host share."""
+  parts = [host_split(builder, split, i, process_count) for i in range(process_count)]
+  most = max(_num_examples(builder, p) for p in parts)
+  return max(1, math.ceil(most / batch_size))
+
+
+def _check_canvas(name, height, width, canvas_h, canvas_w):
+  if height > canvas_h or width > canvas_w:
+    _fail(f"image {name.decode()} is {height}x{width}, larger than the inference canvas "
+          f"{canvas_h}x{canvas_w}; raise the config key data.canvas")
+  return np.int32(height)
+
+
+def inference(builder, split: str, *, scales: Sequence[float] = (1.0, 0.5, 1.5, 2.0),
+              canvas: tuple[int, int] = (512, 512), batch_size: int,
+              process_index: int | None = None, process_count: int | None = None
+              ) -> Iterator[Batch]:
+  """Multi-scale inference batches of fixed shapes, in the split's stored order.
+
+  For each image and scale s (index i): the image resized by s (bicubic, antialiased like PIL,
+  to round(h * s) x round(w * s), rounded to 0..255), normalised, padded bottom/right with 0 to
+  canvas_for_scale(canvas, s). Flips are for the consumer to do on device. The last batch is
+  completed with dummy examples (valid False), and every host runs `inference_num_batches`.
+
+  Yields:
+    image_s{i}: float32 [B, Hc_i, Wc_i, 3]; size_s{i}: int32 [B, 2] (resized h, w);
+    orig_size: int32 [B, 2]; raw: uint8 [B, Hc, Wc, 3] (original image, zero padded, for dCRF);
+    name: bytes [B]; label: float32 [B, C]; mask: uint8 [B, Hc, Wc] (255 padded);
+    valid: bool [B].
+  """
+  _check_batch(batch_size)
+  index, count = _host(process_index, process_count)
+  canvas_h, canvas_w = (int(c) for c in canvas)
+  part = host_split(builder, split, index, count)
+  padded_count = inference_num_batches(builder, split, batch_size, count) * batch_size
+
+  def preprocess(example):
+    example = _decode(example)
+    image = example["image"]
+    shape = tf.shape(image)
+    height = tf.numpy_function(_check_canvas, [example["name"], shape[0], shape[1], canvas_h,
+                                               canvas_w], tf.int32, stateful=False)
+    height = tf.ensure_shape(height, [])
+    out = {}
+    for i, s in enumerate(scales):
+      size = transforms.scaled_size(height, shape[1], s)
+      [resized] = transforms.resize([image], size, ["bicubic"])
+      resized = tf.clip_by_value(tf.round(resized), 0.0, 255.0)
+      out[f"image_s{i}"] = transforms.pad_to(transforms.normalize(resized),
+                                             *canvas_for_scale((canvas_h, canvas_w), s), 0.0)
+      out[f"size_s{i}"] = size
+    out["orig_size"] = tf.stack([height, shape[1]])
+    out["raw"] = transforms.pad_to(image, canvas_h, canvas_w, 0)
+    out["mask"] = transforms.pad_to(example["mask"], canvas_h, canvas_w, IGNORE)[..., 0]
+    out["name"] = example["name"]
+    out["label"] = example["label"]
+    out["valid"] = tf.constant(True)
+    return out
+
+  ds = _records(builder, part).map(preprocess, num_parallel_calls=AUTOTUNE, deterministic=True)
+  dummy = tf.nest.map_structure(lambda spec: tf.zeros(spec.shape, spec.dtype), ds.element_spec)
+  dummy["mask"] = tf.fill(ds.element_spec["mask"].shape, tf.constant(IGNORE, tf.uint8))
+  missing = padded_count - _num_examples(builder, part)
+  ds = ds.concatenate(tf.data.Dataset.from_tensors(dummy).repeat(missing))
+  ds = ds.batch(batch_size, drop_remainder=True).prefetch(AUTOTUNE)
+  return _numpy(ds)

@@ -1,0 +1,136 @@
+"""tf preprocessing ops, joint where the image and its maps must move together.
+
+Every random op is stateless: it takes a `seed`, an int32/int64 tensor of shape [2], so a
+pipeline seeded once gives the same batches on every run, eagerly or inside tf.data.
+Images are float32 [H, W, 3] in 0..255 until `normalize`; maps (masks, pseudo labels, score
+maps) are [H, W, C] tensors of any dtype that follow the image's geometry.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import tensorflow as tf
+
+# ImageNet statistics of the backbone's pretraining (RGB, on x / 255).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_GREY = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's colour jitter uses.
+
+
+def split_seed(seed: tf.Tensor, num: int) -> list[tf.Tensor]:
+  """`num` independent [2] seeds from one."""
+  return list(tf.unstack(tf.random.experimental.stateless_split(seed, num)))
+
+
+def normalize(image: tf.Tensor) -> tf.Tensor:
+  """[..., 3] 0..255 -> float32 (x / 255 - mean) / std."""
+  image = tf.cast(image, tf.float32) / 255.0
+  return (image - IMAGENET_MEAN) / IMAGENET_STD
+
+
+def color_jitter(image: tf.Tensor, seed: tf.Tensor, *, brightness: float = 0.3,
+                 contrast: float = 0.3, saturation: float = 0.3, hue: float = 0.1) -> tf.Tensor:
+  """torchvision-style colour jitter of a float32 [H, W, 3] 0..255 image, in a FIXED order.
+
+  Factors are drawn uniformly: brightness and contrast and saturation in [1 - x, 1 + x], a hue
+  shift in [-hue, hue] of the colour circle. Brightness scales the image; contrast blends it
+  with its mean grey level; saturation blends it with its own grey image; hue rotates in HSV.
+  torchvision (as the original used it) applies the four in a random order; we apply them in
+  this fixed order, which keeps the op simple and changes only which compositions are likely.
+  """
+  s_b, s_c, s_s, s_h = split_seed(seed, 4)
+  image = tf.cast(image, tf.float32)
+  f = tf.random.stateless_uniform([], s_b, 1.0 - brightness, 1.0 + brightness)
+  image = tf.clip_by_value(image * f, 0.0, 255.0)
+  f = tf.random.stateless_uniform([], s_c, 1.0 - contrast, 1.0 + contrast)
+  mean = tf.reduce_mean(tf.reduce_sum(image * _GREY, axis=-1))
+  image = tf.clip_by_value((image - mean) * f + mean, 0.0, 255.0)
+  f = tf.random.stateless_uniform([], s_s, 1.0 - saturation, 1.0 + saturation)
+  grey = tf.reduce_sum(image * _GREY, axis=-1, keepdims=True)
+  image = tf.clip_by_value((image - grey) * f + grey, 0.0, 255.0)
+  delta = tf.random.stateless_uniform([], s_h, -hue, hue)
+  image = tf.image.adjust_hue(image / 255.0, delta) * 255.0
+  return tf.clip_by_value(image, 0.0, 255.0)
+
+
+def random_flip(tensors: Sequence[tf.Tensor], seed: tf.Tensor) -> list[tf.Tensor]:
+  """Flips every [H, W, ...] tensor left-right together, with probability 1/2."""
+  flip = tf.random.stateless_uniform([], seed) < 0.5
+  return [tf.cond(flip, lambda t=t: tf.reverse(t, axis=[1]), lambda t=t: t) for t in tensors]
+
+
+def random_crop(tensors: Sequence[tf.Tensor], fills: Sequence[float], crop_size: int,
+                seed: tf.Tensor) -> list[tf.Tensor]:
+  """One random crop_size x crop_size window of several [H, W, C] tensors of equal H, W.
+
+  Per axis, as the original's random crop: when the image is longer than the crop, a random
+  window of it; when shorter, the whole image at a random offset in the crop, the rest filled
+  with each tensor's `fill` (0 for normalised images and score maps, 255 for labels).
+  """
+  shape = tf.shape(tensors[0])
+  s_y, s_x = split_seed(seed, 2)
+  pads, starts = [], []
+  for size, s in ((shape[0], s_y), (shape[1], s_x)):
+    space = size - crop_size
+    # One draw in [0, |space|]: the window's start if the image is longer, else the image's.
+    offset = tf.random.stateless_uniform([], s, 0, tf.abs(space) + 1, dtype=tf.int32)
+    start = tf.where(space > 0, offset, 0)
+    before = tf.where(space > 0, 0, offset)
+    pads.append([before, tf.maximum(crop_size - size - before, 0)])
+    starts.append(start)
+  out = []
+  for t, fill in zip(tensors, fills):
+    channels = t.shape[2:]  # Static trailing dims survive the crop.
+    t = tf.pad(t, pads + [[0, 0]] * len(channels), constant_values=tf.cast(fill, t.dtype))
+    t = t[starts[0]:starts[0] + crop_size, starts[1]:starts[1] + crop_size]
+    out.append(tf.ensure_shape(t, [crop_size, crop_size] + channels))
+  return out
+
+
+def resize(tensors: Sequence[tf.Tensor], size: tf.Tensor, methods: Sequence[str]
+           ) -> list[tf.Tensor]:
+  """Resizes [H, W, C] tensors to size = [h, w]; "nearest" keeps dtype (labels).
+
+  Continuous methods ("bilinear", "bicubic") use antialiasing when shrinking, as PIL does, and
+  return float32.
+  """
+  out = []
+  for t, method in zip(tensors, methods):
+    if method == "nearest":
+      out.append(tf.image.resize(t, size, method="nearest"))
+    else:
+      out.append(tf.image.resize(tf.cast(t, tf.float32), size, method=method, antialias=True))
+  return out
+
+
+def scaled_size(height: tf.Tensor, width: tf.Tensor, scale: tf.Tensor) -> tf.Tensor:
+  """[round(h * s), round(w * s)] int32 (half away from zero, like Python 2's round in PIL code),
+  at least 1."""
+  hw = tf.cast(tf.stack([height, width]), tf.float32) * tf.cast(scale, tf.float32)
+  return tf.maximum(tf.cast(tf.floor(hw + 0.5), tf.int32), 1)
+
+
+def random_resize_long(tensors: Sequence[tf.Tensor], methods: Sequence[str], low: int,
+                       high: int, seed: tf.Tensor) -> list[tf.Tensor]:
+  """Resizes so that the long side is a uniform integer in [low, high], aspect kept."""
+  shape = tf.shape(tensors[0])
+  target = tf.random.stateless_uniform([], seed, low, high + 1, dtype=tf.int32)
+  scale = tf.cast(target, tf.float32) / tf.cast(tf.maximum(shape[0], shape[1]), tf.float32)
+  return resize(tensors, scaled_size(shape[0], shape[1], scale), methods)
+
+
+def random_scale(tensors: Sequence[tf.Tensor], methods: Sequence[str], low: float, high: float,
+                 seed: tf.Tensor) -> list[tf.Tensor]:
+  """Resizes by a factor drawn uniformly in [low, high], aspect kept."""
+  shape = tf.shape(tensors[0])
+  scale = tf.random.stateless_uniform([], seed, low, high)
+  return resize(tensors, scaled_size(shape[0], shape[1], scale), methods)
+
+
+def pad_to(t: tf.Tensor, height: int, width: int, fill: float) -> tf.Tensor:
+  """Pads [h, w, C] at the bottom and right to [height, width, C] with `fill` (h <= height)."""
+  shape = tf.shape(t)
+  padding = [[0, height - shape[0]], [0, width - shape[1]]] + [[0, 0]] * (t.shape.rank - 2)
+  t = tf.pad(t, padding, constant_values=tf.cast(fill, t.dtype))
+  return tf.ensure_shape(t, [height, width] + t.shape[2:])

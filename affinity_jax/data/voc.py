@@ -1,0 +1,259 @@
+"""PASCAL VOC 2012 with the SBD augmentation, as the tfds dataset `voc2012_aug`.
+
+No machine of this project can download VOC, so the builder reads a local copy through tfds'
+manual-download mechanism. `manual_dir` holds
+
+  VOCdevkit/VOC2012/JPEGImages/<id>.jpg
+  VOCdevkit/VOC2012/Annotations/<id>.xml
+  VOCdevkit/VOC2012/SegmentationClass/<id>.png      (palette PNG: the palette index is the class)
+  VOCdevkit/VOC2012/ImageSets/Segmentation/{train,val}.txt
+  benchmark_RELEASE/dataset/{img/<id>.jpg, cls/<id>.mat, train.txt, val.txt}   (SBD, optional)
+
+Splits:
+  train      VOC's segmentation train list (1,464 images on the real data).
+  val        VOC's segmentation val list (1,449).
+  train_aug  VOC train + SBD train + SBD val, minus VOC val (10,582). Only built when SBD is
+             present; without it, asking for `train_aug` fails with tfds' unknown-split error.
+
+Features (the same as `synthetic_wsss`, so the rest of the code treats both alike):
+  image     uint8 [H, W, 3], the JPEG bytes as stored.
+  name      the VOC id, e.g. "2007_000032".
+  label     float32 [20] multi-hot image-level label, class order of `VOC_CLASSES`.
+  mask      uint8 [H, W, 1]: class index 0..20, 255 = boundary / ignore.
+  has_mask  bool; an image with no mask gets an all-255 mask.
+
+Image-level labels (config `xml_labels`, the default) come from the XML annotations as the
+original does: every listed object counts, objects marked difficult included. An image without
+XML (possible for SBD-only ids) takes its label from its mask. Config `mask_labels` derives every
+label from the mask instead (the classes present in it, boundary excluded).
+
+Masks: VOC's SegmentationClass PNG when there is one, else SBD's `GTcls.Segmentation` from
+`cls/<id>.mat`. Images come from VOC's JPEGImages, else from SBD's img folder.
+
+A missing folder, a file named in a list but missing, or a corrupt file is an error naming it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from affinity_jax.data.base import LocalBuilder
+from affinity_jax.errors import UserError
+
+VOC_CLASSES = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+    "train", "tvmonitor")
+NUM_CLASSES = len(VOC_CLASSES)
+IGNORE = 255
+
+_VOC = os.path.join("VOCdevkit", "VOC2012")
+_SBD = os.path.join("benchmark_RELEASE", "dataset")
+
+
+@dataclasses.dataclass(eq=False)
+class VocConfig(tfds.core.BuilderConfig):
+  """labels_from: "xml" (the original's rule) or "mask"."""
+  labels_from: str = "xml"
+
+
+class Voc2012Aug(LocalBuilder):
+  """PASCAL VOC 2012 segmentation splits plus SBD's train_aug, read from a local copy."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "First release."}
+  BUILDER_CONFIGS = [
+      VocConfig(name="xml_labels", labels_from="xml",
+                description="Image labels from the XML annotations (difficult included)."),
+      VocConfig(name="mask_labels", labels_from="mask",
+                description="Image labels from the segmentation masks."),
+  ]
+  DEFAULT_CONFIG_NAME = "xml_labels"
+  MANUAL_DOWNLOAD_INSTRUCTIONS = """\
+  Put (or symlink) a local copy of PASCAL VOC 2012 and, optionally, SBD in `manual_dir`:
+    manual_dir/VOCdevkit/VOC2012/{JPEGImages,Annotations,SegmentationClass,ImageSets/Segmentation}
+    manual_dir/benchmark_RELEASE/dataset/{img,cls,train.txt,val.txt}
+  VOC: http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar
+  SBD: http://www.eecs.berkeley.edu/Research/Projects/CS/vision/grouping/semantic_contours/benchmark.tgz
+  Without SBD only the `train` and `val` splits are built.
+  """
+
+  class_names = VOC_CLASSES
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return self.dataset_info_from_configs(
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
+            "name": tfds.features.Text(),
+            "label": tfds.features.Tensor(shape=(NUM_CLASSES,), dtype=np.float32),
+            "mask": tfds.features.Image(shape=(None, None, 1), encoding_format="png"),
+            "has_mask": tfds.features.Tensor(shape=(), dtype=np.bool_),
+        }),
+        metadata=tfds.core.MetadataDict(class_names=list(VOC_CLASSES)),
+        homepage="http://host.robots.ox.ac.uk/pascal/VOC/voc2012/",
+    )
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    root = os.fspath(dl_manager.manual_dir)
+    voc = os.path.join(root, _VOC)
+    for sub in ("JPEGImages", "Annotations", "SegmentationClass",
+                os.path.join("ImageSets", "Segmentation")):
+      _require_dir(os.path.join(voc, sub))
+    seg_lists = os.path.join(voc, "ImageSets", "Segmentation")
+    voc_train = _read_list(os.path.join(seg_lists, "train.txt"))
+    voc_val = _read_list(os.path.join(seg_lists, "val.txt"))
+    splits = {
+        "train": self._generate_examples(root, voc_train, sbd_ids=frozenset()),
+        "val": self._generate_examples(root, voc_val, sbd_ids=frozenset()),
+    }
+    sbd = os.path.join(root, _SBD)
+    if os.path.isdir(os.path.join(root, "benchmark_RELEASE")):
+      for sub in ("img", "cls"):
+        _require_dir(os.path.join(sbd, sub))
+      sbd_ids = (_read_list(os.path.join(sbd, "train.txt"))
+                 + _read_list(os.path.join(sbd, "val.txt")))
+      val_set = set(voc_val)
+      train_aug = list(dict.fromkeys(i for i in voc_train + sbd_ids if i not in val_set))
+      splits["train_aug"] = self._generate_examples(root, train_aug, sbd_ids=frozenset(sbd_ids))
+    return splits
+
+  def _generate_examples(self, root: str, ids: list[str], sbd_ids: frozenset[str]):
+    labels_from = self.builder_config.labels_from
+    if labels_from not in ("xml", "mask"):
+      raise UserError(f"voc2012_aug: labels_from must be 'xml' or 'mask', got {labels_from!r}")
+    for name in ids:
+      yield name, _example(root, name, from_sbd=name in sbd_ids, labels_from=labels_from)
+
+
+def _require_dir(path: str) -> None:
+  if not os.path.isdir(path):
+    raise UserError(f"voc2012_aug: folder {path} is missing; see the builder's "
+                    "MANUAL_DOWNLOAD_INSTRUCTIONS for the expected layout")
+
+
+def _read_list(path: str) -> list[str]:
+  if not os.path.isfile(path):
+    raise UserError(f"voc2012_aug: image list {path} is missing")
+  with open(path) as f:
+    # SBD lists and VOC lists are one id per line; tolerate trailing fields and blank lines.
+    return [line.split()[0] for line in f if line.strip()]
+
+
+def _example(root: str, name: str, *, from_sbd: bool, labels_from: str) -> dict:
+  voc = os.path.join(root, _VOC)
+  sbd = os.path.join(root, _SBD)
+  image_path = os.path.join(voc, "JPEGImages", f"{name}.jpg")
+  if not os.path.isfile(image_path) and from_sbd:
+    image_path = os.path.join(sbd, "img", f"{name}.jpg")
+  image_bytes, (height, width) = _read_jpeg(image_path)
+
+  png_path = os.path.join(voc, "SegmentationClass", f"{name}.png")
+  if os.path.isfile(png_path):
+    mask = _read_palette_png(png_path)
+  elif from_sbd:
+    mask = _read_sbd_mat(os.path.join(sbd, "cls", f"{name}.mat"))
+  else:
+    raise UserError(f"voc2012_aug: {png_path} is missing (listed in VOC's segmentation lists)")
+  if mask.shape != (height, width):
+    raise UserError(f"voc2012_aug: mask of {name} is {mask.shape[0]}x{mask.shape[1]} but "
+                    f"{image_path} is {height}x{width}")
+
+  xml_path = os.path.join(voc, "Annotations", f"{name}.xml")
+  if labels_from == "xml" and os.path.isfile(xml_path):
+    label = _label_from_xml(xml_path)
+  elif labels_from == "xml" and not from_sbd:
+    raise UserError(f"voc2012_aug: annotation {xml_path} is missing")
+  else:
+    label = label_from_mask(mask, NUM_CLASSES)
+  return {"image": io.BytesIO(image_bytes), "name": name, "label": label,
+          "mask": mask[..., None], "has_mask": True}
+
+
+def _read_jpeg(path: str) -> tuple[bytes, tuple[int, int]]:
+  """Returns the file's bytes after decoding them once, so a corrupt file fails here."""
+  if not os.path.isfile(path):
+    raise UserError(f"voc2012_aug: image {path} is missing")
+  with open(path, "rb") as f:
+    data = f.read()
+  try:
+    with Image.open(io.BytesIO(data)) as im:
+      im.load()
+      mode, size = im.mode, im.size
+      if im.format != "JPEG":
+        raise UserError(f"voc2012_aug: {path} is {im.format}, not JPEG")
+  except UserError:
+    raise
+  except Exception as e:  # PIL raises many types for broken files.
+    raise UserError(f"voc2012_aug: cannot decode image {path}: {e}") from e
+  if mode not in ("RGB", "L"):  # tfds decodes with channels=3, which expands grey.
+    raise UserError(f"voc2012_aug: image {path} is {mode}, expected RGB")
+  return data, (size[1], size[0])
+
+
+def _read_palette_png(path: str) -> np.ndarray:
+  try:
+    with Image.open(path) as im:
+      im.load()
+      if im.mode not in ("P", "L"):
+        raise UserError(f"voc2012_aug: {path} is a {im.mode} image; SegmentationClass masks "
+                        "must be palette (P) PNGs whose index is the class")
+      mask = np.asarray(im, dtype=np.uint8)
+  except UserError:
+    raise
+  except Exception as e:
+    raise UserError(f"voc2012_aug: cannot decode mask {path}: {e}") from e
+  _check_mask_values(mask, path)
+  return mask
+
+
+def _read_sbd_mat(path: str) -> np.ndarray:
+  import scipy.io  # pylint: disable=g-import-not-at-top  (only SBD needs it)
+  if not os.path.isfile(path):
+    raise UserError(f"voc2012_aug: SBD mask {path} is missing")
+  try:
+    mat = scipy.io.loadmat(path, squeeze_me=True, struct_as_record=False)
+    mask = np.asarray(mat["GTcls"].Segmentation)
+  except Exception as e:
+    raise UserError(f"voc2012_aug: cannot read GTcls.Segmentation from {path}: {e}") from e
+  if mask.ndim != 2:
+    raise UserError(f"voc2012_aug: GTcls.Segmentation in {path} has shape {mask.shape}")
+  mask = mask.astype(np.int64)
+  _check_mask_values(mask, path)
+  return mask.astype(np.uint8)
+
+
+def _check_mask_values(mask: np.ndarray, path: str) -> None:
+  bad = np.setdiff1d(np.unique(mask), np.r_[np.arange(NUM_CLASSES + 1), IGNORE])
+  if bad.size:
+    raise UserError(f"voc2012_aug: mask {path} holds values {bad.tolist()}; expected 0..20 "
+                    "or 255")
+
+
+def _label_from_xml(path: str) -> np.ndarray:
+  try:
+    tree = ET.parse(path)
+  except ET.ParseError as e:
+    raise UserError(f"voc2012_aug: cannot parse {path}: {e}") from e
+  label = np.zeros(NUM_CLASSES, np.float32)
+  for obj in tree.getroot().iter("object"):
+    cls = (obj.findtext("name") or "").strip()
+    if cls not in VOC_CLASSES:
+      raise UserError(f"voc2012_aug: {path} lists an object of unknown class {cls!r}")
+    label[VOC_CLASSES.index(cls)] = 1.0
+  return label
+
+
+def label_from_mask(mask: np.ndarray, num_classes: int) -> np.ndarray:
+  """[H, W] class indices (0 = background, 255 = ignore) -> float32 [num_classes] multi-hot."""
+  present = np.unique(mask)
+  present = present[(present >= 1) & (present <= num_classes)]
+  label = np.zeros(num_classes, np.float32)
+  label[present.astype(np.int64) - 1] = 1.0
+  return label
