@@ -1,0 +1,339 @@
+"""Pair geometry of AffinityNet: radius offsets, pair masks, affinities, affinity labels.
+
+Everything lives on the stride-8 feature grid, channels last. A *pair* joins a "from" position
+p = (y, x) to p + o for a forward offset o = (dy, dx) inside the radius gamma (PSA.md step 4).
+Per-pair arrays are laid out per offset, [B, h, w, K]: entry [b, y, x, k] belongs to the pair
+((y, x), (y + dy_k, x + dx_k)). Two pair sets ("schemes") exist:
+
+- "psa": the original's enumeration. From positions are rows 0..h-r and columns r-1..w-r, so
+  every forward offset stays inside the grid; pairs with both ends in that border band are absent.
+- "full": every position, every forward offset whose target lies inside the grid (the default).
+
+Both give the same affinity and the same labels for every pair they share; pairs outside a scheme
+are masked to 0. An optional per-image validity mask [B, h, w] (True = a real image position,
+False = padding of a canvas) removes every pair with an invalid end.
+
+The random walk uses the *symmetric neighbourhood*: 2K+1 offsets (identity, the K forward ones,
+then the K backward ones), whose affinities are the forward ones shifted, identity = 1.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SCHEMES = ("psa", "full")
+
+# Thresholds of PSA.md step 3.
+NO_SCORE_THRESHOLD = 1e-5
+IGNORE_LABEL = 255
+
+
+def _check_radius(radius: int) -> int:
+  if int(radius) != radius or radius < 2:
+    raise ValueError(f"radius must be an integer >= 2 (got {radius!r}).")
+  return int(radius)
+
+
+def _check_scheme(scheme: str) -> str:
+  if scheme not in SCHEMES:
+    raise ValueError(f"scheme must be one of {SCHEMES} (got {scheme!r}).")
+  return scheme
+
+
+@functools.lru_cache(maxsize=None)
+def forward_offsets(radius: int = 5) -> tuple[tuple[int, int], ...]:
+  """The K forward offsets (dy, dx) within `radius`, in the original's order.
+
+  (0, 1..r-1) first, then for dy = 1..r-1 the dx = -(r-1)..r-1 with dx^2 + dy^2 < r^2.
+  K = 34 at radius 5.
+  """
+  r = _check_radius(radius)
+  offsets = [(0, dx) for dx in range(1, r)]
+  for dy in range(1, r):
+    for dx in range(-r + 1, r):
+      if dx * dx + dy * dy < r * r:
+        offsets.append((dy, dx))
+  return tuple(offsets)
+
+
+def symmetric_offsets(radius: int = 5) -> tuple[tuple[int, int], ...]:
+  """The 2K+1 offsets of the symmetric neighbourhood: identity, K forward, K backward.
+
+  Index 0 is (0, 0); index 1 + k is forward offset k; index 1 + K + k is its negation.
+  """
+  fwd = forward_offsets(radius)
+  return ((0, 0),) + fwd + tuple((-dy, -dx) for dy, dx in fwd)
+
+
+def _shift(x: jax.Array, dy: int, dx: int, fill=0) -> jax.Array:
+  """y[b, i, j, ...] = x[b, i + dy, j + dx, ...], `fill` outside. x: [B, h, w, ...]."""
+  h, w = x.shape[1], x.shape[2]
+  pad = [(0, 0)] * x.ndim
+  pad[1] = (max(-dy, 0), max(dy, 0))
+  pad[2] = (max(-dx, 0), max(dx, 0))
+  xp = jnp.pad(x, pad, constant_values=fill)
+  y0, x0 = max(dy, 0), max(dx, 0)
+  return xp[:, y0:y0 + h, x0:x0 + w]
+
+
+def _scheme_mask_np(h: int, w: int, radius: int, scheme: str) -> np.ndarray:
+  """[h, w, K] bool: pair (p, p + o_k) belongs to the scheme's pair set."""
+  offsets = forward_offsets(radius)
+  r = radius
+  ys = np.arange(h)[:, None]
+  xs = np.arange(w)[None, :]
+  mask = np.zeros((h, w, len(offsets)), bool)
+  for k, (dy, dx) in enumerate(offsets):
+    inside = (ys + dy >= 0) & (ys + dy < h) & (xs + dx >= 0) & (xs + dx < w)
+    if scheme == "psa":
+      inside = inside & (ys <= h - r) & (xs >= r - 1) & (xs <= w - r)
+    mask[:, :, k] = inside
+  return mask
+
+
+def pair_mask(h: int, w: int, *, radius: int = 5, scheme: str = "full",
+              valid: Optional[jax.Array] = None) -> jax.Array:
+  """Validity of every forward pair.
+
+  Args:
+    h, w: feature grid size.
+    radius: gamma of the paper (5 in PSA).
+    scheme: "psa" (the original's enumeration) or "full" (every position, masked at the edge).
+    valid: optional [B, h, w] bool, False on padding of a canvas; a pair needs both ends valid.
+
+  Returns:
+    [h, w, K] bool without `valid`, [B, h, w, K] bool with it.
+  """
+  radius = _check_radius(radius)
+  _check_scheme(scheme)
+  mask = jnp.asarray(_scheme_mask_np(h, w, radius, scheme))
+  if valid is None:
+    return mask
+  valid = jnp.asarray(valid, bool)
+  if valid.ndim != 3 or valid.shape[1:] != (h, w):
+    raise ValueError(f"valid must be [B, {h}, {w}] (got {tuple(valid.shape)}).")
+  ends = jnp.stack([_shift(valid, dy, dx, fill=False)
+                    for dy, dx in forward_offsets(radius)], axis=-1)
+  return mask[None] & valid[..., None] & ends
+
+
+def psa_pair_indices(h: int, w: int, radius: int = 5) -> tuple[np.ndarray, np.ndarray]:
+  """The original's flat pair indices, in its exact order.
+
+  Returns:
+    ind_from: [N] int64 flat indices (row-major over [h, w]) of the from positions, rows
+      0..h-r and columns r-1..w-r.
+    ind_to: [K * N] int64, offset-major: the to positions of offset 0 for every from position,
+      then offset 1, and so on. The original's affinity vector has this order.
+  """
+  r = _check_radius(radius)
+  if h < r or w < 2 * r - 1:
+    raise ValueError(f"the psa pair set needs h >= {r} and w >= {2 * r - 1} at radius {r} "
+                     f"(got {h}x{w}).")
+  flat = np.arange(h * w, dtype=np.int64).reshape(h, w)
+  ch, cw = h - (r - 1), w - 2 * (r - 1)
+  ind_from = flat[:ch, r - 1:r - 1 + cw].reshape(-1)
+  ind_to = np.concatenate([flat[dy:dy + ch, r - 1 + dx:r - 1 + dx + cw].reshape(-1)
+                           for dy, dx in forward_offsets(r)])
+  return ind_from, ind_to
+
+
+def to_psa_vector(per_offset: jax.Array, radius: int = 5) -> jax.Array:
+  """[B, h, w, K] per-offset pair values -> [B, K * N] in the original's vector order."""
+  r = _check_radius(radius)
+  b, h, w, k = per_offset.shape
+  if k != len(forward_offsets(r)):
+    raise ValueError(f"expected K = {len(forward_offsets(r))} offsets at radius {r} (got {k}).")
+  crop = per_offset[:, :h - r + 1, r - 1:w - r + 1, :]
+  return jnp.transpose(crop, (0, 3, 1, 2)).reshape(b, -1)
+
+
+def pair_affinities(features: jax.Array, *, radius: int = 5, scheme: str = "full",
+                    valid: Optional[jax.Array] = None) -> jax.Array:
+  """Forward-pair affinities W_ij = exp(-mean_c |f_i - f_j|).
+
+  Computed from shifted views of the feature grid (no HW x HW gather); static shapes, jit-able.
+
+  Args:
+    features: [B, h, w, C] affinity features.
+    radius, scheme, valid: see `pair_mask`.
+
+  Returns:
+    [B, h, w, K] float: entry k at (y, x) is the affinity of ((y, x), (y, x) + o_k); 0 for pairs
+    outside the scheme or touching an invalid position.
+  """
+  if features.ndim != 4:
+    raise ValueError(f"features must be [B, h, w, C] (got shape {tuple(features.shape)}).")
+  _, h, w, _ = features.shape
+  mask = pair_mask(h, w, radius=radius, scheme=scheme, valid=valid)
+  dist = jnp.stack([jnp.mean(jnp.abs(features - _shift(features, dy, dx)), axis=-1)
+                    for dy, dx in forward_offsets(radius)], axis=-1)
+  return jnp.where(mask, jnp.exp(-dist), 0.0).astype(features.dtype)
+
+
+def symmetric_affinities(forward: jax.Array, *, radius: int = 5,
+                         valid: Optional[jax.Array] = None) -> jax.Array:
+  """Symmetric neighbourhood affinities from forward ones.
+
+  Args:
+    forward: [B, h, w, K] masked forward affinities (from `pair_affinities`).
+    radius: the radius `forward` was computed with.
+    valid: optional [B, h, w] bool; the identity is 0 at invalid positions.
+
+  Returns:
+    [B, h, w, 2K+1]: index n at p is the affinity of (p, p + o_n) for o_n in
+    `symmetric_offsets(radius)`. Backward entries come from shifting the forward ones: the
+    affinity of (p, p - o) is the forward affinity of offset o stored at p - o.
+  """
+  fwd = forward_offsets(radius)
+  if forward.ndim != 4 or forward.shape[-1] != len(fwd):
+    raise ValueError(f"forward affinities must be [B, h, w, {len(fwd)}] at radius {radius} "
+                     f"(got {tuple(forward.shape)}).")
+  if valid is None:
+    identity = jnp.ones(forward.shape[:3] + (1,), forward.dtype)
+  else:
+    identity = jnp.asarray(valid, forward.dtype)[..., None]
+  backward = [_shift(forward[..., k:k + 1], -dy, -dx) for k, (dy, dx) in enumerate(fwd)]
+  return jnp.concatenate([identity, forward] + backward, axis=-1)
+
+
+def neighbourhood_affinities(features: jax.Array, *, radius: int = 5, scheme: str = "full",
+                             valid: Optional[jax.Array] = None) -> jax.Array:
+  """[B, h, w, C] features -> [B, h, w, 2K+1] symmetric affinities (identity first)."""
+  forward = pair_affinities(features, radius=radius, scheme=scheme, valid=valid)
+  return symmetric_affinities(forward, radius=radius, valid=valid)
+
+
+# ---------------------------------------------------------------------------------------------
+# Affinity labels (PSA.md step 3).
+
+
+def _check_score_maps(la, ha, name="affinity_labels"):
+  if la.ndim != 3 or ha.ndim != 3:
+    raise ValueError(f"{name}: la and ha must be [H, W, C+1] score maps "
+                     f"(got {tuple(la.shape)} and {tuple(ha.shape)}).")
+  if tuple(la.shape) != tuple(ha.shape):
+    raise ValueError(f"{name}: la and ha shapes differ: {tuple(la.shape)} vs {tuple(ha.shape)}.")
+  if la.shape[-1] < 1:
+    raise ValueError(f"{name}: score maps need at least the background channel.")
+
+
+def _pool_np(x: np.ndarray, stride: int) -> np.ndarray:
+  """Average pool [H, W, C] by `stride`, zero padding bottom/right to a multiple first."""
+  h, w, c = x.shape
+  gh, gw = -(-h // stride), -(-w // stride)
+  x = np.pad(x, ((0, gh * stride - h), (0, gw * stride - w), (0, 0)))
+  return x.reshape(gh, stride, gw, stride, c).mean(axis=(1, 3))
+
+
+def affinity_labels(la: np.ndarray, ha: np.ndarray, *, stride: int = 8) -> np.ndarray:
+  """Per-position affinity labels of a crop from its two dCRF score maps (numpy).
+
+  Args:
+    la: [H, W, C+1] dCRF scores with alpha = 4 (background amplified); channel 0 = background;
+      zero where the crop is padding.
+    ha: [H, W, C+1] dCRF scores with alpha = 32 (background suppressed), same layout.
+    stride: the feature stride; H and W are zero padded to a multiple of it, then average pooled.
+
+  Returns:
+    [ceil(H / stride), ceil(W / stride)] uint8: argmax(la); 255 where argmax(la) is background;
+    0 where argmax(ha) is background; 255 where every score of la and ha is < 1e-5.
+  """
+  la = np.asarray(la, np.float32)
+  ha = np.asarray(ha, np.float32)
+  _check_score_maps(la, ha)
+  la, ha = _pool_np(la, stride), _pool_np(ha, stride)
+  no_score = np.maximum(la.max(-1), ha.max(-1)) < NO_SCORE_THRESHOLD
+  label_la = la.argmax(-1)
+  label = np.where(label_la == 0, IGNORE_LABEL, label_la)
+  label = np.where(ha.argmax(-1) == 0, 0, label)
+  label = np.where(no_score, IGNORE_LABEL, label)
+  return label.astype(np.uint8)
+
+
+def affinity_labels_tf(la, ha, stride: int = 8):
+  """TensorFlow twin of `affinity_labels`, usable inside tf.data (graph mode).
+
+  Args:
+    la, ha: [H, W, C+1] float tensors (H, W may be dynamic; C+1 must be static).
+    stride: pooling stride.
+
+  Returns:
+    [ceil(H / stride), ceil(W / stride)] tf.uint8 tensor.
+  """
+  import tensorflow as tf  # Imported here so that geometry.py never loads TF by itself.
+
+  la = tf.convert_to_tensor(la, tf.float32)
+  ha = tf.convert_to_tensor(ha, tf.float32)
+  _check_score_maps(la, ha, "affinity_labels_tf")
+
+  def pool(x):
+    h, w = tf.shape(x)[0], tf.shape(x)[1]
+    gh, gw = -(-h // stride), -(-w // stride)
+    x = tf.pad(x, [[0, gh * stride - h], [0, gw * stride - w], [0, 0]])
+    # avg_pool with VALID padding on a multiple of the stride equals block means.
+    return tf.nn.avg_pool2d(x[None], stride, stride, "VALID")[0]
+
+  la, ha = pool(la), pool(ha)
+  no_score = tf.maximum(tf.reduce_max(la, -1), tf.reduce_max(ha, -1)) < NO_SCORE_THRESHOLD
+  label_la = tf.argmax(la, -1, output_type=tf.int32)
+  label = tf.where(label_la == 0, IGNORE_LABEL, label_la)
+  label = tf.where(tf.argmax(ha, -1, output_type=tf.int32) == 0, 0, label)
+  label = tf.where(no_score, IGNORE_LABEL, label)
+  return tf.cast(label, tf.uint8)
+
+
+def pair_labels(labels: jax.Array, *, radius: int = 5, scheme: str = "full",
+                valid: Optional[jax.Array] = None) -> dict[str, jax.Array]:
+  """The three pair label sets of PSA.md step 5 for the scheme's pairs.
+
+  Args:
+    labels: [B, h, w] integer affinity labels (0 = background, 255 = not confident).
+    radius, scheme, valid: see `pair_mask`.
+
+  Returns:
+    {"fg_pos", "bg_pos", "neg"}, each [B, h, w, K] float32 in {0, 1}:
+    fg_pos: same label, not background, neither 255; bg_pos: both background;
+    neg: different labels, neither 255. Pairs outside the scheme or touching padding are 0.
+  """
+  labels = jnp.asarray(labels)
+  if labels.ndim != 3:
+    raise ValueError(f"labels must be [B, h, w] (got shape {tuple(labels.shape)}).")
+  labels = labels.astype(jnp.int32)
+  _, h, w = labels.shape
+  mask = pair_mask(h, w, radius=radius, scheme=scheme, valid=valid)
+  to = jnp.stack([_shift(labels, dy, dx, fill=IGNORE_LABEL)
+                  for dy, dx in forward_offsets(radius)], axis=-1)
+  frm = labels[..., None]
+  confident = (frm != IGNORE_LABEL) & (to != IGNORE_LABEL) & mask
+  same = frm == to
+  return {
+      "fg_pos": (same & (frm != 0) & confident).astype(jnp.float32),
+      "bg_pos": (same & (frm == 0) & confident).astype(jnp.float32),
+      "neg": (~same & confident).astype(jnp.float32),
+  }
+
+
+def pair_labels_psa_vector(labels: np.ndarray, radius: int = 5) -> dict[str, np.ndarray]:
+  """Pair labels of one [h, w] grid in the original's vector order ([K * N] each), numpy.
+
+  For parity checks against the original's label extraction; `pair_labels` is the one to use.
+  """
+  labels = np.asarray(labels).astype(np.int64)
+  ind_from, ind_to = psa_pair_indices(*labels.shape, radius)
+  flat = labels.reshape(-1)
+  frm = np.tile(flat[ind_from], len(forward_offsets(radius)))
+  to = flat[ind_to]
+  confident = (frm != IGNORE_LABEL) & (to != IGNORE_LABEL)
+  same = frm == to
+  return {
+      "fg_pos": (same & (frm != 0) & confident).astype(np.float32),
+      "bg_pos": (same & (frm == 0)).astype(np.float32),
+      "neg": (~same & confident).astype(np.float32),
+  }
+
