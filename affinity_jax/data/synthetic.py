@@ -139,9 +139,12 @@ def part_colours(num_classes: int) -> np.ndarray:
                   np.float32) * 255.0
 
 
-def generate_example(config: SyntheticConfig, split: str, index: int
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """One image: uint8 [H, W, 3], mask uint8 [H, W] (0, 1..C, 255), label float32 [C]."""
+def generate_example(config: SyntheticConfig, split: str, index: int, *,
+                     with_parts: bool = False) -> tuple[np.ndarray, ...]:
+  """One image: uint8 [H, W, 3], mask uint8 [H, W] (0, 1..C, 255), label float32 [C].
+
+  With `with_parts`, also the discriminative parts: bool [H, W] (for tests and figures).
+  """
   rng = np.random.default_rng([config.seed, _SPLIT_IDS[split], index])
   if config.size_range is None:
     height, width = config.image_size
@@ -153,6 +156,7 @@ def generate_example(config: SyntheticConfig, split: str, index: int
   mask = np.zeros((height, width), np.uint8)
   gap = 2 * config.boundary_width + 2
   occupied = np.zeros((height, width), bool)
+  parts = np.zeros((height, width), bool)
   colours = part_colours(config.num_classes)
   num_objects = int(rng.integers(1, config.max_objects + 1))
   placed = []
@@ -166,6 +170,7 @@ def generate_example(config: SyntheticConfig, split: str, index: int
     shade = rng.uniform(0.9, 1.1)
     image[part] = np.clip(colours[cls] * shade, 0, 255)
     mask[obj] = cls + 1
+    parts |= part
     occupied |= obj
     placed.append(obj)
   if config.boundary_width:
@@ -184,7 +189,7 @@ def generate_example(config: SyntheticConfig, split: str, index: int
   present = present[(present >= 1) & (present <= config.num_classes)]
   label = np.zeros(config.num_classes, np.float32)
   label[present.astype(np.int64) - 1] = 1.0
-  return image, mask, label
+  return (image, mask, label, parts) if with_parts else (image, mask, label)
 
 
 def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:

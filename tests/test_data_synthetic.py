@@ -1,0 +1,130 @@
+"""synthetic_wsss: determinism, features, and the design (shared body, class-specific part)."""
+
+import colorsys
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from scipy import ndimage
+
+from affinity_jax import data
+from affinity_jax.data import synthetic
+from affinity_jax.errors import UserError
+
+# Small but not tiny: enough objects for the design statistics below.
+_CONFIG = synthetic.SyntheticConfig(name="t", image_size=(96, 96), num_classes=5)
+
+
+def _objects(mask):
+  """(class id, object pixels) per connected object of the mask."""
+  out = []
+  for cls in range(1, 21):
+    comps, n = ndimage.label(mask == cls)
+    out += [(cls, comps == i) for i in range(1, n + 1)]
+  return out
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+  return data.get_builder("synthetic_wsss", tmp_path_factory.mktemp("tfds"), config="tiny")
+
+
+def test_deterministic_from_seed():
+  a = synthetic.generate_example(_CONFIG, "train", 3)
+  b = synthetic.generate_example(_CONFIG, "train", 3)
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x, y)
+  other = synthetic.SyntheticConfig(name="u", image_size=(96, 96), num_classes=5, seed=1)
+  assert not np.array_equal(a[0], synthetic.generate_example(other, "train", 3)[0])
+  assert not np.array_equal(a[0], synthetic.generate_example(_CONFIG, "val", 3)[0])
+
+
+def test_builder_features_and_splits(tiny):
+  assert tiny.info.splits["train"].num_examples == 16
+  assert tiny.info.splits["val"].num_examples == 8
+  assert data.num_classes(tiny) == 3
+  assert data.class_names(tiny) == ("red", "orange", "yellow")
+  assert tiny.info.metadata["class_names"] == list(data.class_names(tiny))
+  names = set()
+  for ex in tfds.as_numpy(tiny.as_dataset(split="train")):
+    names.add(ex["name"].decode())
+    assert ex["image"].shape == (64, 64, 3) and ex["image"].dtype == np.uint8
+    assert ex["mask"].shape == (64, 64, 1) and ex["has_mask"]
+    values = set(np.unique(ex["mask"]).tolist())
+    assert values <= {0, 1, 2, 3, 255} and 0 in values
+    present = sorted(v for v in values if 1 <= v <= 3)
+    assert ex["label"].tolist() == [1.0 if c in present else 0.0 for c in (1, 2, 3)]
+    assert ex["label"].sum() >= 1
+  assert names == {f"train_{i:05d}" for i in range(16)}
+
+
+def test_stored_examples_match_the_generator(tiny):
+  ex = next(iter(tfds.as_numpy(tiny.as_dataset(split="val[:1]"))))
+  index = int(ex["name"].decode().split("_")[1])
+  image, mask, _ = synthetic.generate_example(tiny.builder_config, "val", index)
+  np.testing.assert_array_equal(ex["image"], image)  # PNG: lossless.
+  np.testing.assert_array_equal(ex["mask"][..., 0], mask)
+
+
+def test_design_body_shared_part_discriminative():
+  colours = synthetic.part_colours(_CONFIG.num_classes)
+  part_fraction, body_hues, gaps = [], [], []
+  contrast = []
+  for i in range(30):
+    image, mask, _, parts = synthetic.generate_example(_CONFIG, "train", i, with_parts=True)
+    image = image.astype(np.float32)
+    objects = _objects(mask)
+    assert 1 <= len(objects) <= _CONFIG.max_objects
+    for cls, obj in objects:
+      part = parts & obj
+      part_fraction.append(part.sum() / obj.sum())
+      # The part's colour is its class's: nearest of the class colours.
+      mean_part = image[part].mean(0)
+      assert np.argmin(np.linalg.norm(colours - mean_part, axis=1)) == cls - 1
+      body = image[obj & ~ndimage.binary_dilation(part, iterations=1)].mean(0) / 255
+      body_hues.append(colorsys.rgb_to_hsv(*body)[1])  # saturation
+      contrast.append(body.mean() - image[mask == 0].mean() / 255)
+      # A 255 band of boundary_width pixels hugs the object; nothing else touches it.
+      ring = ndimage.binary_dilation(obj) & ~obj
+      assert (mask[ring] == 255).all()
+      far = ndimage.binary_dilation(obj, iterations=3) & ~obj
+      gaps.append(set(np.unique(mask[far]).tolist()) <= {0, 255})
+    assert not (parts & (mask == 0)).any()
+  assert all(gaps), "objects must not touch"
+  assert 0.03 <= min(part_fraction) and max(part_fraction) <= 0.17
+  # Bodies are grey (class-agnostic) and brighter than the background of their image.
+  assert max(body_hues) < 0.15
+  assert min(contrast) > 0.2
+
+
+def test_varying_sizes_and_knobs(tmp_path):
+  builder = data.get_builder("synthetic_wsss", tmp_path, config="tiny", num_classes=4,
+                             size_range=(40, 72), num_train=6, num_val=2, seed=3)
+  assert builder.builder_config.name.startswith("tiny_")
+  assert data.num_classes(builder) == 4
+  sizes = set()
+  for ex in tfds.as_numpy(builder.as_dataset(split="train")):
+    assert ex["label"].shape == (4,)
+    sizes.add(ex["image"].shape[:2])
+    assert all(40 <= s <= 72 for s in ex["image"].shape[:2])
+  assert len(sizes) > 1
+  again = data.get_builder("synthetic_wsss", tmp_path, config="tiny", num_classes=4,
+                           size_range=(40, 72), num_train=6, num_val=2, seed=3)
+  assert again.builder_config.name == builder.builder_config.name
+
+
+@pytest.mark.parametrize("options, match", [
+    (dict(num_classes=0), "num_classes"),
+    (dict(num_classes=21), "num_classes"),
+    (dict(image_size=(16, 16)), "image_size"),
+    (dict(colour="blue"), "unknown option"),
+    (dict(config="huge"), "unknown config"),
+])
+def test_bad_options(tmp_path, options, match):
+  with pytest.raises(UserError, match=match):
+    data.get_builder("synthetic_wsss", tmp_path, **options)
+
+
+def test_unknown_dataset(tmp_path):
+  with pytest.raises(UserError, match="unknown dataset"):
+    data.get_builder("coco", tmp_path)
