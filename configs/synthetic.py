@@ -35,7 +35,7 @@ def get_config(arg=None):
                     resize_long=(96, 144), checkpoint_every=200, log_every=50))
   c.cam_infer.update(dict(scales=(1.0, 0.5, 1.5), batch_size=8))
   c.aff_labels.update(dict(workers=2))
-  c.aff.update(dict(batch_size=8, epochs=-1, steps=300, lr=0.05, crop_size=96,
+  c.aff.update(dict(batch_size=8, epochs=-1, steps=300, lr=0.05, crop_size=96, scheme="full",
                     checkpoint_every=100, log_every=50))
   c.random_walk.update(dict(scheme="full", batch_size=8))
   c.seg.update(dict(batch_size=8, epochs=-1, steps=400, lr=0.02, crop_size=96,

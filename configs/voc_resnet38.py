@@ -61,6 +61,7 @@ def get_config(arg=None):
       batch_size=8, epochs=8, lr=0.1, weight_decay=5e-4, poly_power=0.9,
       momentum_quirk=True, momentum=0.9, crop_size=448,
       color_jitter=(0.3, 0.3, 0.3, 0.1), radius=5,
+      scheme="psa",   # the original's pair set at 448/8 = 56; "full" adds the border pairs.
       checkpoint_every=500, log_every=20, steps=-1,
   ))
   # Random walk (infer_aff.py): A = W^beta, t = 2^logt steps, background (1-max)^alpha.

@@ -1,0 +1,53 @@
+"""The pipeline's stages, in order. Each is a module with `run(cfg) -> dict` (its summary).
+
+train_cam -> infer_cam -> aff_labels -> train_aff -> random_walk -> train_seg -> infer_seg
+-> evaluate. A stage skips when its outputs are complete and otherwise redoes only what is
+missing, so rerunning a command after a crash or a pre-emption continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import time
+
+from affinity_jax.errors import ConfigError
+
+ORDER = ("train_cam", "infer_cam", "aff_labels", "train_aff", "random_walk", "train_seg",
+         "infer_seg", "evaluate")
+
+
+def parse_stages(text: str) -> list[str]:
+  if text in ("", "all"):
+    return list(ORDER)
+  names = [s.strip() for s in text.split(",") if s.strip()]
+  unknown = [s for s in names if s not in ORDER]
+  if unknown:
+    raise ConfigError(f"unknown stage(s) {', '.join(unknown)}; stages are {', '.join(ORDER)}")
+  return [s for s in ORDER if s in names]
+
+
+def run_stages(cfg, names: list[str]) -> dict[str, dict]:
+  """Runs `names` in pipeline order; adds the wall-clock seconds to results.json."""
+  os.makedirs(cfg.workdir, exist_ok=True)
+  t0 = time.time()
+  summaries = {}
+  for name in names:
+    module = importlib.import_module(f"affinity_jax.stages.{name}")
+    print(f"== {name}", flush=True)
+    t = time.time()
+    summaries[name] = module.run(cfg) or {}
+    summaries[name]["seconds"] = round(time.time() - t, 1)
+    print(f"== {name} done in {summaries[name]['seconds']:.1f} s", flush=True)
+  total = time.time() - t0
+  results_path = os.path.join(cfg.workdir, "results.json")
+  if "evaluate" in names and os.path.exists(results_path):
+    from affinity_jax import io
+    with open(results_path) as f:
+      results = json.load(f)
+    results["seconds"] = round(total, 1)
+    results["stage_seconds"] = {k: v["seconds"] for k, v in summaries.items()}
+    io.save_json(results_path, results)
+  print(f"== all stages done in {total:.1f} s; outputs in {cfg.workdir}", flush=True)
+  return summaries

@@ -1,0 +1,126 @@
+"""What the stages share: the workdir layout, the dataset, model set-up and per-image bookkeeping."""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from affinity_jax import checkpoint, models
+from affinity_jax.errors import UserError
+
+# Workdir layout (one folder per stage output).
+CAM_NET, AFF_NET, SEG_NET = "cam_net", "aff_net", "seg_net"
+CAMS, AFF_LABELS, PSEUDO_LABELS, SEG_PRED, PANELS = (
+    "cams", "aff_labels", "pseudo_labels", "seg_pred", "panels")
+ARCH = {CAM_NET: "cam", AFF_NET: "affinity", SEG_NET: "seg"}
+
+
+def path(cfg, *parts: str) -> str:
+  return os.path.join(cfg.workdir, *parts)
+
+
+def final_path(cfg, net: str) -> str:
+  """The trained network's variables (orbax), written once training has finished."""
+  return path(cfg, net, "final")
+
+
+def builder(cfg):
+  from affinity_jax import data
+  options = dict(cfg.data.options)
+  if cfg.data.manual_dir:
+    options["manual_dir"] = cfg.data.manual_dir
+  return data.get_builder(cfg.data.name, data_dir=cfg.data.data_dir or None, **options)
+
+
+def split_names(cfg, split: str) -> list[str]:
+  """Image names of a split, in the dataset's order (decodes no image)."""
+  from affinity_jax import data
+  return data.split_names(builder(cfg), split)
+
+
+def dtype(cfg):
+  try:
+    return jnp.dtype(cfg.model.dtype)
+  except TypeError:
+    raise UserError(f"config key model.dtype: unknown dtype {cfg.model.dtype!r} "
+                    "(use float32 or bfloat16)") from None
+
+
+def make_model(cfg, arch: str):
+  return models.build(arch, num_classes=cfg.model.num_classes, width=cfg.model.width,
+                      dtype=dtype(cfg))
+
+
+def init_variables(cfg, arch: str, crop_size: int) -> dict:
+  """Random initialisation, then the ImageNet backbone from `cfg.init.backbone` if given."""
+  model = make_model(cfg, arch)
+  x = jnp.zeros((1, crop_size, crop_size, 3), jnp.float32)
+  variables = jax.jit(lambda k: model.init(k, x))(jax.random.key(cfg.seed))
+  variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+  if cfg.init.backbone:
+    backbone, meta = checkpoint.load_variables(cfg.init.backbone)
+    checkpoint.check_compatible(meta, arch="backbone", width=cfg.model.width,
+                                path=cfg.init.backbone)
+    variables = merge_backbone(variables, backbone, cfg.init.backbone)
+  return jax.device_get(variables)
+
+
+def merge_backbone(variables: dict, backbone: dict, source: str) -> dict:
+  """Overwrites the backbone part of `variables` with `backbone`, strictly by name and shape."""
+  out = {}
+  for collection, tree in variables.items():
+    src = backbone.get(collection, {})
+    merged = dict(tree)
+    for name, sub in src.items():
+      if name not in tree:
+        raise UserError(f"{source}: backbone module {collection}/{name} is not in the model")
+      want = jax.tree.map(np.shape, tree[name])
+      got = jax.tree.map(np.shape, sub)
+      if want != got:
+        raise UserError(f"{source}: {collection}/{name} has shapes {got}, the model wants "
+                        f"{want} (wrong width?)")
+      merged[name] = sub
+    out[collection] = merged
+  return out
+
+
+def load_trained(cfg, net: str) -> tuple[object, dict]:
+  """(model, variables) of a trained network; a clear error if the stage has not run."""
+  p = final_path(cfg, net)
+  if not os.path.isdir(p):
+    stage = {CAM_NET: "train_cam", AFF_NET: "train_aff", SEG_NET: "train_seg"}[net]
+    raise UserError(f"{p} does not exist: run the {stage} stage first (--stages {stage})")
+  variables, meta = checkpoint.load_variables(p)
+  checkpoint.check_compatible(meta, arch=ARCH[net], width=cfg.model.width,
+                              num_classes=cfg.model.num_classes, path=p)
+  return make_model(cfg, ARCH[net]), variables
+
+
+def save_trained(cfg, net: str, variables: dict) -> None:
+  checkpoint.save_variables(final_path(cfg, net), variables, metadata=dict(
+      arch=ARCH[net], width=cfg.model.width, num_classes=cfg.model.num_classes,
+      source=f"affinity_jax {net}"))
+
+
+def missing(names: Iterable[str], folder: str, suffix: str) -> list[str]:
+  """Names whose output file `{folder}/{name}{suffix}` does not exist yet."""
+  from affinity_jax import io
+  io.remove_stale_temporaries(folder)
+  return [n for n in names if not os.path.exists(os.path.join(folder, n + suffix))]
+
+
+def steps_for(net_cfg, num_examples: int) -> int:
+  if net_cfg.steps > 0:
+    return int(net_cfg.steps)
+  return max(1, int(net_cfg.epochs) * num_examples // int(net_cfg.batch_size))
+
+
+def local_batch_size(global_batch: int) -> int:
+  if global_batch % jax.process_count():
+    raise UserError(f"batch size {global_batch} is not divisible by the {jax.process_count()} "
+                    "hosts")
+  return global_batch // jax.process_count()

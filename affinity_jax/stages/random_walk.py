@@ -1,0 +1,93 @@
+"""Stage random_walk: pseudo labels by propagating CAMs over AffinityNet's affinities (step 6).
+
+For a batch of canvases: AffinityNet features at stride 8, the CAM stack (background
+(1 - max)^alpha + classes) pooled by 8 onto each image's own grid, the sparse walk of 2^logt
+steps with positions outside the image excluded, bilinear upsampling to the padded size, crop,
+argmax. Writes `{workdir}/pseudo_labels/{name}.png` (uint8: 0 background, c + 1 class c) and,
+for the first `eval.panels` images of each split, the walked foreground heat map for pictures.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from affinity_jax import geometry, io
+from affinity_jax import random_walk as rw
+from affinity_jax.stages import common, inference
+from affinity_jax.stages.infer_cam import load_cam
+
+
+def make_walk_fn(model, cfg):
+  radius, scheme = int(cfg.random_walk.radius), cfg.random_walk.scheme
+  t, beta = 2 ** int(cfg.random_walk.logt), float(cfg.random_walk.beta)
+  tol = float(cfg.random_walk.tol) if cfg.random_walk.tol > 0 else None
+
+  @jax.jit
+  def walk(variables, images, cams, valid, ry, rx):
+    features = model.apply(variables, images).astype(jnp.float32)
+    aff_sym = geometry.neighbourhood_affinities(features, radius=radius, scheme=scheme,
+                                                valid=valid)
+    walked = rw.propagate(aff_sym, cams, radius=radius, beta=beta, t=t, valid=valid, tol=tol)
+    up = inference.upsample(walked, ry, rx)
+    labels = jnp.argmax(up, axis=-1).astype(jnp.uint8)
+    share = up / jnp.maximum(jnp.sum(up, axis=-1, keepdims=True), 1e-12)
+    return labels, jnp.max(share[..., 1:], axis=-1)
+  return walk
+
+
+def run(cfg) -> dict:
+  from affinity_jax.data import pipelines
+  out_dir = common.path(cfg, common.PSEUDO_LABELS)
+  cam_dir = common.path(cfg, common.CAMS)
+  builder = common.builder(cfg)
+  num_classes = cfg.model.num_classes
+  model = variables = walk = None
+  written = 0
+  for split in cfg.data.pseudo_splits:
+    names = common.split_names(cfg, split)
+    panel_names = set(names[:cfg.eval.panels])
+    todo = set(common.missing(names, out_dir, ".png"))
+    if not todo:
+      print(f"[random_walk] {split}: all pseudo labels present in {out_dir}")
+      continue
+    if model is None:
+      model, variables = common.load_trained(cfg, common.AFF_NET)
+      walk = make_walk_fn(model, cfg)
+    for batch in pipelines.inference(builder, split, scales=(1.0,), canvas=tuple(cfg.data.canvas),
+                                     batch_size=cfg.random_walk.batch_size,
+                                     process_index=jax.process_index(),
+                                     process_count=jax.process_count()):
+      batch_names = inference.batch_names(batch)
+      keep = [i for i, n in enumerate(batch_names) if batch["valid"][i] and n in todo]
+      if not keep:
+        continue
+      images = batch["image_s0"]
+      b, hc8, wc8 = images.shape[0], images.shape[1] // 8, images.shape[2] // 8
+      sizes = np.asarray(batch["orig_size"])
+      cams = np.zeros((b, hc8, wc8, num_classes + 1), np.float32)
+      for i in keep:
+        path = os.path.join(cam_dir, batch_names[i] + ".npz")
+        if not os.path.exists(path):
+          raise FileNotFoundError(f"{path} is missing: run the infer_cam stage first")
+        stack = np.asarray(rw.prepare_cam(load_cam(path, num_classes),
+                                          alpha=float(cfg.random_walk.alpha)))
+        cams[i, :stack.shape[0], :stack.shape[1]] = stack
+      grid = np.stack([[inference.grid_size(h), inference.grid_size(w)] for h, w in sizes])
+      valid = ((np.arange(hc8)[None, :, None] < grid[:, 0, None, None]) &
+               (np.arange(wc8)[None, None, :] < grid[:, 1, None, None]))
+      ry, rx = inference.upsample_matrices(grid * 8, grid * 8, (hc8, wc8), images.shape[1:3])
+      labels, heat = walk(variables, images, cams, valid, ry, rx)
+      labels, heat = np.asarray(labels), np.asarray(heat)
+      for i in keep:
+        h, w = sizes[i]
+        io.save_png(os.path.join(out_dir, batch_names[i] + ".png"), labels[i, :h, :w])
+        if batch_names[i] in panel_names:
+          io.save_npz(os.path.join(common.path(cfg, common.PANELS), "rw_" + batch_names[i] + ".npz"),
+                      heat=heat[i, :h, :w].astype(np.float16))
+        written += 1
+  print(f"[random_walk] wrote {written} pseudo labels to {out_dir}")
+  return {"written": written}
