@@ -117,6 +117,11 @@ def pair_mask(h: int, w: int, *, radius: int = 5, scheme: str = "full",
   valid = jnp.asarray(valid, bool)
   if valid.ndim != 3 or valid.shape[1:] != (h, w):
     raise ValueError(f"valid must be [B, {h}, {w}] (got {tuple(valid.shape)}).")
+  return _mask_with_valid(mask, valid, radius=radius)
+
+
+@functools.partial(jax.jit, static_argnames=("radius",))
+def _mask_with_valid(mask, valid, *, radius):
   ends = jnp.stack([_shift(valid, dy, dx, fill=False)
                     for dy, dx in forward_offsets(radius)], axis=-1)
   return mask[None] & valid[..., None] & ends
@@ -167,10 +172,16 @@ def pair_affinities(features: jax.Array, *, radius: int = 5, scheme: str = "full
     [B, h, w, K] float: entry k at (y, x) is the affinity of ((y, x), (y, x) + o_k); 0 for pairs
     outside the scheme or touching an invalid position.
   """
+  features = jnp.asarray(features)
   if features.ndim != 4:
     raise ValueError(f"features must be [B, h, w, C] (got shape {tuple(features.shape)}).")
   _, h, w, _ = features.shape
   mask = pair_mask(h, w, radius=radius, scheme=scheme, valid=valid)
+  return _pair_affinities(features, mask, radius=_check_radius(radius))
+
+
+@functools.partial(jax.jit, static_argnames=("radius",))
+def _pair_affinities(features, mask, *, radius):
   dist = jnp.stack([jnp.mean(jnp.abs(features - _shift(features, dy, dx)), axis=-1)
                     for dy, dx in forward_offsets(radius)], axis=-1)
   return jnp.where(mask, jnp.exp(-dist), 0.0).astype(features.dtype)
@@ -198,7 +209,13 @@ def symmetric_affinities(forward: jax.Array, *, radius: int = 5,
     identity = jnp.ones(forward.shape[:3] + (1,), forward.dtype)
   else:
     identity = jnp.asarray(valid, forward.dtype)[..., None]
-  backward = [_shift(forward[..., k:k + 1], -dy, -dx) for k, (dy, dx) in enumerate(fwd)]
+  return _symmetric(jnp.asarray(forward), identity, radius=_check_radius(radius))
+
+
+@functools.partial(jax.jit, static_argnames=("radius",))
+def _symmetric(forward, identity, *, radius):
+  backward = [_shift(forward[..., k:k + 1], -dy, -dx)
+              for k, (dy, dx) in enumerate(forward_offsets(radius))]
   return jnp.concatenate([identity, forward] + backward, axis=-1)
 
 
@@ -304,9 +321,13 @@ def pair_labels(labels: jax.Array, *, radius: int = 5, scheme: str = "full",
   labels = jnp.asarray(labels)
   if labels.ndim != 3:
     raise ValueError(f"labels must be [B, h, w] (got shape {tuple(labels.shape)}).")
-  labels = labels.astype(jnp.int32)
   _, h, w = labels.shape
   mask = pair_mask(h, w, radius=radius, scheme=scheme, valid=valid)
+  return _pair_labels(labels.astype(jnp.int32), mask, radius=_check_radius(radius))
+
+
+@functools.partial(jax.jit, static_argnames=("radius",))
+def _pair_labels(labels, mask, *, radius):
   to = jnp.stack([_shift(labels, dy, dx, fill=IGNORE_LABEL)
                   for dy, dx in forward_offsets(radius)], axis=-1)
   frm = labels[..., None]

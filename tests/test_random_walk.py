@@ -1,0 +1,150 @@
+"""Sparse random walk against the original's dense matrix path, plus the pseudo-label step."""
+
+import numpy as np
+import pytest
+import jax.numpy as jnp
+
+from affinity_jax import geometry, random_walk as rw
+
+
+def _valid(h, w, rows, cols):
+  valid = np.ones((h, w), bool)
+  if rows:
+    valid[-rows:] = False
+  if cols:
+    valid[:, -cols:] = False
+  return valid
+
+
+CASES = [  # (h, w, radius, scheme, padded rows, padded cols)
+    (9, 11, 5, "full", 0, 0),
+    (9, 11, 5, "psa", 0, 0),
+    (12, 7, 5, "full", 0, 0),
+    (1, 9, 5, "full", 0, 0),
+    (9, 1, 5, "full", 0, 0),
+    (8, 12, 3, "full", 2, 3),
+    (10, 10, 5, "psa", 1, 2),
+    (11, 6, 4, "full", 3, 0),
+]
+
+
+@pytest.mark.parametrize("h,w,radius,scheme,pad_rows,pad_cols", CASES)
+def test_sparse_matches_dense(h, w, radius, scheme, pad_rows, pad_cols):
+  rng = np.random.default_rng(h * 100 + w)
+  # Small feature spread so that many affinities are far from 0 and the walk mixes.
+  feats = (rng.normal(size=(2, h, w, 4)) * 0.3).astype(np.float32)
+  cam = rng.random((2, h, w, 3)).astype(np.float32)
+  valid = None
+  if pad_rows or pad_cols:
+    valid = np.stack([_valid(h, w, pad_rows, pad_cols), _valid(h, w, 0, pad_cols)])
+  forward = np.asarray(geometry.pair_affinities(jnp.asarray(feats), radius=radius,
+                                                scheme=scheme, valid=valid))
+  out = np.asarray(rw.random_walk(feats, cam, radius=radius, scheme=scheme, valid=valid))
+  for b in range(2):
+    ref = rw.dense_reference(forward[b], cam[b], radius=radius,
+                             valid=None if valid is None else valid[b])
+    err = np.abs(out[b] - ref).max() / np.abs(ref).max()
+    assert err < 1e-5, err
+    if valid is not None:
+      assert np.all(out[b][~valid[b]] == 0)
+
+
+def test_walk_mixes_inside_regions_only():
+  # Two regions of constant features, far apart: affinities across the border vanish, inside
+  # they are 1, so after many steps each region's scores are near-constant, and mass does not
+  # cross the border.
+  h, w = 6, 12
+  feats = np.zeros((1, h, w, 2), np.float32)
+  feats[:, :, 6:] = 50.0
+  cam = np.zeros((1, h, w, 2), np.float32)
+  cam[0, 2, 1, 0] = 1.0
+  cam[0, 3, 9, 1] = 1.0
+  out = np.asarray(rw.random_walk(feats, cam, radius=3))
+  assert np.all(out[0, :, 6:, 0] < 1e-12) and np.all(out[0, :, :6, 1] < 1e-12)
+  left = out[0, :, :6, 0]
+  assert left.std() < 1e-3 * left.mean()
+
+
+def test_padding_is_cut_out_of_the_graph():
+  rng = np.random.default_rng(5)
+  h, w = 8, 9
+  feats = rng.normal(size=(1, h, w, 3)).astype(np.float32)
+  cam = rng.random((1, h, w, 2)).astype(np.float32)
+  valid = _valid(h, w, 2, 3)[None]
+  out = rw.random_walk(feats, cam, radius=4, valid=valid)
+  feats2, cam2 = feats.copy(), cam.copy()
+  feats2[~valid] = 123.0
+  cam2[~valid] = 7.0
+  out2 = rw.random_walk(feats2, cam2, radius=4, valid=valid)
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(out2))
+  # The valid part equals a walk on the cropped image alone.
+  alone = rw.random_walk(feats[:, :h - 2, :w - 3], cam[:, :h - 2, :w - 3], radius=4)
+  np.testing.assert_allclose(np.asarray(out)[:, :h - 2, :w - 3], np.asarray(alone),
+                             rtol=1e-5, atol=1e-7)
+
+
+def test_transition_weights_normalised():
+  rng = np.random.default_rng(6)
+  feats = rng.normal(size=(1, 5, 6, 3)).astype(np.float32)
+  valid = _valid(5, 6, 1, 0)[None]
+  aff = rw.neighbourhood_affinities(feats, radius=3, valid=valid)
+  weights = np.asarray(rw.transition_weights(aff, beta=8.0))
+  np.testing.assert_allclose(weights.sum(-1)[valid], 1.0, rtol=1e-6)
+  assert np.all(weights[~valid] == 0)
+
+
+def test_early_stop_saves_steps_and_stays_close():
+  h, w = 16, 16
+  yy, xx = np.mgrid[:h, :w]
+  feats = np.where((yy < 8)[..., None], 0.0, 5.0) * np.ones((1, h, w, 4))
+  cam = np.stack([np.exp(-((yy - 4) ** 2 + (xx - 5) ** 2) / 8.0),
+                  np.exp(-((yy - 12) ** 2 + (xx - 10) ** 2) / 8.0)], -1)[None]
+  full = rw.random_walk(feats.astype(np.float32), cam.astype(np.float32), radius=5)
+  early, steps = rw.random_walk(feats.astype(np.float32), cam.astype(np.float32), radius=5,
+                                tol=1e-5, return_steps=True)
+  assert 0 < int(steps) < 256
+  np.testing.assert_allclose(np.asarray(early), np.asarray(full), atol=1e-3)
+  _, steps_all = rw.random_walk(feats.astype(np.float32), cam.astype(np.float32), radius=5,
+                                t=20, tol=0.0, return_steps=True)
+  assert int(steps_all) == 20
+
+
+def test_prepare_cam_hand_example():
+  cam = np.zeros((10, 9, 2), np.float32)
+  cam[:8, :8, 1] = 0.5
+  out = np.asarray(rw.prepare_cam(cam, alpha=2.0, stride=8))
+  assert out.shape == (2, 2, 3)
+  # Cell (0, 0): bg (1 - 0.5)^2 = 0.25, class 1 = 0.5.
+  np.testing.assert_allclose(out[0, 0], [0.25, 0.0, 0.5], rtol=1e-6)
+  # Cell (1, 1): two real pixels (bg 1) among 64.
+  np.testing.assert_allclose(out[1, 1], [2 / 64, 0.0, 0.0], rtol=1e-6)
+  # Cell (0, 1): 8 real pixels of 64.
+  np.testing.assert_allclose(out[0, 1], [8 / 64, 0.0, 0.0], rtol=1e-6)
+
+
+def test_random_walk_labels_fills_regions():
+  # 40x48 image, 5x6 grid. Features: left 3 columns vs right 3 columns. A class-4 CAM covers
+  # part of the left region only; the walk spreads it over the left region.
+  height, width = 40, 48
+  feats = np.zeros((5, 6, 2), np.float32)
+  feats[:, 3:] = 30.0
+  cam = np.zeros((height, width, 20), np.float32)
+  cam[8:32, 0:20, 4] = 1.0
+  labels = rw.random_walk_labels(feats, cam, radius=3)
+  assert labels.shape == (height, width) and labels.dtype == np.uint8
+  assert set(np.unique(labels)) == {0, 5}
+  assert np.all(labels[:, 28:] == 0)
+  assert np.all(labels[:, :20] == 5)
+  # A larger canvas grid is cropped to the image's grid: same answer.
+  canvas = np.concatenate([feats, np.zeros((5, 2, 2), np.float32)], axis=1)
+  np.testing.assert_array_equal(rw.random_walk_labels(canvas[None], cam, radius=3), labels)
+
+
+def test_bad_inputs_raise():
+  aff = jnp.ones((1, 4, 4, 25))
+  with pytest.raises(ValueError, match="aff_sym"):
+    rw.propagate(aff, jnp.ones((1, 4, 4, 2)), radius=5)
+  with pytest.raises(ValueError, match="cam"):
+    rw.propagate(aff, jnp.ones((1, 4, 5, 2)), radius=3)
+  with pytest.raises(ValueError, match="features"):
+    rw.random_walk_labels(np.zeros((2, 2, 3)), np.zeros((40, 40, 20)))
