@@ -378,6 +378,9 @@ def inference(builder, split: str, *, scales: Sequence[float] = (1.0, 0.5, 1.5, 
     height = tf.numpy_function(_check_canvas, [example["name"], shape[0], shape[1], canvas_h,
                                                canvas_w], tf.int32, stateful=False)
     height = tf.ensure_shape(height, [])
+    with tf.control_dependencies([height]):  # Nothing is padded before the check has passed.
+      image = tf.identity(image)
+      example["mask"] = tf.identity(example["mask"])
     out = {}
     for i, s in enumerate(scales):
       size = transforms.scaled_size(height, shape[1], s)

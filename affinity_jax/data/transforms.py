@@ -56,6 +56,7 @@ def color_jitter(image: tf.Tensor, seed: tf.Tensor, *, brightness: float = 0.3,
 
 def random_flip(tensors: Sequence[tf.Tensor], seed: tf.Tensor) -> list[tf.Tensor]:
   """Flips every [H, W, ...] tensor left-right together, with probability 1/2."""
+  tensors = [tf.convert_to_tensor(t) for t in tensors]
   flip = tf.random.stateless_uniform([], seed) < 0.5
   return [tf.cond(flip, lambda t=t: tf.reverse(t, axis=[1]), lambda t=t: t) for t in tensors]
 
@@ -68,6 +69,7 @@ def random_crop(tensors: Sequence[tf.Tensor], fills: Sequence[float], crop_size:
   window of it; when shorter, the whole image at a random offset in the crop, the rest filled
   with each tensor's `fill` (0 for normalised images and score maps, 255 for labels).
   """
+  tensors = [tf.convert_to_tensor(t) for t in tensors]
   shape = tf.shape(tensors[0])
   s_y, s_x = split_seed(seed, 2)
   pads, starts = [], []
@@ -97,6 +99,7 @@ def resize(tensors: Sequence[tf.Tensor], size: tf.Tensor, methods: Sequence[str]
   """
   out = []
   for t, method in zip(tensors, methods):
+    t = tf.convert_to_tensor(t)
     if method == "nearest":
       out.append(tf.image.resize(t, size, method="nearest"))
     else:
@@ -130,6 +133,7 @@ def random_scale(tensors: Sequence[tf.Tensor], methods: Sequence[str], low: floa
 
 def pad_to(t: tf.Tensor, height: int, width: int, fill: float) -> tf.Tensor:
   """Pads [h, w, C] at the bottom and right to [height, width, C] with `fill` (h <= height)."""
+  t = tf.convert_to_tensor(t)
   shape = tf.shape(t)
   padding = [[0, height - shape[0]], [0, width - shape[1]]] + [[0, 0]] * (t.shape.rank - 2)
   t = tf.pad(t, padding, constant_values=tf.cast(fill, t.dtype))
