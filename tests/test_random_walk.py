@@ -83,6 +83,15 @@ def test_padding_is_cut_out_of_the_graph():
                              rtol=1e-5, atol=1e-7)
 
 
+def test_channel_chunks_do_not_change_the_result():
+  rng = np.random.default_rng(7)
+  feats = rng.normal(size=(2, 6, 7, 3)).astype(np.float32)
+  cam = rng.random((2, 6, 7, 5)).astype(np.float32)
+  one = rw.random_walk(feats, cam, radius=3, t=16, channel_chunks=1)
+  three = rw.random_walk(feats, cam, radius=3, t=16, channel_chunks=3)
+  np.testing.assert_array_equal(np.asarray(one), np.asarray(three))
+
+
 def test_transition_weights_normalised():
   rng = np.random.default_rng(6)
   feats = rng.normal(size=(1, 5, 6, 3)).astype(np.float32)

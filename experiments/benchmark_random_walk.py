@@ -1,0 +1,144 @@
+"""Sparse (stencil) vs dense (original) random walk: time, agreement, peak memory.
+
+Both paths run in this process on the same affinities and CAMs. Inputs look like real ones:
+affinity features piecewise constant over a few regions (plus a little noise), CAMs of 21
+channels (background + 20 classes) with three present classes as smooth blobs.
+
+Dense: the original's path in float32 numpy (BLAS): A^beta, column normalisation, 8 squarings of
+the (hw x hw) matrix, v @ T; timed after one warm-up run, from the already built matrix (the
+original builds it on the CPU too, then moves it to the GPU). Its peak memory is analytical: three
+live (hw)^2 float32 matrices (the affinity matrix, T, and the product being formed). Grids whose
+dense matrix would not fit are reported with that figure and not run.
+
+Sparse: `random_walk.propagate` (weights + 256 stencil steps, jitted), best of 3 after warm-up.
+Its peak memory is XLA's compiled memory analysis of the jitted walk (arguments + outputs +
+temporaries).
+
+Usage: python experiments/benchmark_random_walk.py [--quick]
+The last line printed is JSON for the 56x56 case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from affinity_jax import geometry, random_walk as rw  # noqa: E402
+
+MIB = 2 ** 20
+DENSE_LIMIT_BYTES = 4 * 2 ** 30  # do not run the dense path beyond this analytical peak
+
+
+def make_inputs(h, w, radius, seed=0, num_channels=21, feature_dim=16):
+  """Piecewise-constant features over Voronoi regions, blob CAMs, on an h x w grid."""
+  rng = np.random.default_rng(seed)
+  seeds = rng.random((6, 2)) * [h, w]
+  yy, xx = np.mgrid[:h, :w]
+  region = np.argmin((yy[..., None] - seeds[:, 0]) ** 2 + (xx[..., None] - seeds[:, 1]) ** 2, -1)
+  codes = rng.normal(size=(6, feature_dim)) * 2.0
+  feats = codes[region] + rng.normal(size=(h, w, feature_dim)) * 0.05
+  cam = np.zeros((h, w, num_channels))
+  for c in (3, 8, 15):
+    cy, cx = rng.random(2) * [h, w]
+    sigma = 0.15 * min(h, w) + 1.0
+    cam[..., c] = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * sigma ** 2))
+  cam[..., 0] = (1 - cam[..., 1:].max(-1)) ** 16
+  feats = jnp.asarray(feats[None], jnp.float32)
+  cam = jnp.asarray(cam[None], jnp.float32)
+  aff_sym = rw.neighbourhood_affinities(feats, radius=radius)
+  forward = geometry.pair_affinities(feats, radius=radius)
+  return aff_sym, forward, cam
+
+
+def time_best(fn, repeats=3):
+  fn()  # warm-up (compilation)
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    best = min(best, time.perf_counter() - t0)
+  return best
+
+
+def sparse_peak_mib(aff_sym, cam, radius, beta, t):
+  weights = rw.transition_weights(aff_sym, beta=beta)
+  lowered = rw._propagate.lower(weights, cam, radius=radius, t=t, tol=None,
+                                chunks=rw._default_chunks(cam.shape[-1]))
+  mem = lowered.compile().memory_analysis()
+  total = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+           - mem.alias_size_in_bytes)
+  # The weights themselves are computed outside the loop: add their producer's footprint
+  # (the affinities in, the weights out).
+  total += aff_sym.nbytes + weights.nbytes
+  return total / MIB
+
+
+def run_case(h, w, radius, stride, beta=8.0, t=256, tols=(1e-4, 1e-5)):
+  aff_sym, forward, cam = make_inputs(h, w, radius)
+  walk = lambda: rw.propagate(aff_sym, cam, radius=radius, beta=beta, t=t).block_until_ready()
+  sparse_s = time_best(walk)
+  sparse_out = np.asarray(walk())[0]
+  steps = {}
+  for tol in tols:
+    _, n = rw.propagate(aff_sym, cam, radius=radius, beta=beta, t=t, tol=tol, return_steps=True)
+    steps[tol] = int(n)
+  n = h * w
+  dense_bytes = 3 * n * n * 4
+  row = {"grid": [h, w], "radius": radius, "stride": stride, "image": [h * stride, w * stride],
+         "sparse_s": sparse_s, "sparse_peak_mib": sparse_peak_mib(aff_sym, cam, radius, beta, t),
+         "dense_peak_mib": dense_bytes / MIB, "dense_s": None, "speedup": None,
+         "max_abs_diff": None, "early_stop_steps": steps}
+  if dense_bytes <= DENSE_LIMIT_BYTES:
+    matrix = rw.dense_affinity_matrix(np.asarray(forward[0]), radius=radius, dtype=np.float32)
+    v = np.asarray(cam[0]).reshape(n, -1)
+    dense = lambda: rw.dense_walk(matrix, v, beta=beta, t=t)
+    row["dense_s"] = time_best(dense, repeats=2)
+    dense_out = dense().reshape(sparse_out.shape)
+    row["speedup"] = row["dense_s"] / sparse_s
+    row["max_abs_diff"] = float(np.abs(dense_out - sparse_out).max())
+  return row
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true", help="only the 32x32 and 56x56 grids")
+  args = parser.parse_args()
+  cases = [(32, 32, 5, 8), (56, 56, 5, 8), (47, 63, 5, 8), (128, 256, 5, 8), (125, 125, 10, 4)]
+  if args.quick:
+    cases = cases[:2]
+  print(f"# machine: {platform.machine()}, {os.cpu_count()} CPU cores, jax {jax.__version__}, "
+        f"numpy {np.__version__}, backend {jax.default_backend()}")
+  header = ("grid", "radius", "dense s", "sparse s", "speedup", "max abs diff",
+            "sparse peak MiB", "dense peak MiB", "steps tol 1e-4/1e-5")
+  print("| " + " | ".join(header) + " |")
+  print("|" + "---|" * len(header))
+  rows = []
+  for h, w, radius, stride in cases:
+    row = run_case(h, w, radius, stride)
+    rows.append(row)
+    ran = row["dense_s"] is not None
+    fmt = lambda x, f: (f % x) if x is not None else "not run"
+    print(f"| {h}x{w} (stride {stride}, {h * stride}x{w * stride}) | {radius} | "
+          f"{fmt(row['dense_s'], '%.3f')} | {row['sparse_s']:.4f} | "
+          f"{fmt(row['speedup'], '%.1fx')} | {fmt(row['max_abs_diff'], '%.2e')} | "
+          f"{row['sparse_peak_mib']:.1f} | {row['dense_peak_mib']:.0f}"
+          f"{'' if ran else ' (need)'} | "
+          f"{row['early_stop_steps'][1e-4]}/{row['early_stop_steps'][1e-5]} |", flush=True)
+  main_row = next(r for r in rows if r["grid"] == [56, 56])
+  print(json.dumps({"grid": [56, 56], "speedup": main_row["speedup"],
+                    "max_abs_diff": main_row["max_abs_diff"],
+                    "sparse_peak_mib": main_row["sparse_peak_mib"],
+                    "dense_peak_mib": main_row["dense_peak_mib"]}))
+
+
+if __name__ == "__main__":
+  main()
