@@ -206,10 +206,7 @@ def _load_scores(path: bytes, height, width, channels):
           f"H, W = {height}, {width}")
   if la.shape[2] > channels:
     _fail(f"{path}: {la.shape[2]} score channels, more than 1 + {channels - 1} classes")
-  # Zero channels up to a fixed count give static shapes; a zero score never wins an argmax
-  # that a real score could win, and does not change the "no score" test.
-  pad = ((0, 0), (0, 0), (0, channels - la.shape[2]))
-  return np.pad(la.astype(np.float32), pad), np.pad(ha.astype(np.float32), pad)
+  return la.astype(np.float32), ha.astype(np.float32)
 
 
 def aff_train(builder, split: str, score_dir: str, *, batch_size: int, crop_size: int,
@@ -248,11 +245,16 @@ def aff_train(builder, split: str, score_dir: str, *, batch_size: int, crop_size
     path = tf.strings.join([score_dir, "/", example["name"], ".npz"])
     la, ha = tf.numpy_function(_load_scores, [path, shape[0], shape[1], channels],
                                [tf.float32, tf.float32], stateful=False)
-    la = tf.ensure_shape(la, [None, None, channels])
-    ha = tf.ensure_shape(ha, [None, None, channels])
+    la = tf.ensure_shape(la, [None, None, None])
+    ha = tf.ensure_shape(ha, [None, None, None])
     image, la, ha = transforms.random_flip([image, la, ha], s_flip)
     image = transforms.normalize(_jitter(image, s_jitter, color_jitter))
     image, la, ha = transforms.random_crop([image, la, ha], [0.0, 0.0, 0.0], crop_size, s_crop)
+    # Zero channels up to 1 + num_classes give the static channel count that the label rule
+    # wants; a zero score never wins an argmax that a real score could win, and does not change
+    # the "no score" test. Done after the crop, where the maps are smallest.
+    la, ha = (tf.ensure_shape(tf.pad(t, [[0, 0], [0, 0], [0, channels - tf.shape(t)[2]]]),
+                              [crop_size, crop_size, channels]) for t in (la, ha))
     label = tf.ensure_shape(affinity_labels_tf(la, ha, STRIDE),
                             [crop_size // STRIDE, crop_size // STRIDE])
     return {"image": image, "aff_label": label}
@@ -384,7 +386,7 @@ def inference(builder, split: str, *, scales: Sequence[float] = (1.0, 0.5, 1.5, 
     out = {}
     for i, s in enumerate(scales):
       size = transforms.scaled_size(height, shape[1], s)
-      [resized] = transforms.resize([image], size, ["bicubic"])
+      [resized] = transforms.resize([image], size, ["bicubic"], antialias=s < 1)
       resized = tf.clip_by_value(tf.round(resized), 0.0, 255.0)
       out[f"image_s{i}"] = transforms.pad_to(transforms.normalize(resized),
                                              *canvas_for_scale((canvas_h, canvas_w), s), 0.0)

@@ -218,19 +218,31 @@ def _body_texture(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray) -> n
 
 
 def _place_object(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray,
-                  occupied: np.ndarray, gap: int, tries: int = 40) -> np.ndarray | None:
+                  occupied: np.ndarray, gap: int, tries: int = 20) -> np.ndarray | None:
   """A random shape that keeps `gap` pixels from every placed object, or None."""
   del yy, xx  # Shapes are drawn in a window around their centre, which is much cheaper.
   height, width = occupied.shape
-  keep_out = ndimage.binary_dilation(occupied, iterations=gap) if occupied.any() else occupied
+  if occupied.any():
+    keep_out = ndimage.binary_dilation(occupied, iterations=gap)
+    room = ndimage.distance_transform_edt(~keep_out)  # Distance to the nearest kept-out pixel.
+  else:
+    keep_out = occupied
+    room = np.full(occupied.shape, np.inf)
   short = min(height, width)
+  shrink = 1.0
   for _ in range(tries):
-    ry, rx = rng.uniform(0.12, 0.3, size=2) * short
+    ry, rx = rng.uniform(0.12, 0.3, size=2) * short * shrink
     reach = int(np.ceil(1.25 * max(ry, rx))) + 1  # Covers every shape below, blob wobble too.
     if 2 * reach + 2 >= short:
       reach = short // 2 - 2
-    cy = int(rng.integers(reach + 1, height - reach - 1))
-    cx = int(rng.integers(reach + 1, width - reach - 1))
+    # Centres whose whole reach is free and inside the image (with a pixel to spare: a cut
+    # object could lose its part), so the shape cannot touch anything.
+    inner = room[reach + 1:height - reach - 1, reach + 1:width - reach - 1]
+    centres = np.argwhere(inner > reach)
+    if len(centres) == 0:
+      shrink *= 0.85
+      continue
+    cy, cx = centres[rng.integers(len(centres))] + reach + 1
     theta = rng.uniform(0, np.pi)
     dy, dx = np.ogrid[-reach:reach + 1, -reach:reach + 1]
     u = dx * np.cos(theta) + dy * np.sin(theta)
@@ -249,8 +261,6 @@ def _place_object(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray,
     if local.sum() < 64:
       continue
     obj = np.zeros((height, width), bool)
-    # The window lies inside the image with a pixel to spare, so no object touches the border
-    # (a cut object could lose its part).
     obj[cy - reach:cy + reach + 1, cx - reach:cx + reach + 1] = local
     if not (obj & keep_out).any():
       return obj

@@ -90,12 +90,12 @@ def random_crop(tensors: Sequence[tf.Tensor], fills: Sequence[float], crop_size:
   return out
 
 
-def resize(tensors: Sequence[tf.Tensor], size: tf.Tensor, methods: Sequence[str]
-           ) -> list[tf.Tensor]:
+def resize(tensors: Sequence[tf.Tensor], size: tf.Tensor, methods: Sequence[str],
+           antialias: bool = True) -> list[tf.Tensor]:
   """Resizes [H, W, C] tensors to size = [h, w]; "nearest" keeps dtype (labels).
 
-  Continuous methods ("bilinear", "bicubic") use antialiasing when shrinking, as PIL does, and
-  return float32.
+  Continuous methods ("bilinear", "bicubic") return float32 and, with `antialias`, widen their
+  kernel when shrinking, as PIL does (it changes nothing when enlarging, only costs time).
   """
   out = []
   for t, method in zip(tensors, methods):
@@ -103,7 +103,8 @@ def resize(tensors: Sequence[tf.Tensor], size: tf.Tensor, methods: Sequence[str]
     if method == "nearest":
       out.append(tf.image.resize(t, size, method="nearest"))
     else:
-      out.append(tf.image.resize(tf.cast(t, tf.float32), size, method=method, antialias=True))
+      out.append(tf.image.resize(tf.cast(t, tf.float32), size, method=method,
+                                 antialias=antialias))
   return out
 
 
