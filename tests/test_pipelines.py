@@ -121,9 +121,10 @@ def test_color_jitter_range_determinism_and_identity():
 
 def test_normalize_and_pad_to():
   pixel = np.array([[[255, 0, 124]]], np.uint8)
-  out = transforms.normalize(pixel).numpy()
   want = (np.array([1.0, 0.0, 124 / 255]) - transforms.IMAGENET_MEAN) / transforms.IMAGENET_STD
-  np.testing.assert_allclose(out[0, 0], want, rtol=1e-6)
+  for out in _both_ways(transforms.normalize, pixel):
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out[0, 0], want, rtol=1e-6)
   eager, graph = _both_ways(lambda x: transforms.pad_to(x, 4, 5, 255),
                             np.ones((2, 3, 1), np.uint8))
   for p in (eager, graph):
