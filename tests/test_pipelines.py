@@ -101,7 +101,7 @@ def test_random_resize_long_keeps_aspect_and_label_values():
     np.testing.assert_array_equal(eager[1], graph[1])
     im, lb = eager
     h, w = im.shape[:2]
-    assert 40 <= w <= 90 and h == int(np.floor(w / 2 + 0.5)) and lb.shape[:2] == (h, w)
+    assert 40 <= w <= 90 and h == round(w / 2) and lb.shape[:2] == (h, w)
     assert lb.dtype == np.uint8 and set(np.unique(lb)) == {0, 3, 255}
     longs.add(w)
   assert len(longs) > 1
@@ -117,6 +117,11 @@ def test_color_jitter_range_determinism_and_identity():
   same = transforms.color_jitter(image, SEED, brightness=0, contrast=0, saturation=0,
                                  hue=0).numpy()
   np.testing.assert_allclose(same, image, atol=0.05)
+
+
+def test_scaled_size_rounds_half_to_even():
+  sizes = [transforms.scaled_size(h, w, 0.5).numpy().tolist() for h, w in ((125, 375), (3, 1))]
+  assert sizes == [[62, 188], [2, 1]]  # 62.5 -> 62, 187.5 -> 188, 1.5 -> 2; at least 1
 
 
 def test_normalize_and_pad_to():
@@ -287,7 +292,7 @@ def test_inference_shapes_padding_and_values(varied):
       np.testing.assert_array_equal(b["label"][j], ex["label"])
       for i, s in enumerate(scales):
         sh, sw = b[f"size_s{i}"][j]
-        assert (sh, sw) == (int(np.floor(h * s + 0.5)), int(np.floor(w * s + 0.5)))
+        assert (sh, sw) == (round(h * s), round(w * s))  # Python 3 rounding, as the original
         im = b[f"image_s{i}"][j]
         assert (im[sh:] == 0).all() and (im[:, sw:] == 0).all()
         assert not (im[:sh, :sw] == 0).all(-1).any()

@@ -109,10 +109,12 @@ def resize(tensors: Sequence[tf.Tensor], size: tf.Tensor, methods: Sequence[str]
 
 
 def scaled_size(height: tf.Tensor, width: tf.Tensor, scale: tf.Tensor) -> tf.Tensor:
-  """[round(h * s), round(w * s)] int32 (half away from zero, like Python 2's round in PIL code),
-  at least 1."""
+  """[round(h * s), round(w * s)] int32, at least 1.
+
+  Rounds half to even, as Python 3's round() in the original's resizing code does.
+  """
   hw = tf.cast(tf.stack([height, width]), tf.float32) * tf.cast(scale, tf.float32)
-  return tf.maximum(tf.cast(tf.floor(hw + 0.5), tf.int32), 1)
+  return tf.maximum(tf.cast(tf.round(hw), tf.int32), 1)
 
 
 def random_resize_long(tensors: Sequence[tf.Tensor], methods: Sequence[str], low: int,
