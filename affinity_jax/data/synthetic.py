@@ -9,8 +9,9 @@ built so that the method has the same thing to fix as on photographs:
   object's area, placed inside it) has a saturated colour that only its class uses (hues evenly
   spaced around the colour wheel). A classifier learns the part, so its CAM covers mostly the
   part; affinity propagation has to extend it over the body.
-* The background is a dark, blotchy low-frequency colour noise with fine grain, clearly unlike the
-  bright striped bodies: the low-level cue that AffinityNet and the dCRF rely on.
+* The background is dark, weakly coloured low-frequency blotches with fine grain, clearly unlike
+  the bright striped bodies (and never as saturated as a part): the low-level cue that
+  AffinityNet and the dCRF rely on.
 * 1..max_objects objects per image, shapes drawn from ellipses, rotated rectangles and blobs
   (a circle with a few radial harmonics), random sizes and positions, never overlapping (a gap of
   `2 * boundary_width + 2` pixels). Classes may repeat within an image.
@@ -24,7 +25,8 @@ Features are those of `voc2012_aug`: image, name, label [num_classes], mask [H, 
 Knobs (fields of `SyntheticConfig`; `get_builder("synthetic_wsss", data_dir, **knobs)` makes a
 config from them): image_size (H, W), size_range (lo, hi) to draw H and W per image instead
 (exercises padding), num_classes (<= 20), max_objects, num_train, num_val, seed, boundary_width.
-Named configs: `default` (128x128, 5 classes, 600 / 120 images) and `tiny` (for tests).
+Named configs: `default` (128x128, 5 classes, 600 / 120 images, ~10 s to generate on 2 cores)
+and `tiny` (64x64, 3 classes, 16 / 8 images, for tests).
 Example i of a split depends only on (seed, split, i), so growing a split keeps its first images.
 """
 
@@ -161,7 +163,7 @@ def generate_example(config: SyntheticConfig, split: str, index: int, *,
   num_objects = int(rng.integers(1, config.max_objects + 1))
   placed = []
   for _ in range(num_objects):
-    obj = _place_object(rng, yy, xx, occupied, gap)
+    obj = _place_object(rng, occupied, gap)
     if obj is None:
       continue
     cls = int(rng.integers(config.num_classes))
@@ -217,10 +219,12 @@ def _body_texture(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray) -> n
   return (grey[..., None] + tint).astype(np.float32)
 
 
-def _place_object(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray,
-                  occupied: np.ndarray, gap: int, tries: int = 20) -> np.ndarray | None:
-  """A random shape that keeps `gap` pixels from every placed object, or None."""
-  del yy, xx  # Shapes are drawn in a window around their centre, which is much cheaper.
+def _place_object(rng: np.random.Generator, occupied: np.ndarray, gap: int,
+                  tries: int = 20) -> np.ndarray | None:
+  """A random shape that keeps `gap` pixels from every placed object, or None.
+
+  Shapes are drawn in a window around their centre, which is much cheaper than the full image.
+  """
   height, width = occupied.shape
   if occupied.any():
     keep_out = ndimage.binary_dilation(occupied, iterations=gap)
