@@ -44,7 +44,8 @@ def get_config(arg=None):
   c.eval.update(dict(cam_splits=("val",), seg_splits=("val",), panels=4))
 
   if arg == "tiny":
-    c.data.options = {"config": "tiny"}
+    c.data.options = {"config": "tiny"}   # 64x64 images, 3 classes, 16 train / 8 val.
+    c.model.num_classes = 3
     c.model.width = 0.0625
     c.data.canvas = (64, 64)
     for net in (c.cam, c.aff, c.seg):

@@ -33,7 +33,12 @@ def builder(cfg):
   options = dict(cfg.data.options)
   if cfg.data.manual_dir:
     options["manual_dir"] = cfg.data.manual_dir
-  return data.get_builder(cfg.data.name, data_dir=cfg.data.data_dir or None, **options)
+  b = data.get_builder(cfg.data.name, data_dir=cfg.data.data_dir or None, **options)
+  if data.num_classes(b) != cfg.model.num_classes:
+    raise UserError(f"dataset {cfg.data.name} has {data.num_classes(b)} classes but "
+                    f"model.num_classes is {cfg.model.num_classes}; set --config.model.num_classes="
+                    f"{data.num_classes(b)}")
+  return b
 
 
 def split_names(cfg, split: str) -> list[str]:
