@@ -1,0 +1,136 @@
+"""Network variables on disk: an orbax checkpoint plus a small JSON record of what it holds.
+
+Layout of a checkpoint folder `path/`:
+  path/variables/      orbax (StandardCheckpointer) tree {"params": ..., "batch_stats": ...}
+  path/metadata.json   {"arch", "width", "num_classes", "source", ...}
+
+`save_variables` writes everything into a temporary sibling folder and renames it into place,
+so a crash never leaves a half-written checkpoint under `path`. The metadata lets a loader
+refuse a checkpoint of the wrong architecture or width before shapes fail somewhere deep in a
+jitted function (`check_compatible`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from affinity_jax.errors import UserError
+
+METADATA_FILE = "metadata.json"
+VARIABLES_DIR = "variables"
+REQUIRED_METADATA = ("arch", "width", "num_classes", "source")
+# "backbone": the ResNet-38 part alone (ImageNet weights), used to initialise the others.
+ARCHS = ("backbone", "cam", "affinity", "seg")
+
+
+class CheckpointError(UserError):
+  """A checkpoint folder that is missing, damaged or of the wrong kind."""
+
+
+def save_variables(path: str, variables: Mapping[str, Any], *, metadata: Mapping[str, Any]) -> None:
+  """Writes `variables` ({"params": ..., "batch_stats": ...}) and `metadata` to folder `path`.
+
+  metadata must give arch, width, num_classes (None where meaningless) and source; extra
+  JSON-serialisable keys are kept. An existing checkpoint at `path` is replaced.
+  """
+  missing = [k for k in REQUIRED_METADATA if k not in metadata]
+  if missing:
+    raise ValueError(f"checkpoint metadata for {path} lacks {', '.join(missing)}")
+  if metadata["arch"] not in ARCHS:
+    raise ValueError(f"checkpoint metadata for {path}: unknown arch {metadata['arch']!r} "
+                     f"(expected one of {', '.join(ARCHS)})")
+  meta = dict(metadata)
+  meta["width"] = float(meta["width"])
+  if meta["num_classes"] is not None:
+    meta["num_classes"] = int(meta["num_classes"])
+  text = json.dumps(meta, indent=2, sort_keys=True)  # fails here, before anything is written.
+
+  path = os.path.abspath(path)
+  if os.path.exists(path) and not os.path.exists(os.path.join(path, METADATA_FILE)):
+    raise CheckpointError(f"{path} exists and is not an affinity_jax checkpoint; refusing to "
+                          "overwrite it")
+  parent = os.path.dirname(path)
+  os.makedirs(parent, exist_ok=True)
+  tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
+  try:
+    tree = jax.tree.map(np.asarray, dict(variables))
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(os.path.join(tmp, VARIABLES_DIR), tree)
+    ckptr.wait_until_finished()
+    ckptr.close()
+    with open(os.path.join(tmp, METADATA_FILE), "w") as f:
+      f.write(text)
+    if os.path.exists(path):
+      old = tmp + "-old"
+      os.rename(path, old)
+      os.rename(tmp, path)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.rename(tmp, path)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_metadata(path: str) -> dict:
+  """The metadata record of the checkpoint at `path` (CheckpointError if there is none)."""
+  file = os.path.join(path, METADATA_FILE)
+  if not os.path.isdir(path):
+    raise CheckpointError(f"{path}: no such checkpoint folder")
+  if not os.path.isfile(file):
+    raise CheckpointError(f"{path}: not an affinity_jax checkpoint (no {METADATA_FILE})")
+  try:
+    with open(file) as f:
+      meta = json.load(f)
+  except (OSError, ValueError) as e:
+    raise CheckpointError(f"{file}: unreadable checkpoint metadata ({e})") from None
+  missing = [k for k in REQUIRED_METADATA if k not in meta]
+  if missing:
+    raise CheckpointError(f"{file}: checkpoint metadata lacks {', '.join(missing)}")
+  return meta
+
+
+def load_variables(path: str) -> tuple[dict, dict]:
+  """(variables as numpy arrays, metadata) of the checkpoint folder `path`."""
+  meta = load_metadata(path)
+  folder = os.path.join(os.path.abspath(path), VARIABLES_DIR)
+  if not os.path.isdir(folder):
+    raise CheckpointError(f"{path}: checkpoint has no {VARIABLES_DIR}/ folder")
+  ckptr = ocp.StandardCheckpointer()
+  try:
+    tree = ckptr.restore(folder)
+  except Exception as e:  # orbax raises many types for damaged folders; the cause is kept.
+    raise CheckpointError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {e})") from e
+  finally:
+    ckptr.close()
+  return jax.tree.map(np.asarray, tree), meta
+
+
+def check_compatible(metadata: Mapping[str, Any], *, arch: str, width: float | None = None,
+                     num_classes: int | None = None, path: str = "checkpoint") -> None:
+  """Raises CheckpointError unless the checkpoint fits the model about to use it.
+
+  arch: the architecture wanted ("backbone", "cam", "affinity", "seg"), matched exactly.
+  width / num_classes are checked when given (num_classes only where both sides have classes).
+  """
+  have = metadata.get("arch")
+  if have != arch:
+    hint = (" (convert the ImageNet weights with `affinity-jax convert mxnet`)"
+            if arch == "backbone" else "")
+    raise CheckpointError(f"{path}: holds a {have!r} network, but a {arch!r} network is "
+                          f"needed{hint}")
+  if width is not None and not np.isclose(float(metadata.get("width", np.nan)), float(width)):
+    raise CheckpointError(f"{path}: was saved at model width {metadata.get('width')}, but the "
+                          f"model has width {width} (set model.width to match)")
+  have_classes = metadata.get("num_classes")
+  if (num_classes is not None and have_classes is not None and arch in ("cam", "seg")
+      and int(have_classes) != int(num_classes)):
+    raise CheckpointError(f"{path}: has {have_classes} classes, but the model has {num_classes} "
+                          "(set model.num_classes to match)")

@@ -1,0 +1,71 @@
+"""Networks of the pipeline (Flax linen, NHWC) and what the trainer needs to know about them.
+
+- `ResNet38`: the backbone alone (taps conv4 / conv5 / conv6 at stride 8).
+- `CAMNet`, `AffinityNet`, `SegNet`: backbone + head; `build(arch, ...)` picks one by name.
+- `param_labels(params)`: the original's frozen set and learning-rate groups.
+- `normalize_images`: RGB in [0, 255] -> the ImageNet-normalised input every network expects.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+from affinity_jax.models.heads import AffinityNet, CAMNet, SegNet
+from affinity_jax.models.resnet38 import (BLOCKS, FrozenBatchNorm, ResNet38, BlockSpec,
+                                          scaled)
+
+__all__ = ["ResNet38", "CAMNet", "AffinityNet", "SegNet", "FrozenBatchNorm", "BlockSpec",
+           "BLOCKS", "ARCHS", "IMAGENET_MEAN", "IMAGENET_STD", "FROZEN_MODULES", "NEW_MODULES",
+           "build", "normalize_images", "param_labels", "scaled"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+ARCHS = ("cam", "affinity", "seg")
+
+# The original never trains the stem and the first stage (and no BN at all: those live in
+# 'batch_stats', outside params).
+FROZEN_MODULES = frozenset({"conv1a", "b2", "b2_1", "b2_2"})
+# Layers trained from scratch (lr x10 / x20 in the original's groups).
+NEW_MODULES = frozenset({"fc8", "f8_3", "f8_4", "f8_5", "f9", "seg_conv1", "seg_conv2"})
+
+
+def normalize_images(images: Any) -> jax.Array:
+  """images: [..., 3] RGB, uint8 or float in [0, 255] -> float32 (x / 255 - mean) / std."""
+  x = jnp.asarray(images, jnp.float32) / 255.0
+  return (x - jnp.asarray(IMAGENET_MEAN, jnp.float32)) / jnp.asarray(IMAGENET_STD, jnp.float32)
+
+
+def build(arch: str, num_classes: int = 20, width: float = 1.0, dtype: Any = jnp.float32):
+  """The network for a pipeline stage: "cam" (CAMNet), "affinity" (AffinityNet), "seg" (SegNet)."""
+  if not width > 0:
+    raise ValueError(f"model width must be positive, got {width!r}")
+  if arch == "cam":
+    return CAMNet(num_classes=num_classes, width=width, dtype=dtype)
+  if arch == "affinity":
+    return AffinityNet(width=width, dtype=dtype)
+  if arch == "seg":
+    return SegNet(num_classes=num_classes, width=width, dtype=dtype)
+  raise ValueError(f"unknown architecture {arch!r}: expected one of {', '.join(ARCHS)}")
+
+
+def param_labels(params: Any) -> Any:
+  """A pytree like `params` of group labels for `optax.multi_transform`.
+
+  "frozen" (conv1a, b2, b2_1, b2_2: never updated), "pretrained_weight" / "pretrained_bias"
+  (the rest of the backbone), "new_weight" / "new_bias" (heads trained from scratch).
+  """
+  flat = traverse_util.flatten_dict(params)
+  labels = {}
+  for path in flat:
+    top, leaf = path[0], path[-1]
+    if top in FROZEN_MODULES:
+      labels[path] = "frozen"
+    else:
+      group = "new" if top in NEW_MODULES else "pretrained"
+      labels[path] = f"{group}_{'bias' if leaf == 'bias' else 'weight'}"
+  return traverse_util.unflatten_dict(labels)

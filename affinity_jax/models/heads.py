@@ -1,0 +1,107 @@
+"""The three networks of the pipeline: ResNet-38 plus a CAM, affinity or segmentation head.
+
+Each network builds the backbone inline (`resnet38_taps`), so its variables are one flat tree in
+the original's names: params['conv1a'], params['b4_3']['conv_branch2a'], ..., then the head's
+params['fc8'] / params['f8_3'] ... params['f9'] / params['seg_conv1'], params['seg_conv2'].
+Outputs of the heads are float32 whatever the compute dtype (losses and the random walk want it).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from affinity_jax.models.resnet38 import channel_dropout, conv, resnet38_taps, scaled
+
+Dtype = Any
+
+# Initialisers of the original's new layers (PyTorch's names in the comments).
+xavier_uniform = nn.initializers.xavier_uniform()                              # xavier_uniform_
+kaiming_normal = nn.initializers.variance_scaling(2.0, "fan_in", "normal")      # kaiming_normal_
+xavier_uniform_gain4 = nn.initializers.variance_scaling(16.0, "fan_avg", "uniform")
+
+AFFINITY_HEAD_CHANNELS = {"f8_3": 64, "f8_4": 128, "f8_5": 256}  # on conv4, conv5, conv6
+AFFINITY_FEATURES = 448
+SEG_HIDDEN = 512
+SEG_DILATION = 12
+
+
+class CAMNet(nn.Module):
+  """Classification network whose 1x1 classifier `fc8` gives the class activation maps.
+
+  `__call__(images, train=False)`: images [B, H, W, 3] normalised -> logits [B, num_classes]
+  (channel dropout 0.5 on conv6 when training, global average pool, fc8 without bias).
+  `cam(images)`: [B, h, w, num_classes] = relu(fc8 . conv6) at stride 8 (M_c of the paper).
+  """
+  num_classes: int = 20
+  width: float = 1.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def forward(self, images: jax.Array, train: bool, output: str) -> jax.Array:
+    conv6 = resnet38_taps(images, self.width, self.dtype, train)["conv6"]
+    fc8 = conv(self.num_classes, 1, name="fc8", dtype=self.dtype, kernel_init=xavier_uniform)
+    if output == "cam":
+      return nn.relu(fc8(conv6)).astype(jnp.float32)
+    x = channel_dropout(conv6, 0.5, train, "dropout7")
+    x = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(self.dtype)
+    return fc8(x)[:, 0, 0, :].astype(jnp.float32)
+
+  def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+    return self.forward(images, train, "logits")
+
+  def cam(self, images: jax.Array) -> jax.Array:
+    return self.forward(images, False, "cam")
+
+
+class AffinityNet(nn.Module):
+  """Feature network whose L1 distances give the affinities W_ij = exp(-mean|f_i - f_j|).
+
+  `__call__(images, train=False)`: images [B, H, W, 3] normalised -> features
+  [B, h, w, feature_dim] at stride 8: ELU(f8_3(conv4)), ELU(f8_4(conv5)), ELU(f8_5(conv6)),
+  concatenated, then ELU(f9(.)); 1x1 convolutions without bias.
+  """
+  width: float = 1.0
+  dtype: Dtype = jnp.float32
+
+  @property
+  def feature_dim(self) -> int:
+    return scaled(AFFINITY_FEATURES, self.width)
+
+  @nn.compact
+  def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+    taps = resnet38_taps(images, self.width, self.dtype, train)
+    parts = []
+    for (name, channels), tap in zip(AFFINITY_HEAD_CHANNELS.items(),
+                                     (taps["conv4"], taps["conv5"], taps["conv6"])):
+      head = conv(scaled(channels, self.width), 1, name=name, dtype=self.dtype,
+                  kernel_init=kaiming_normal)
+      parts.append(nn.elu(head(tap)))
+    f9 = conv(self.feature_dim, 1, name="f9", dtype=self.dtype, kernel_init=xavier_uniform_gain4)
+    return nn.elu(f9(jnp.concatenate(parts, axis=-1))).astype(jnp.float32)
+
+
+class SegNet(nn.Module):
+  """Segmentation network of the paper (not in the original repository): DeepLab-style head.
+
+  `__call__(images, train=False)`: images [B, H, W, 3] normalised -> logits
+  [B, h, w, num_classes + 1] at stride 8 (index 0 = background): conv6 -> 3x3 atrous
+  (dilation 12, 512 ch, bias) -> ReLU -> 3x3 atrous (dilation 12, num_classes + 1, bias).
+  """
+  num_classes: int = 20
+  width: float = 1.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+    conv6 = resnet38_taps(images, self.width, self.dtype, train)["conv6"]
+    x = conv(scaled(SEG_HIDDEN, self.width), 3, dilation=SEG_DILATION, name="seg_conv1",
+             dtype=self.dtype, use_bias=True, kernel_init=kaiming_normal)(conv6)
+    x = nn.relu(x)
+    x = conv(self.num_classes + 1, 3, dilation=SEG_DILATION, name="seg_conv2", dtype=self.dtype,
+             use_bias=True, kernel_init=nn.initializers.normal(0.01))(x)
+    return x.astype(jnp.float32)
+

@@ -1,0 +1,219 @@
+"""ResNet-38 (model A1 of Wu, Shen and van den Hengel, "Wider or Deeper", 2016) at output stride 8.
+
+Pre-activation residual blocks (frozen BN -> ReLU -> conv), no convolution biases. Module names
+are the PyTorch original's state-dict names (`conv1a`, `b2`, `b2_1`, ..., `b7`, `bn7`; inside a
+block `bn_branch2a`, `conv_branch2a`, ..., `conv_branch1`), so that weight conversion is a plain
+renaming. All convolution padding is explicit and symmetric, as PyTorch's: 'SAME' would pad a
+stride-2 convolution on the bottom/right only and shift every later feature by half a pixel.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+BN_EPS = 1e-5
+
+
+def scaled(channels: int, width: float) -> int:
+  """The original's channel count `channels` scaled by `width` (rounded, at least 1)."""
+  return max(1, int(round(channels * width)))
+
+
+class BlockSpec(NamedTuple):
+  """One residual block of the original, in its channel counts at width 1.0.
+
+  kind: "basic" (two 3x3 convs) or "bottleneck" (1x1 -> 3x3 -> 1x1).
+  stride: of the first convolution and of the shortcut projection.
+  first_dilation / dilation: of the first and of the second 3x3 convolution ("basic"), or of
+    the 3x3 convolution ("bottleneck", first_dilation unused).
+  dropout: channel-dropout rate inside a bottleneck block (training only).
+  """
+  name: str
+  kind: str
+  in_channels: int
+  mid_channels: int
+  out_channels: int
+  stride: int = 1
+  first_dilation: int = 1
+  dilation: int = 1
+  dropout: float = 0.0
+
+
+# The backbone as the original builds it. b5 keeps stride 1 and dilates instead (stride 8).
+BLOCKS: tuple[BlockSpec, ...] = (
+    BlockSpec("b2", "basic", 64, 128, 128, stride=2),
+    BlockSpec("b2_1", "basic", 128, 128, 128),
+    BlockSpec("b2_2", "basic", 128, 128, 128),
+    BlockSpec("b3", "basic", 128, 256, 256, stride=2),
+    BlockSpec("b3_1", "basic", 256, 256, 256),
+    BlockSpec("b3_2", "basic", 256, 256, 256),
+    BlockSpec("b4", "basic", 256, 512, 512, stride=2),
+    BlockSpec("b4_1", "basic", 512, 512, 512),
+    BlockSpec("b4_2", "basic", 512, 512, 512),
+    BlockSpec("b4_3", "basic", 512, 512, 512),
+    BlockSpec("b4_4", "basic", 512, 512, 512),
+    BlockSpec("b4_5", "basic", 512, 512, 512),
+    BlockSpec("b5", "basic", 512, 512, 1024, first_dilation=1, dilation=2),
+    BlockSpec("b5_1", "basic", 1024, 512, 1024, first_dilation=2, dilation=2),
+    BlockSpec("b5_2", "basic", 1024, 512, 1024, first_dilation=2, dilation=2),
+    BlockSpec("b6", "bottleneck", 1024, 512, 2048, dilation=4, dropout=0.3),
+    BlockSpec("b7", "bottleneck", 2048, 1024, 4096, dilation=4, dropout=0.5),
+)
+STEM_CHANNELS = 64
+CONV6_CHANNELS = 4096
+
+
+def block_convs(spec: BlockSpec) -> list[tuple[str, int, int, int]]:
+  """(conv name, kernel size, in channels, out channels) of a block at width 1.0, in order."""
+  if spec.kind == "basic":
+    convs = [("conv_branch2a", 3, spec.in_channels, spec.mid_channels),
+             ("conv_branch2b1", 3, spec.mid_channels, spec.out_channels)]
+  else:
+    quarter, half = spec.out_channels // 4, spec.out_channels // 2
+    convs = [("conv_branch2a", 1, spec.in_channels, quarter),
+             ("conv_branch2b1", 3, quarter, half),
+             ("conv_branch2b2", 1, half, spec.out_channels)]
+  if has_projection(spec):
+    convs.append(("conv_branch1", 1, spec.in_channels, spec.out_channels))
+  return convs
+
+
+def block_bns(spec: BlockSpec) -> list[tuple[str, int]]:
+  """(BN name, channels) of a block at width 1.0: the BN before each main-branch conv."""
+  return [("bn_" + name[len("conv_"):], cin) for name, _, cin, _ in block_convs(spec)
+          if name != "conv_branch1"]
+
+
+def has_projection(spec: BlockSpec) -> bool:
+  return spec.in_channels != spec.out_channels or spec.stride != 1
+
+
+# PyTorch's default convolution init (kaiming-uniform with a = sqrt(5)); the backbone is meant
+# to be loaded from ImageNet weights, so this only matters for from-scratch runs and tests.
+torch_default_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def conv(features: int, kernel: int, *, stride: int = 1, dilation: int = 1, name: str,
+         dtype: Dtype, use_bias: bool = False,
+         kernel_init: Callable = torch_default_init) -> nn.Conv:
+  """A convolution padded symmetrically by dilation * (kernel - 1) / 2 on each side, as PyTorch.
+
+  With stride 2 this gives ceil(H / 2) outputs for every H (odd sizes included).
+  """
+  pad = dilation * (kernel - 1) // 2
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
+                 padding=((pad, pad), (pad, pad)), kernel_dilation=(dilation, dilation),
+                 use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+                 kernel_init=kernel_init, name=name)
+
+
+class FrozenBatchNorm(nn.Module):
+  """Inference-mode batch norm from stored statistics: y = (x - mean) / sqrt(var + eps) * scale + bias.
+
+  The four arrays live in the 'batch_stats' collection and are never trained nor updated (the
+  original freezes every BN), so `params` holds only convolution kernels. Applied as one
+  per-channel multiply-add so that a later pass can fold it into the neighbouring convolution.
+  """
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [B, H, W, C] -> [B, H, W, C] in `dtype`."""
+    c = x.shape[-1]
+    scale = self.variable("batch_stats", "scale", lambda: jnp.ones((c,), jnp.float32)).value
+    bias = self.variable("batch_stats", "bias", lambda: jnp.zeros((c,), jnp.float32)).value
+    mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32)).value
+    var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32)).value
+    # Folded in float32, then applied in the compute dtype.
+    mult = scale * jax.lax.rsqrt(var + BN_EPS)
+    shift = bias - mean * mult
+    return x * mult.astype(self.dtype) + shift.astype(self.dtype)
+
+
+def channel_dropout(x: jax.Array, rate: float, train: bool, name: str) -> jax.Array:
+  """Dropout of whole channels, one mask per example (PyTorch Dropout2d); x: [B, H, W, C]."""
+  return nn.Dropout(rate, broadcast_dims=(1, 2), deterministic=not train, name=name)(x)
+
+
+def bn_relu(x: jax.Array, name: str, dtype: Dtype) -> jax.Array:
+  return nn.relu(FrozenBatchNorm(dtype=dtype, name=name)(x))
+
+
+def residual_block(x: jax.Array, spec: BlockSpec, width: float, dtype: Dtype,
+                   train: bool) -> tuple[jax.Array, jax.Array]:
+  """One pre-activation block, built inside the calling module (names under `spec.name`).
+
+  Returns (output, the block's BN-ReLU input activation), the latter being the taps conv4/conv5.
+  """
+  return _Block(spec=spec, width=width, dtype=dtype, name=spec.name)(x, train)
+
+
+class _Block(nn.Module):
+  spec: BlockSpec
+  width: float
+  dtype: Dtype
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
+    s, w, dt = self.spec, self.width, self.dtype
+    pre = bn_relu(x, "bn_branch2a", dt)
+    shortcut = (conv(scaled(s.out_channels, w), 1, stride=s.stride, name="conv_branch1",
+                     dtype=dt)(pre) if has_projection(s) else x)
+    if s.kind == "basic":
+      y = conv(scaled(s.mid_channels, w), 3, stride=s.stride, dilation=s.first_dilation,
+               name="conv_branch2a", dtype=dt)(pre)
+      y = bn_relu(y, "bn_branch2b1", dt)
+      y = conv(scaled(s.out_channels, w), 3, dilation=s.dilation, name="conv_branch2b1",
+               dtype=dt)(y)
+    else:
+      y = conv(scaled(s.out_channels // 4, w), 1, stride=s.stride, name="conv_branch2a",
+               dtype=dt)(pre)
+      y = bn_relu(y, "bn_branch2b1", dt)
+      y = channel_dropout(y, s.dropout, train, "dropout_2b1")
+      y = conv(scaled(s.out_channels // 2, w), 3, dilation=s.dilation, name="conv_branch2b1",
+               dtype=dt)(y)
+      y = bn_relu(y, "bn_branch2b2", dt)
+      y = channel_dropout(y, s.dropout, train, "dropout_2b2")
+      y = conv(scaled(s.out_channels, w), 1, name="conv_branch2b2", dtype=dt)(y)
+    return y + shortcut, pre
+
+
+def resnet38_taps(images: jax.Array, width: float, dtype: Dtype,
+                  train: bool) -> dict[str, jax.Array]:
+  """The backbone, built as submodules of the calling (compact) module so that every network
+  keeps the original's flat names (params['conv1a'], params['b2'], ..., batch_stats['bn7']).
+
+  images: [B, H, W, 3] normalised. Returns taps at stride 8 (h = ceil(ceil(ceil(H/2)/2)/2)):
+  "conv4" [B, h, w, 512w], "conv5" [B, h, w, 1024w], "conv6" [B, h, w, 4096w], in `dtype`.
+  """
+  x = conv(scaled(STEM_CHANNELS, width), 3, name="conv1a", dtype=dtype)(images.astype(dtype))
+  taps = {}
+  for spec in BLOCKS:
+    x, pre = residual_block(x, spec, width, dtype, train)
+    if spec.name == "b5":
+      taps["conv4"] = pre
+    elif spec.name == "b6":
+      taps["conv5"] = pre
+  taps["conv6"] = bn_relu(x, "bn7", dtype)
+  return taps
+
+
+class ResNet38(nn.Module):
+  """The ResNet-38 backbone alone. `__call__(x, train=False)` -> {"conv4", "conv5", "conv6"}.
+
+  width scales every channel count (1.0 = the original, which loads its weights).
+  dtype is the compute dtype; parameters and BN statistics stay float32.
+  """
+  width: float = 1.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
+    """x: [B, H, W, 3] normalised images -> taps, each [B, h, w, C] at stride 8."""
+    return resnet38_taps(x, self.width, self.dtype, train)
