@@ -1,0 +1,114 @@
+"""Test inputs in the original's formats, built from the reference manifest (not from our code).
+
+- `manifest(key)`: the original's names and shapes (psa_state_dict_manifest.json).
+- `random_state_dict(key, width)`: random weights in those names at a narrow width (every
+  channel count scaled, names identical), BN with non-trivial statistics.
+- `write_mxnet_params(path, arrays, version)`: MXNet's NDArray list format, written by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import numpy as np
+
+MANIFEST = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..",
+                        "shared", "reference", "psa_state_dict_manifest.json")
+_CANDIDATES = (MANIFEST, "/work/shared/reference/psa_state_dict_manifest.json")
+TINY_WIDTH = 1 / 32
+NUM_CLASSES = 20
+
+
+def manifest(key: str) -> list[tuple[str, tuple[int, ...], str]]:
+  """[(name, shape, dtype)] of "resnet38_cls" or "resnet38_aff" in the original's order."""
+  for path in _CANDIDATES:
+    if os.path.isfile(path):
+      with open(path) as f:
+        return [(n, tuple(s), d) for n, s, d in json.load(f)[key]]
+  raise FileNotFoundError(f"psa_state_dict_manifest.json not found in {_CANDIDATES}")
+
+
+def _scale_dim(d: int, width: float) -> int:
+  # Kernel sizes (1, 3), RGB input (3) and the 20 classes keep their size; channels scale.
+  if d in (1, 3, NUM_CLASSES):
+    return d
+  return max(1, int(round(d * width)))
+
+
+def random_state_dict(key: str, width: float = TINY_WIDTH, seed: int = 0,
+                      num_batches_tracked: bool = True) -> dict[str, np.ndarray]:
+  """A state dict with the original's names at `width`; backbone-only for key "backbone"."""
+  rng = np.random.default_rng(seed)
+  entries = manifest("resnet38_cls" if key == "backbone" else key)
+  out = {}
+  for name, shape, dtype in entries:
+    if key == "backbone" and name.startswith("fc8."):
+      continue
+    shape = tuple(_scale_dim(d, width) for d in shape)
+    leaf = name.rsplit(".", 1)[1]
+    if leaf == "num_batches_tracked":
+      if num_batches_tracked:
+        out[name] = np.array(1000, np.int64)
+      continue
+    if leaf == "running_var":
+      value = rng.uniform(0.5, 2.0, shape)
+    elif leaf == "running_mean":
+      value = rng.normal(0.0, 0.2, shape)
+    elif leaf == "bias":
+      value = rng.normal(0.0, 0.2, shape)
+    elif len(shape) == 1:  # BN scale
+      value = rng.uniform(0.6, 1.4, shape)
+    else:  # conv weight OIHW: He-like scale keeps activations O(1) through 38 layers.
+      fan_in = shape[1] * shape[2] * shape[3]
+      value = rng.normal(0.0, np.sqrt(1.0 / fan_in), shape)
+    out[name] = value.astype(np.float32)
+  return out
+
+
+def psa_to_mxnet_name(name: str) -> str:
+  """Inverse of the documented ademxapp naming, written independently for the tests."""
+  param = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean",
+           "running_var": "moving_var"}
+  module, leaf = name.rsplit(".", 1)
+  if module == "conv1a":
+    return "arg:conv1a_weight"
+  if module == "bn7":
+    return ("aux:" if "running" in leaf else "arg:") + "bn7_" + param[leaf]
+  block, layer = module.split(".")
+  stage, _, k = block[1:].partition("_")
+  pos = f"b{k}" if k else "a"
+  kind, branch = layer.split("_", 1)  # "conv", "branch2a"
+  if kind == "conv":
+    return f"arg:res{stage}{pos}_{branch}_weight"
+  prefix = "aux:" if "running" in leaf else "arg:"
+  return f"{prefix}bn{stage}{pos}_{branch}_{param[leaf]}"
+
+
+_FLAGS = {np.dtype(np.float32): 0, np.dtype(np.float64): 1, np.dtype(np.float16): 2,
+          np.dtype(np.uint8): 3, np.dtype(np.int32): 4, np.dtype(np.int8): 5,
+          np.dtype(np.int64): 6}
+
+
+def write_mxnet_params(path: str, arrays: dict[str, np.ndarray], version: int = 2) -> None:
+  """Writes `arrays` as MXNet's `nd.save` would: version 2 (storage type), 1, or 0 (legacy)."""
+  parts = [struct.pack("<QQQ", 0x112, 0, len(arrays))]
+  for value in arrays.values():
+    value = np.ascontiguousarray(value)
+    if version == 2:
+      parts.append(struct.pack("<Ii", 0xF993FAC9, 0))
+    elif version == 1:
+      parts.append(struct.pack("<I", 0xF993FAC8))
+    if version in (1, 2):
+      parts.append(struct.pack("<I", value.ndim) + struct.pack(f"<{value.ndim}q", *value.shape))
+    else:
+      parts.append(struct.pack("<I", value.ndim) + struct.pack(f"<{value.ndim}I", *value.shape))
+    parts.append(struct.pack("<iii", 1, 0, _FLAGS[value.dtype]))  # cpu(0), type flag
+    parts.append(value.astype(value.dtype.newbyteorder("<")).tobytes())
+  parts.append(struct.pack("<Q", len(arrays)))
+  for name in arrays:
+    raw = name.encode()
+    parts.append(struct.pack("<Q", len(raw)) + raw)
+  with open(path, "wb") as f:
+    f.write(b"".join(parts))
