@@ -60,6 +60,8 @@ def _run(config_spec: str, stages: str, workdir: str | None, overrides: list[str
     import jax
     jax.distributed.initialize()
   names = stages_lib.parse_stages(stages)
+  import tensorflow_datasets as tfds
+  tfds.disable_progress_bar()
   stages_lib.run_stages(cfg, names)
 
 

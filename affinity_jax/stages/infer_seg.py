@@ -39,8 +39,7 @@ def run(cfg) -> dict:
       keep = [i for i, n in enumerate(names) if batch["valid"][i] and n in todo]
       if not keep:
         continue
-      probs = np.asarray(seg_fn(variables, inference.pass_inputs(batch, scales)))
-      probs /= 2 * len(scales)
+      probs = np.asarray(seg_fn(variables, inference.pass_inputs(batch, scales))) / (2 * len(scales))
       for i in keep:
         h, w = batch["orig_size"][i]
         p = probs[i, :h, :w]
