@@ -8,26 +8,236 @@
 
 from __future__ import annotations
 
-import json
-import os
 import struct
 
 import numpy as np
 
-MANIFEST = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..",
-                        "shared", "reference", "psa_state_dict_manifest.json")
-_CANDIDATES = (MANIFEST, "/work/shared/reference/psa_state_dict_manifest.json")
 TINY_WIDTH = 1 / 32
 NUM_CLASSES = 20
+
+# The original's resnet38_cls state dict (PyTorch names, OIHW shapes), copied from
+# shared/reference/psa_state_dict_manifest.json so that a fresh clone can run the tests. Every
+# BN module also has a `num_batches_tracked` int64 scalar after its running_var (added below).
+_CLS_MANIFEST = """
+conv1a.weight 64x3x3x3
+b2.bn_branch2a.weight 64
+b2.bn_branch2a.bias 64
+b2.bn_branch2a.running_mean 64
+b2.bn_branch2a.running_var 64
+b2.conv_branch2a.weight 128x64x3x3
+b2.bn_branch2b1.weight 128
+b2.bn_branch2b1.bias 128
+b2.bn_branch2b1.running_mean 128
+b2.bn_branch2b1.running_var 128
+b2.conv_branch2b1.weight 128x128x3x3
+b2.conv_branch1.weight 128x64x1x1
+b2_1.bn_branch2a.weight 128
+b2_1.bn_branch2a.bias 128
+b2_1.bn_branch2a.running_mean 128
+b2_1.bn_branch2a.running_var 128
+b2_1.conv_branch2a.weight 128x128x3x3
+b2_1.bn_branch2b1.weight 128
+b2_1.bn_branch2b1.bias 128
+b2_1.bn_branch2b1.running_mean 128
+b2_1.bn_branch2b1.running_var 128
+b2_1.conv_branch2b1.weight 128x128x3x3
+b2_2.bn_branch2a.weight 128
+b2_2.bn_branch2a.bias 128
+b2_2.bn_branch2a.running_mean 128
+b2_2.bn_branch2a.running_var 128
+b2_2.conv_branch2a.weight 128x128x3x3
+b2_2.bn_branch2b1.weight 128
+b2_2.bn_branch2b1.bias 128
+b2_2.bn_branch2b1.running_mean 128
+b2_2.bn_branch2b1.running_var 128
+b2_2.conv_branch2b1.weight 128x128x3x3
+b3.bn_branch2a.weight 128
+b3.bn_branch2a.bias 128
+b3.bn_branch2a.running_mean 128
+b3.bn_branch2a.running_var 128
+b3.conv_branch2a.weight 256x128x3x3
+b3.bn_branch2b1.weight 256
+b3.bn_branch2b1.bias 256
+b3.bn_branch2b1.running_mean 256
+b3.bn_branch2b1.running_var 256
+b3.conv_branch2b1.weight 256x256x3x3
+b3.conv_branch1.weight 256x128x1x1
+b3_1.bn_branch2a.weight 256
+b3_1.bn_branch2a.bias 256
+b3_1.bn_branch2a.running_mean 256
+b3_1.bn_branch2a.running_var 256
+b3_1.conv_branch2a.weight 256x256x3x3
+b3_1.bn_branch2b1.weight 256
+b3_1.bn_branch2b1.bias 256
+b3_1.bn_branch2b1.running_mean 256
+b3_1.bn_branch2b1.running_var 256
+b3_1.conv_branch2b1.weight 256x256x3x3
+b3_2.bn_branch2a.weight 256
+b3_2.bn_branch2a.bias 256
+b3_2.bn_branch2a.running_mean 256
+b3_2.bn_branch2a.running_var 256
+b3_2.conv_branch2a.weight 256x256x3x3
+b3_2.bn_branch2b1.weight 256
+b3_2.bn_branch2b1.bias 256
+b3_2.bn_branch2b1.running_mean 256
+b3_2.bn_branch2b1.running_var 256
+b3_2.conv_branch2b1.weight 256x256x3x3
+b4.bn_branch2a.weight 256
+b4.bn_branch2a.bias 256
+b4.bn_branch2a.running_mean 256
+b4.bn_branch2a.running_var 256
+b4.conv_branch2a.weight 512x256x3x3
+b4.bn_branch2b1.weight 512
+b4.bn_branch2b1.bias 512
+b4.bn_branch2b1.running_mean 512
+b4.bn_branch2b1.running_var 512
+b4.conv_branch2b1.weight 512x512x3x3
+b4.conv_branch1.weight 512x256x1x1
+b4_1.bn_branch2a.weight 512
+b4_1.bn_branch2a.bias 512
+b4_1.bn_branch2a.running_mean 512
+b4_1.bn_branch2a.running_var 512
+b4_1.conv_branch2a.weight 512x512x3x3
+b4_1.bn_branch2b1.weight 512
+b4_1.bn_branch2b1.bias 512
+b4_1.bn_branch2b1.running_mean 512
+b4_1.bn_branch2b1.running_var 512
+b4_1.conv_branch2b1.weight 512x512x3x3
+b4_2.bn_branch2a.weight 512
+b4_2.bn_branch2a.bias 512
+b4_2.bn_branch2a.running_mean 512
+b4_2.bn_branch2a.running_var 512
+b4_2.conv_branch2a.weight 512x512x3x3
+b4_2.bn_branch2b1.weight 512
+b4_2.bn_branch2b1.bias 512
+b4_2.bn_branch2b1.running_mean 512
+b4_2.bn_branch2b1.running_var 512
+b4_2.conv_branch2b1.weight 512x512x3x3
+b4_3.bn_branch2a.weight 512
+b4_3.bn_branch2a.bias 512
+b4_3.bn_branch2a.running_mean 512
+b4_3.bn_branch2a.running_var 512
+b4_3.conv_branch2a.weight 512x512x3x3
+b4_3.bn_branch2b1.weight 512
+b4_3.bn_branch2b1.bias 512
+b4_3.bn_branch2b1.running_mean 512
+b4_3.bn_branch2b1.running_var 512
+b4_3.conv_branch2b1.weight 512x512x3x3
+b4_4.bn_branch2a.weight 512
+b4_4.bn_branch2a.bias 512
+b4_4.bn_branch2a.running_mean 512
+b4_4.bn_branch2a.running_var 512
+b4_4.conv_branch2a.weight 512x512x3x3
+b4_4.bn_branch2b1.weight 512
+b4_4.bn_branch2b1.bias 512
+b4_4.bn_branch2b1.running_mean 512
+b4_4.bn_branch2b1.running_var 512
+b4_4.conv_branch2b1.weight 512x512x3x3
+b4_5.bn_branch2a.weight 512
+b4_5.bn_branch2a.bias 512
+b4_5.bn_branch2a.running_mean 512
+b4_5.bn_branch2a.running_var 512
+b4_5.conv_branch2a.weight 512x512x3x3
+b4_5.bn_branch2b1.weight 512
+b4_5.bn_branch2b1.bias 512
+b4_5.bn_branch2b1.running_mean 512
+b4_5.bn_branch2b1.running_var 512
+b4_5.conv_branch2b1.weight 512x512x3x3
+b5.bn_branch2a.weight 512
+b5.bn_branch2a.bias 512
+b5.bn_branch2a.running_mean 512
+b5.bn_branch2a.running_var 512
+b5.conv_branch2a.weight 512x512x3x3
+b5.bn_branch2b1.weight 512
+b5.bn_branch2b1.bias 512
+b5.bn_branch2b1.running_mean 512
+b5.bn_branch2b1.running_var 512
+b5.conv_branch2b1.weight 1024x512x3x3
+b5.conv_branch1.weight 1024x512x1x1
+b5_1.bn_branch2a.weight 1024
+b5_1.bn_branch2a.bias 1024
+b5_1.bn_branch2a.running_mean 1024
+b5_1.bn_branch2a.running_var 1024
+b5_1.conv_branch2a.weight 512x1024x3x3
+b5_1.bn_branch2b1.weight 512
+b5_1.bn_branch2b1.bias 512
+b5_1.bn_branch2b1.running_mean 512
+b5_1.bn_branch2b1.running_var 512
+b5_1.conv_branch2b1.weight 1024x512x3x3
+b5_2.bn_branch2a.weight 1024
+b5_2.bn_branch2a.bias 1024
+b5_2.bn_branch2a.running_mean 1024
+b5_2.bn_branch2a.running_var 1024
+b5_2.conv_branch2a.weight 512x1024x3x3
+b5_2.bn_branch2b1.weight 512
+b5_2.bn_branch2b1.bias 512
+b5_2.bn_branch2b1.running_mean 512
+b5_2.bn_branch2b1.running_var 512
+b5_2.conv_branch2b1.weight 1024x512x3x3
+b6.bn_branch2a.weight 1024
+b6.bn_branch2a.bias 1024
+b6.bn_branch2a.running_mean 1024
+b6.bn_branch2a.running_var 1024
+b6.conv_branch2a.weight 512x1024x1x1
+b6.bn_branch2b1.weight 512
+b6.bn_branch2b1.bias 512
+b6.bn_branch2b1.running_mean 512
+b6.bn_branch2b1.running_var 512
+b6.conv_branch2b1.weight 1024x512x3x3
+b6.bn_branch2b2.weight 1024
+b6.bn_branch2b2.bias 1024
+b6.bn_branch2b2.running_mean 1024
+b6.bn_branch2b2.running_var 1024
+b6.conv_branch2b2.weight 2048x1024x1x1
+b6.conv_branch1.weight 2048x1024x1x1
+b7.bn_branch2a.weight 2048
+b7.bn_branch2a.bias 2048
+b7.bn_branch2a.running_mean 2048
+b7.bn_branch2a.running_var 2048
+b7.conv_branch2a.weight 1024x2048x1x1
+b7.bn_branch2b1.weight 1024
+b7.bn_branch2b1.bias 1024
+b7.bn_branch2b1.running_mean 1024
+b7.bn_branch2b1.running_var 1024
+b7.conv_branch2b1.weight 2048x1024x3x3
+b7.bn_branch2b2.weight 2048
+b7.bn_branch2b2.bias 2048
+b7.bn_branch2b2.running_mean 2048
+b7.bn_branch2b2.running_var 2048
+b7.conv_branch2b2.weight 4096x2048x1x1
+b7.conv_branch1.weight 4096x2048x1x1
+bn7.weight 4096
+bn7.bias 4096
+bn7.running_mean 4096
+bn7.running_var 4096
+fc8.weight 20x4096x1x1
+"""
+_AFFINITY_HEADS = """
+f8_3.weight 64x512x1x1
+f8_4.weight 128x1024x1x1
+f8_5.weight 256x4096x1x1
+f9.weight 448x448x1x1
+"""
+
+
+def _parse(text: str) -> list[tuple[str, tuple[int, ...], str]]:
+  out = []
+  for line in text.strip().splitlines():
+    name, dims = line.split()
+    out.append((name, tuple(int(d) for d in dims.split("x")), "float32"))
+    if name.endswith(".running_var"):
+      out.append((name[:-len("running_var")] + "num_batches_tracked", (), "int64"))
+  return out
 
 
 def manifest(key: str) -> list[tuple[str, tuple[int, ...], str]]:
   """[(name, shape, dtype)] of "resnet38_cls" or "resnet38_aff" in the original's order."""
-  for path in _CANDIDATES:
-    if os.path.isfile(path):
-      with open(path) as f:
-        return [(n, tuple(s), d) for n, s, d in json.load(f)[key]]
-  raise FileNotFoundError(f"psa_state_dict_manifest.json not found in {_CANDIDATES}")
+  cls = _parse(_CLS_MANIFEST)
+  if key == "resnet38_cls":
+    return cls
+  if key == "resnet38_aff":  # the same backbone, fc8 replaced by the affinity heads.
+    return [e for e in cls if e[0] != "fc8.weight"] + _parse(_AFFINITY_HEADS)
+  raise KeyError(key)
 
 
 def _scale_dim(d: int, width: float) -> int:
