@@ -1,4 +1,4 @@
-"""Orbax variable checkpoints: bit-identical round trip, atomic replacement, compatibility checks."""
+"""Orbax variable checkpoints: bit-identical round trip, atomic replace, compatibility checks."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Converters: the original's state dicts (names, shapes, layouts, errors) and MXNet .params files."""
+"""Converters: the original's state dicts (names, shapes, layouts, errors), MXNet .params files."""
 
 from __future__ import annotations
 

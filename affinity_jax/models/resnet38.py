@@ -114,7 +114,7 @@ def conv(features: int, kernel: int, *, stride: int = 1, dilation: int = 1, name
 
 
 class FrozenBatchNorm(nn.Module):
-  """Inference-mode batch norm from stored statistics: y = (x - mean) / sqrt(var + eps) * scale + bias.
+  """Inference-mode batch norm: y = (x - mean) / sqrt(var + eps) * scale + bias, stored statistics.
 
   The four arrays live in the 'batch_stats' collection and are never trained nor updated (the
   original freezes every BN), so `params` holds only convolution kernels. Applied as one
