@@ -167,3 +167,18 @@ def test_normalize_images():
   want = (np.array([0, 128, 255]) / 255 - np.array(models.IMAGENET_MEAN)) / models.IMAGENET_STD
   np.testing.assert_allclose(got[0, 0], want, rtol=1e-6)
   assert got.dtype == jnp.float32
+
+
+def test_init_variables_is_model_init():
+  model = models.SegNet(num_classes=3, width=W)
+  variables = models.init_variables(model, jax.random.key(0))
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
+  assert jax.tree.map(lambda a: (a.shape, a.dtype), variables) == jax.tree.map(
+      lambda a: (a.shape, a.dtype), shapes)
+  bn = variables["batch_stats"]["b3"]["bn_branch2a"]  # identity statistics until converted
+  np.testing.assert_array_equal(bn["var"], 1.0)
+  np.testing.assert_array_equal(bn["mean"], 0.0)
+  np.testing.assert_array_equal(variables["params"]["seg_conv1"]["bias"], 0.0)
+  kernel = variables["params"]["seg_conv1"]["kernel"]
+  fan_in = np.prod(kernel.shape[:3])
+  assert 0.7 < np.std(kernel) * np.sqrt(fan_in / 2.0) < 1.3
