@@ -153,8 +153,10 @@ def read_torch_state_dict(in_path: str) -> dict[str, np.ndarray]:
   try:
     obj = torch.load(in_path, map_location="cpu", weights_only=True)
   except Exception as e:  # torch raises pickle, zip and runtime errors alike for foreign files.
-    raise ConversionError(f"{in_path}: not a PyTorch checkpoint ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    # torch's own message suggests weights_only=False, which would run arbitrary pickled code.
+    raise ConversionError(f"{in_path}: not a PyTorch checkpoint of plain tensors (torch.load "
+                          f"with weights_only=True failed: {type(e).__name__}); other pickles "
+                          "are refused for safety") from None
   for key in ("state_dict", "model"):  # training scripts often wrap the weights.
     if isinstance(obj, dict) and isinstance(obj.get(key), dict):
       obj = obj[key]
