@@ -163,7 +163,8 @@ def _fmt_seconds(s: float) -> str:
 def train(*, name: str, model, variables: Mapping[str, PyTree], labels: PyTree,
           loss_fn: LossFn, batches: Callable[[int], Iterator[Batch]], optim: OptimConfig,
           workdir: str, batch_size: int, seed: int = 0, checkpoint_every: int = 100,
-          log_every: int = 10, max_to_keep: int = 2) -> dict[str, PyTree]:
+          log_every: int = 10, max_to_keep: int = 2,
+          lr_key: str = "lr") -> dict[str, PyTree]:
   """Trains `model` from `variables` for `optim.total_steps` steps, resuming if it can.
 
   Args:
@@ -176,6 +177,7 @@ def train(*, name: str, model, variables: Mapping[str, PyTree], labels: PyTree,
     batches: start_step -> iterator of host batches for steps start_step, start_step+1, ...
       (global batch size / process_count examples each, numpy).
     workdir: checkpoints go to `{workdir}/checkpoints`, event files to `{workdir}/logs`.
+    lr_key: the config key of the learning rate, named in the non-finite loss message.
   Returns:
     The trained {"params", "batch_stats"} as host numpy arrays.
   """
@@ -249,7 +251,7 @@ def train(*, name: str, model, variables: Mapping[str, PyTree], labels: PyTree,
                  if last_saved is not None else "no checkpoint was saved yet")
         raise NonFiniteLossError(
             f"{name}: loss is {loss} at step {done}; {where}. Lower the learning rate "
-            f"(--config.{name}.lr) or check the input data.")
+            f"(--config.{lr_key}) or check the input data.")
       if done % log_every == 0 or done == optim.total_steps or done == start + 1:
         progress.log(done, {k: float(v) for k, v in metrics.items()})
       if done % checkpoint_every == 0 or done == optim.total_steps or stop["signal"]:

@@ -60,18 +60,52 @@ def make_model(cfg, arch: str):
                       dtype=dtype(cfg))
 
 
-def init_variables(cfg, arch: str, crop_size: int) -> dict:
-  """Random initialisation, then the ImageNet backbone from `cfg.init.backbone` if given."""
+def init_variables(cfg, arch: str, crop_size: int, calibration_images=None) -> dict:
+  """Random initialisation, then the ImageNet backbone from `cfg.init.backbone` if given.
+
+  Without a backbone, the frozen BatchNorm statistics are calibrated on `calibration_images`
+  (see `calibrate_batch_norm`): the original never trains from scratch, and a frozen identity
+  BatchNorm would leave the network's signal unnormalised.
+  """
   model = make_model(cfg, arch)
-  x = jnp.zeros((1, crop_size, crop_size, 3), jnp.float32)
-  variables = jax.jit(lambda k: model.init(k, x))(jax.random.key(cfg.seed))
+  variables = models.init_variables(model, jax.random.key(cfg.seed), (1, crop_size, crop_size, 3))
   variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
   if cfg.init.backbone:
     backbone, meta = checkpoint.load_variables(cfg.init.backbone)
     checkpoint.check_compatible(meta, arch="backbone", width=cfg.model.width,
                                 path=cfg.init.backbone)
     variables = merge_backbone(variables, backbone, cfg.init.backbone)
+  elif calibration_images is not None:
+    variables = calibrate_batch_norm(model, variables, calibration_images)
   return jax.device_get(variables)
+
+
+def calibrate_batch_norm(model, variables: dict, images) -> dict:
+  """Sets every FrozenBatchNorm's mean/var to the statistics of its input on `images`.
+
+  One forward pass in which each BatchNorm first records the per-channel mean and variance of
+  what reaches it and then normalises with them, so every later layer sees the already
+  calibrated earlier ones (sequential calibration in a single pass). Scale and bias stay as
+  initialised (1, 0). Used only for from-scratch training (the synthetic default).
+  """
+  import flax.linen as nn
+  from affinity_jax.models.resnet38 import FrozenBatchNorm
+
+  def record_statistics(next_fun, args, kwargs, context):
+    if isinstance(context.module, FrozenBatchNorm) and context.method_name == "__call__":
+      x = args[0].astype(jnp.float32)
+      context.module.put_variable("batch_stats", "mean", x.mean(axis=(0, 1, 2)))
+      context.module.put_variable("batch_stats", "var", x.var(axis=(0, 1, 2)))
+    return next_fun(*args, **kwargs)
+
+  @jax.jit
+  def calibrate(variables, images):
+    with nn.intercept_methods(record_statistics):
+      _, updated = model.apply(variables, images, mutable=["batch_stats"])
+    return updated["batch_stats"]
+
+  return {"params": variables["params"],
+          "batch_stats": calibrate(variables, jnp.asarray(images, jnp.float32))}
 
 
 def merge_backbone(variables: dict, backbone: dict, source: str) -> dict:

@@ -34,6 +34,9 @@ def seg_loss(logits, batch):
   return losses.segmentation_loss(logits, labels), {}
 
 
+_SECTION = {common.CAM_NET: "cam", common.AFF_NET: "aff", common.SEG_NET: "seg"}
+
+
 def run_training(cfg, net: str) -> dict:
   """Trains `net` (common.CAM_NET / AFF_NET / SEG_NET) unless its final variables exist."""
   from affinity_jax.data import pipelines
@@ -41,35 +44,38 @@ def run_training(cfg, net: str) -> dict:
   if os.path.isdir(final):
     print(f"[{net}] {final} exists; skipping (delete it to retrain)")
     return {"skipped": True}
-  net_cfg = {common.CAM_NET: cfg.cam, common.AFF_NET: cfg.aff, common.SEG_NET: cfg.seg}[net]
+  net_cfg = cfg[_SECTION[net]]
   arch = common.ARCH[net]
   builder = common.builder(cfg)
   split = cfg.data.train_split
   num_examples = len(common.split_names(cfg, split))
   steps = common.steps_for(net_cfg, num_examples)
   local_bs = common.local_batch_size(net_cfg.batch_size)
-  shard = dict(process_index=jax.process_index(), process_count=jax.process_count())
+  host = dict(process_index=jax.process_index(), process_count=jax.process_count())
 
   if net == common.CAM_NET:
     loss_fn = cam_loss
-    batches = lambda start: pipelines.cls_train(
+    batches = lambda start, **shard: pipelines.cls_train(
         builder, split, batch_size=local_bs, crop_size=net_cfg.crop_size,
         resize_long=tuple(net_cfg.resize_long), color_jitter=tuple(net_cfg.color_jitter),
-        seed=cfg.seed, start_step=start, shuffle_buffer=cfg.data.shuffle_buffer, **shard)
+        seed=cfg.seed, start_step=start, shuffle_buffer=cfg.data.shuffle_buffer, **(shard or host))
   elif net == common.AFF_NET:
     loss_fn = make_aff_loss(net_cfg.radius, net_cfg.scheme)
-    batches = lambda start: pipelines.aff_train(
+    batches = lambda start, **shard: pipelines.aff_train(
         builder, split, common.path(cfg, common.AFF_LABELS), batch_size=local_bs,
         crop_size=net_cfg.crop_size, color_jitter=tuple(net_cfg.color_jitter), seed=cfg.seed,
-        start_step=start, shuffle_buffer=cfg.data.shuffle_buffer, **shard)
+        start_step=start, shuffle_buffer=cfg.data.shuffle_buffer, **(shard or host))
   else:
     loss_fn = seg_loss
-    batches = lambda start: pipelines.seg_train(
+    batches = lambda start, **shard: pipelines.seg_train(
         builder, split, common.path(cfg, common.PSEUDO_LABELS), batch_size=local_bs,
         crop_size=net_cfg.crop_size, scale_range=tuple(net_cfg.scale_range), seed=cfg.seed,
-        start_step=start, shuffle_buffer=cfg.data.shuffle_buffer, **shard)
+        start_step=start, shuffle_buffer=cfg.data.shuffle_buffer, **(shard or host))
 
-  variables = common.init_variables(cfg, arch, net_cfg.crop_size)
+  calibration = None
+  if not cfg.init.backbone:  # the same images on every host, so replicas start identical.
+    calibration = next(batches(0, process_index=0, process_count=1))["image"]
+  variables = common.init_variables(cfg, arch, net_cfg.crop_size, calibration)
   model = common.make_model(cfg, arch)
   optim = train.OptimConfig(lr=net_cfg.lr, total_steps=steps, weight_decay=net_cfg.weight_decay,
                             poly_power=net_cfg.poly_power, momentum_quirk=net_cfg.momentum_quirk,
@@ -80,7 +86,8 @@ def run_training(cfg, net: str) -> dict:
       name=net, model=model, variables=variables,
       labels=models.param_labels(variables["params"]), loss_fn=loss_fn, batches=batches,
       optim=optim, workdir=common.path(cfg, net), batch_size=net_cfg.batch_size, seed=cfg.seed,
-      checkpoint_every=net_cfg.checkpoint_every, log_every=net_cfg.log_every)
+      checkpoint_every=net_cfg.checkpoint_every, log_every=net_cfg.log_every,
+      lr_key=f"{_SECTION[net]}.lr")
   if jax.process_index() == 0:
     common.save_trained(cfg, net, trained)
   return {"steps": steps}
