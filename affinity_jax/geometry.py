@@ -236,7 +236,7 @@ def _check_score_maps(la, ha, name="affinity_labels"):
                      f"(got {tuple(la.shape)} and {tuple(ha.shape)}).")
   if tuple(la.shape) != tuple(ha.shape):
     raise ValueError(f"{name}: la and ha shapes differ: {tuple(la.shape)} vs {tuple(ha.shape)}.")
-  if la.shape[-1] < 1:
+  if la.shape[-1] is not None and la.shape[-1] < 1:
     raise ValueError(f"{name}: score maps need at least the background channel.")
 
 

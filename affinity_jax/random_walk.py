@@ -9,7 +9,8 @@ neighbours, and one step v <- v T is, at every position j,
 
 a normalised neighbourhood average over `geometry.symmetric_offsets(radius)`. P is computed once
 and the t steps run in a `lax.fori_loop` (or a `lax.while_loop` with an early stop) over shifted
-static slices of one padded copy of v per step.
+static slices of one padded copy of v per step, channels first inside the loop, the multiply-adds
+fused in groups of 24 offsets, and on the CPU one loop per core over a share of the channels.
 
 Padding of a canvas (valid = False) is cut out of the graph: no pair touches it, its identity is
 0, so no mass flows in or out, and its output is 0.
@@ -54,18 +55,28 @@ def transition_weights(aff_sym: jax.Array, *, beta: float = 8.0) -> jax.Array:
   return jnp.where(total > 0, a / jnp.where(total > 0, total, 1.0), 0.0)
 
 
+# Offsets summed per fused loop. XLA:CPU stops fusing a sum of a few hundred slices (radius 10
+# has 313 offsets) and then writes every partial sum to memory (3x slower there); groups of 24,
+# chained through an optimisation barrier, stay fused and also beat one 69-term fusion at
+# radius 5 (measured 1.3x).
+_OFFSET_GROUP = 24
+
+
 def _step_fn(weights: jax.Array, radius: int, h: int, w: int):
   """One step v -> v T on channels-first v [B, C, h, w]; weights [2K+1, B, 1, h, w]."""
   offsets = geometry.symmetric_offsets(radius)
   m = radius - 1
 
   def step(v):
-    # One pad per step, then static slices: XLA fuses the 2K+1 multiply-adds into one loop.
+    # One pad per step, then static slices of it.
     vp = jnp.pad(v, ((0, 0), (0, 0), (m, m), (m, m)))
-    acc = weights[0] * v
-    for n in range(1, len(offsets)):
-      dy, dx = offsets[n]
-      acc = acc + weights[n] * vp[:, :, m + dy:m + dy + h, m + dx:m + dx + w]
+    acc = None
+    for start in range(0, len(offsets), _OFFSET_GROUP):
+      part = 0.0
+      for n in range(start, min(start + _OFFSET_GROUP, len(offsets))):
+        dy, dx = offsets[n]
+        part = part + weights[n] * vp[:, :, m + dy:m + dy + h, m + dx:m + dx + w]
+      acc = part if acc is None else jax.lax.optimization_barrier(acc) + part
     return acc
 
   return step
