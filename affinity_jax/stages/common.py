@@ -14,8 +14,8 @@ from affinity_jax.errors import UserError
 
 # Workdir layout (one folder per stage output).
 CAM_NET, AFF_NET, SEG_NET = "cam_net", "aff_net", "seg_net"
-CAMS, AFF_LABELS, PSEUDO_LABELS, SEG_PRED, PANELS = (
-    "cams", "aff_labels", "pseudo_labels", "seg_pred", "panels")
+CAMS, AFF_LABELS, PSEUDO_LABELS, SEG_PRED, PANELS, REPORTS = (
+    "cams", "aff_labels", "pseudo_labels", "seg_pred", "panels", "reports")
 ARCH = {CAM_NET: "cam", AFF_NET: "affinity", SEG_NET: "seg"}
 
 
@@ -150,6 +150,59 @@ def missing(names: Iterable[str], folder: str, suffix: str) -> list[str]:
   from affinity_jax import io
   io.remove_stale_temporaries(folder)
   return [n for n in names if not os.path.exists(os.path.join(folder, n + suffix))]
+
+
+class NonFiniteOutputError(RuntimeError):
+  """A trained network gives NaN or Inf outputs; the message names it and what to redo."""
+
+
+class SkipReport:
+  """The images a stage passes over, each with its reason (a bad image costs one image, not a run).
+
+  `skip(name, reason)` records and prints one; `finish(summary)` writes
+  `{workdir}/reports/{stage}.json` ({"stage", "count", "skipped": {name: reason}}) atomically and
+  puts the count in the stage's summary. A skipped image has no output, so a rerun examines it
+  again: the report always lists what the latest run of the stage could not do.
+  """
+
+  def __init__(self, cfg, stage: str):
+    self.stage = stage
+    self.path = path(cfg, REPORTS, stage + ".json")
+    self.skipped: dict[str, str] = {}
+
+  def skip(self, name: str, reason: str) -> None:
+    old = self.skipped.get(name)
+    self.skipped[name] = reason if old in (None, reason) else f"{old}; {reason}"
+    print(f"[{self.stage}] skipping {name}: {reason}", flush=True)
+
+  def finish(self, summary: dict) -> dict:
+    from affinity_jax import io
+    if jax.process_index() == 0:
+      io.save_json(self.path, {"stage": self.stage, "count": len(self.skipped),
+                               "skipped": dict(sorted(self.skipped.items()))})
+    if self.skipped:
+      print(f"[{self.stage}] skipped {len(self.skipped)} image(s); see {self.path}", flush=True)
+    return {**summary, "skipped": len(self.skipped)}
+
+
+def skipped_by(cfg, stage: str) -> frozenset[str]:
+  """Names that `stage` listed in its report (empty if it wrote none)."""
+  import json
+  p = path(cfg, REPORTS, stage + ".json")
+  if not os.path.exists(p):
+    return frozenset()
+  try:
+    with open(p) as f:
+      return frozenset(json.load(f)["skipped"])
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise UserError(f"{p}: unreadable stage report ({e}); delete it and rerun {stage}") from None
+
+
+def has_positive_class(label) -> bool:
+  return bool(np.any(np.asarray(label) > 0))
+
+
+NO_POSITIVE_CLASS = "no positive class in its image-level label"
 
 
 def steps_for(net_cfg, num_examples: int) -> int:
