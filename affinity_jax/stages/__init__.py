@@ -39,7 +39,9 @@ def run_stages(cfg, names: list[str]) -> dict[str, dict]:
     t = time.time()
     summaries[name] = module.run(cfg) or {}
     summaries[name]["seconds"] = round(time.time() - t, 1)
-    print(f"== {name} done in {summaries[name]['seconds']:.1f} s", flush=True)
+    skipped = summaries[name].get("skipped")
+    note = f"; skipped {skipped} image(s), see reports/{name}.json" if skipped else ""
+    print(f"== {name} done in {summaries[name]['seconds']:.1f} s{note}", flush=True)
   total = time.time() - t0
   results_path = os.path.join(cfg.workdir, "results.json")
   if "evaluate" in names and os.path.exists(results_path):
