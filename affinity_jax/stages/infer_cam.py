@@ -30,6 +30,7 @@ def run(cfg) -> dict:
   builder = common.builder(cfg)
   model, variables = None, None
   written, skipped = 0, 0
+  report = common.SkipReport(cfg, "infer_cam")
   for split in cfg.data.pseudo_splits:
     todo = set(common.missing(common.split_names(cfg, split), out_dir, ".npz"))
     if not todo:
@@ -47,6 +48,9 @@ def run(cfg) -> dict:
                                      process_count=jax.process_count()):
       names = inference.batch_names(batch)
       keep = [i for i, n in enumerate(names) if batch["valid"][i] and n in todo]
+      for i in [i for i in keep if not common.has_positive_class(batch["label"][i])]:
+        report.skip(names[i], common.NO_POSITIVE_CLASS)
+        keep.remove(i)
       if not keep:
         skipped += len(names)
         continue
@@ -56,6 +60,12 @@ def run(cfg) -> dict:
       valid_hw = (np.arange(hc)[None, :, None] < sizes[:, 0, None, None]) & \
                  (np.arange(wc)[None, None, :] < sizes[:, 1, None, None])
       cams = np.asarray(normalise(total, jnp.asarray(batch["label"]), jnp.asarray(valid_hw)))
+      if not np.all(np.isfinite(cams[keep])):
+        # A diverged network gives NaN/Inf scores: every later stage would be garbage.
+        raise common.NonFiniteOutputError(
+            f"{common.final_path(cfg, common.CAM_NET)}: the CAM network gives non-finite CAMs "
+            f"(images {', '.join(names[i] for i in keep)}); its training diverged. Delete "
+            f"{common.path(cfg, common.CAM_NET)} and retrain with a lower --config.cam.lr")
       for i in keep:
         h, w = sizes[i]
         class_ids = np.flatnonzero(batch["label"][i] > 0).astype(np.int32)
@@ -63,7 +73,7 @@ def run(cfg) -> dict:
                     cam=cams[i, :h, :w][..., class_ids], class_ids=class_ids)
         written += 1
   print(f"[infer_cam] wrote {written} CAM files to {out_dir}")
-  return {"written": written}
+  return report.finish({"written": written})
 
 
 def load_cam(path: str, num_classes: int) -> np.ndarray:
