@@ -26,16 +26,18 @@ def score_stack(cam: np.ndarray, alpha: float) -> np.ndarray:
 
 
 def crf_scores(image: np.ndarray, cam_path: str, out_path: str, alpha_low: float,
-               alpha_high: float, iters: int) -> str:
+               alpha_high: float, iters: int) -> str | None:
+  """Writes the la / ha maps of one image; returns why it was skipped, or None when written."""
   z = io.load_npz(cam_path)
   cam = z["cam"].astype(np.float32)
   if cam.shape[:2] != image.shape[:2]:
-    raise ValueError(f"{cam_path}: CAM is {cam.shape[0]}x{cam.shape[1]} but the image is "
-                     f"{image.shape[0]}x{image.shape[1]}; delete it and rerun infer_cam")
+    return (f"{cam_path}: CAM is {cam.shape[0]}x{cam.shape[1]} but the image is "
+            f"{image.shape[0]}x{image.shape[1]} (a CAM of another image or dataset; delete it "
+            "and rerun infer_cam)")
   la = crf.crf_inference(image, score_stack(cam, alpha_low), t=iters)
   ha = crf.crf_inference(image, score_stack(cam, alpha_high), t=iters)
   io.save_npz(out_path, la=la.astype(np.float32), ha=ha.astype(np.float32))
-  return out_path
+  return None
 
 
 def run(cfg) -> dict:
@@ -48,6 +50,16 @@ def run(cfg) -> dict:
   args = (float(cfg.aff_labels.alpha_low), float(cfg.aff_labels.alpha_high),
           int(cfg.aff_labels.crf_iters))
   written = 0
+  report = common.SkipReport(cfg, "aff_labels")
+
+  def collect(future, name):
+    nonlocal written
+    reason = future.result()
+    if reason:
+      report.skip(name, reason)
+    else:
+      written += 1
+
   ctx = multiprocessing.get_context("spawn")
   with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
     for split in cfg.data.pseudo_splits:
@@ -55,26 +67,26 @@ def run(cfg) -> dict:
       if not todo:
         print(f"[aff_labels] {split}: all score maps present in {out_dir}")
         continue
-      futures = []
+      futures = {}
       ds = builder.as_dataset(split=split, shuffle_files=False)
       for ex in tfds.as_numpy(ds):
         name = ex["name"].decode()
         if name not in todo:
           continue
+        if not common.has_positive_class(ex["label"]):
+          report.skip(name, common.NO_POSITIVE_CLASS)
+          continue
         cam_path = os.path.join(cam_dir, name + ".npz")
         if not os.path.exists(cam_path):
           raise FileNotFoundError(f"{cam_path} is missing: run the infer_cam stage first")
-        futures.append(pool.submit(crf_scores, ex["image"], cam_path,
-                                   os.path.join(out_dir, name + ".npz"), *args))
+        futures[pool.submit(crf_scores, ex["image"], cam_path,
+                            os.path.join(out_dir, name + ".npz"), *args)] = name
         # Bound the queue so images are not all held in memory at once.
         if len(futures) >= 4 * workers:
           done, _ = concurrent.futures.wait(futures, return_when="FIRST_COMPLETED")
           for f in done:
-            f.result()
-            written += 1
-          futures = [f for f in futures if f not in done]
-      for f in futures:
-        f.result()
-        written += 1
+            collect(f, futures.pop(f))
+      for f, name in futures.items():
+        collect(f, name)
   print(f"[aff_labels] wrote {written} score files to {out_dir} ({workers} workers)")
-  return {"written": written}
+  return report.finish({"written": written})
