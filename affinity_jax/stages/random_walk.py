@@ -47,6 +47,7 @@ def run(cfg) -> dict:
   num_classes = cfg.model.num_classes
   model = variables = walk = None
   written = 0
+  report = common.SkipReport(cfg, "random_walk")
   for split in cfg.data.pseudo_splits:
     names = common.split_names(cfg, split)
     panel_names = set(names[:cfg.eval.panels])
@@ -63,19 +64,28 @@ def run(cfg) -> dict:
                                      process_count=jax.process_count()):
       batch_names = inference.batch_names(batch)
       keep = [i for i, n in enumerate(batch_names) if batch["valid"][i] and n in todo]
-      if not keep:
-        continue
       images = batch["image_s0"]
       b, hc8, wc8 = images.shape[0], images.shape[1] // 8, images.shape[2] // 8
       sizes = np.asarray(batch["orig_size"])
       cams = np.zeros((b, hc8, wc8, num_classes + 1), np.float32)
-      for i in keep:
+      for i in list(keep):
         path = os.path.join(cam_dir, batch_names[i] + ".npz")
+        if not common.has_positive_class(batch["label"][i]):
+          report.skip(batch_names[i], common.NO_POSITIVE_CLASS)
+          keep.remove(i)
+          continue
         if not os.path.exists(path):
           raise FileNotFoundError(f"{path} is missing: run the infer_cam stage first")
-        stack = np.asarray(rw.prepare_cam(load_cam(path, num_classes),
-                                          alpha=float(cfg.random_walk.alpha)))
+        cam = load_cam(path, num_classes)
+        if cam.shape[:2] != tuple(sizes[i]):
+          report.skip(batch_names[i], f"{path}: CAM is {cam.shape[0]}x{cam.shape[1]} but the "
+                      f"image is {sizes[i][0]}x{sizes[i][1]} (delete it and rerun infer_cam)")
+          keep.remove(i)
+          continue
+        stack = np.asarray(rw.prepare_cam(cam, alpha=float(cfg.random_walk.alpha)))
         cams[i, :stack.shape[0], :stack.shape[1]] = stack
+      if not keep:
+        continue
       grid = np.stack([[inference.grid_size(h), inference.grid_size(w)] for h, w in sizes])
       valid = ((np.arange(hc8)[None, :, None] < grid[:, 0, None, None]) &
                (np.arange(wc8)[None, None, :] < grid[:, 1, None, None]))
@@ -90,4 +100,4 @@ def run(cfg) -> dict:
                       heat=heat[i, :h, :w].astype(np.float16))
         written += 1
   print(f"[random_walk] wrote {written} pseudo labels to {out_dir}")
-  return {"written": written}
+  return report.finish({"written": written})
