@@ -49,14 +49,23 @@ def _panel(parts: list[np.ndarray]) -> np.ndarray:
   return np.concatenate(row[:-1], axis=1)
 
 
-def _score(cfg, split: str, kinds: dict[str, tuple[str, str]]) -> dict:
-  """{kind: ConfusionMatrix} over `split` for prediction folders given as (folder, suffix)."""
+# The stage whose skipped images have no prediction of each kind.
+_PRODUCER = {"cam": "infer_cam", "rw": "random_walk", "seg": "infer_seg"}
+
+
+def _score(cfg, split: str, kinds: dict[str, tuple[str, str]], report) -> dict:
+  """{kind: ConfusionMatrix} over `split` for prediction folders given as (folder, suffix).
+
+  An image that the producing stage skipped (listed in its report) is left out of that kind's
+  score and listed in this stage's report.
+  """
   import tensorflow_datasets as tfds
   n = cfg.model.num_classes + 1
   conf = {k: metrics.ConfusionMatrix(n) for k in kinds}
   pal = palette()
   panels = int(cfg.eval.panels)
   builder = common.builder(cfg)
+  excluded = {kind: common.skipped_by(cfg, _PRODUCER[kind]) for kind in kinds}
   for idx, ex in enumerate(tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False))):
     name = ex["name"].decode()
     if not ex["has_mask"]:
@@ -65,6 +74,9 @@ def _score(cfg, split: str, kinds: dict[str, tuple[str, str]]) -> dict:
     preds = {}
     for kind, (folder, suffix) in kinds.items():
       path = os.path.join(folder, name + suffix)
+      if name in excluded[kind] and not os.path.exists(path):
+        report.skip(name, f"no {kind} prediction ({_PRODUCER[kind]} skipped it)")
+        continue
       if not os.path.exists(path):
         raise FileNotFoundError(f"{path} is missing: run the stage that writes {folder}")
       if kind == "cam":
@@ -72,8 +84,11 @@ def _score(cfg, split: str, kinds: dict[str, tuple[str, str]]) -> dict:
         preds[kind] = np.asarray(cam_lib.cam_prediction(cam))
       else:
         preds[kind] = io.load_png(path)
-      if preds[kind].shape != gt.shape:
-        raise ValueError(f"{path}: prediction is {preds[kind].shape}, ground truth {gt.shape}")
+      if preds[kind].shape != gt.shape:  # e.g. a stale CAM of another image: one image lost.
+        report.skip(name, f"{path}: prediction is {preds[kind].shape[0]}x"
+                    f"{preds[kind].shape[1]}, ground truth {gt.shape[0]}x{gt.shape[1]}")
+        del preds[kind]
+        continue
       conf[kind].update(gt, preds[kind], name=name)
     if idx < panels and "cam" in preds and "rw" in preds:
       cam = load_cam(os.path.join(kinds["cam"][0], name + ".npz"), cfg.model.num_classes)
@@ -87,6 +102,7 @@ def _score(cfg, split: str, kinds: dict[str, tuple[str, str]]) -> dict:
 
 def run(cfg) -> dict:
   results = {"splits": {}}
+  report = common.SkipReport(cfg, "evaluate")
   rows = []
   labels = {"cam": "CAM", "rw": "CAM + RW", "seg": "Segmentation"}
   plan = {}
@@ -96,7 +112,7 @@ def run(cfg) -> dict:
   for split in cfg.eval.seg_splits:
     plan.setdefault(split, {})["seg"] = (common.path(cfg, common.SEG_PRED), ".png")
   for split, kinds in plan.items():
-    conf = _score(cfg, split, kinds)
+    conf = _score(cfg, split, kinds, report)
     results["splits"][split] = {}
     for kind, c in conf.items():
       miou = c.miou()
@@ -111,4 +127,4 @@ def run(cfg) -> dict:
   io.save_json(common.path(cfg, "results.json"), results)
   io.save_text(common.path(cfg, "results.md"), text + "\n")
   print(text)
-  return {k: v for k, v in results.items() if k.endswith("_miou")}
+  return report.finish({k: v for k, v in results.items() if k.endswith("_miou")})
