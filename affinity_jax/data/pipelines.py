@@ -75,14 +75,23 @@ def _num_examples(builder, split) -> int:
 
 
 def _train_stream(builder, split, *, seed: int, start_step: int, batch_size: int,
-                  shuffle_buffer: int, process_index: int, process_count: int
-                  ) -> tuple[tf.data.Dataset, int]:
-  """Endless (example, per-example seed) stream, shuffled per epoch, starting at start_step."""
+                  shuffle_buffer: int, process_index: int, process_count: int,
+                  exclude: frozenset[str] = frozenset()) -> tuple[tf.data.Dataset, int]:
+  """Endless (example, per-example seed) stream, shuffled per epoch, starting at start_step.
+
+  Images named in `exclude` (those an earlier stage skipped) are left out before shuffling.
+  """
   part = host_split(builder, split, process_index, process_count)
   count = _num_examples(builder, part)
+  records = _records(builder, part)
+  if exclude:
+    from affinity_jax.data import split_names  # pylint: disable=g-import-not-at-top
+    count = sum(n not in exclude for n in split_names(builder, part))
+    left_out = tf.constant(sorted(exclude))
+    records = records.filter(
+        lambda ex: tf.logical_not(tf.reduce_any(tf.equal(ex["name"], left_out))))
   if count == 0:
     raise UserError(f"host {process_index} of {process_count} gets no example of {split!r}")
-  records = _records(builder, part)
   first = start_step * batch_size
   # Epoch e is shuffled with its own seed, so resuming can start at any epoch directly.
   epochs = tf.data.Dataset.counter(start=first // count)
@@ -143,13 +152,15 @@ def _jitter(image, seed, color_jitter: Sequence[float] | None):
   return transforms.color_jitter(image, seed, brightness=b, contrast=c, saturation=s, hue=h)
 
 
-def check_files(builder, split, folder: str, suffix: str) -> None:
-  """Raises, naming them, if files `{folder}/{name}{suffix}` of the split's images are missing."""
+def check_files(builder, split, folder: str, suffix: str,
+                exclude: frozenset[str] = frozenset()) -> None:
+  """Raises, naming them, if files `{folder}/{name}{suffix}` of the split's images are missing
+  (images in `exclude` need none)."""
   from affinity_jax.data import split_names  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(folder):
     raise UserError(f"folder {folder} does not exist (run the stage that writes it first)")
   missing = [os.path.join(folder, n + suffix) for n in split_names(builder, split)
-             if not os.path.isfile(os.path.join(folder, n + suffix))]
+             if n not in exclude and not os.path.isfile(os.path.join(folder, n + suffix))]
   if missing:
     raise UserError(f"{len(missing)} file(s) missing, e.g. {missing[0]}" +
                     (f" and {missing[1]}" if len(missing) > 1 else ""))
@@ -213,8 +224,8 @@ def aff_train(builder, split: str, score_dir: str, *, batch_size: int, crop_size
               color_jitter: Sequence[float] | None = (0.3, 0.3, 0.3, 0.1), seed: int = 0,
               start_step: int = 0, shuffle_buffer: int = 1024,
               process_index: int | None = None, process_count: int | None = None,
-              check: bool = True) -> Iterator[Batch]:
-  """AffinityNet training batches, endless.
+              check: bool = True, exclude: frozenset[str] = frozenset()) -> Iterator[Batch]:
+  """AffinityNet training batches, endless (without the images in `exclude`).
 
   Reads `{score_dir}/{name}.npz` (keys "la", "ha": float32 [H, W, K+1], channel 0 background,
   K present classes). The image and both score maps are flipped and cropped together (zero fill,
@@ -231,10 +242,10 @@ def aff_train(builder, split: str, score_dir: str, *, batch_size: int, crop_size
   _check_batch(batch_size)
   index, count = _host(process_index, process_count)
   if check:
-    check_files(builder, host_split(builder, split, index, count), score_dir, ".npz")
+    check_files(builder, host_split(builder, split, index, count), score_dir, ".npz", exclude)
   stream, _ = _train_stream(builder, split, seed=seed, start_step=start_step,
                             batch_size=batch_size, shuffle_buffer=shuffle_buffer,
-                            process_index=index, process_count=count)
+                            process_index=index, process_count=count, exclude=exclude)
   score_dir = os.fspath(score_dir)
   channels = len(builder.class_names) + 1
 
@@ -283,8 +294,9 @@ def seg_train(builder, split: str, label_dir: str | None, *, batch_size: int, cr
               resize_long: tuple[int, int] | None = None,
               color_jitter: Sequence[float] | None = None, seed: int = 0, start_step: int = 0,
               shuffle_buffer: int = 1024, process_index: int | None = None,
-              process_count: int | None = None, check: bool = True) -> Iterator[Batch]:
-  """Segmentation training batches, endless.
+              process_count: int | None = None, check: bool = True,
+              exclude: frozenset[str] = frozenset()) -> Iterator[Batch]:
+  """Segmentation training batches, endless (without the images in `exclude`).
 
   Labels are the pseudo labels `{label_dir}/{name}.png` (uint8 [H, W], 255 ignored), or with
   label_dir=None the dataset's own masks (a fully supervised sanity check; images without a mask
@@ -299,10 +311,10 @@ def seg_train(builder, split: str, label_dir: str | None, *, batch_size: int, cr
   _check_batch(batch_size)
   index, count = _host(process_index, process_count)
   if check and label_dir is not None:
-    check_files(builder, host_split(builder, split, index, count), label_dir, ".png")
+    check_files(builder, host_split(builder, split, index, count), label_dir, ".png", exclude)
   stream, _ = _train_stream(builder, split, seed=seed, start_step=start_step,
                             batch_size=batch_size, shuffle_buffer=shuffle_buffer,
-                            process_index=index, process_count=count)
+                            process_index=index, process_count=count, exclude=exclude)
 
   def preprocess(example, seed):
     s_scale, s_flip, s_jitter, s_crop = transforms.split_seed(seed, 4)
