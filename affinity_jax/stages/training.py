@@ -64,13 +64,15 @@ def run_training(cfg, net: str) -> dict:
     batches = lambda start, **shard: pipelines.aff_train(
         builder, split, common.path(cfg, common.AFF_LABELS), batch_size=local_bs,
         crop_size=net_cfg.crop_size, color_jitter=tuple(net_cfg.color_jitter), seed=cfg.seed,
-        start_step=start, shuffle_buffer=cfg.data.shuffle_buffer, **(shard or host))
+        start_step=start, shuffle_buffer=cfg.data.shuffle_buffer,
+        exclude=common.skipped_by(cfg, "aff_labels"), **(shard or host))
   else:
     loss_fn = seg_loss
     batches = lambda start, **shard: pipelines.seg_train(
         builder, split, common.path(cfg, common.PSEUDO_LABELS), batch_size=local_bs,
         crop_size=net_cfg.crop_size, scale_range=tuple(net_cfg.scale_range), seed=cfg.seed,
-        start_step=start, shuffle_buffer=cfg.data.shuffle_buffer, **(shard or host))
+        start_step=start, shuffle_buffer=cfg.data.shuffle_buffer,
+        exclude=common.skipped_by(cfg, "random_walk"), **(shard or host))
 
   calibration = None
   if not cfg.init.backbone:  # the same images on every host, so replicas start identical.
