@@ -6,8 +6,10 @@
   affinity-jax convert psa-pytorch IN.pth OUT_DIR --arch cam|affinity
   affinity-jax convert mxnet IN.params OUT_DIR
 
-User errors (a bad file, config key or dataset) print one message and exit with status 2; with
---debug the traceback is shown too.
+User errors (a bad file, config key or dataset) print one message and exit with status 2; so
+does a diverged run (NaN/Inf loss or network outputs: the message names the step and the last
+good checkpoint, or the network to retrain). With --debug the traceback is shown too. SIGTERM /
+SIGINT during training save a checkpoint and exit with status 130; rerunning resumes.
 """
 
 from __future__ import annotations
@@ -70,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
   overrides = [a for a in argv if a.startswith("--config.")]
   args = _parser().parse_args([a for a in argv if not a.startswith("--config.")])
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  from affinity_jax.errors import UserError
+  from affinity_jax.errors import NonFiniteLossError, UserError
+  from affinity_jax.stages.common import NonFiniteOutputError
   from affinity_jax.train import TrainingInterrupted
   try:
     if args.command == "run":
@@ -88,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
   except TrainingInterrupted as e:
     print(f"affinity-jax: {e}", file=sys.stderr)
     return 130
-  except (UserError, ValueError, FileNotFoundError, NotADirectoryError) as e:
+  except (UserError, ValueError, FileNotFoundError, NotADirectoryError, NonFiniteLossError,
+          NonFiniteOutputError) as e:
     if args.debug:
       traceback.print_exc()
     print(f"affinity-jax: error: {e}", file=sys.stderr)
