@@ -30,7 +30,11 @@ def parse_stages(text: str) -> list[str]:
 
 def run_stages(cfg, names: list[str]) -> dict[str, dict]:
   """Runs `names` in pipeline order; adds the wall-clock seconds to results.json."""
+  from affinity_jax import io
   os.makedirs(cfg.workdir, exist_ok=True)
+  # Temporaries of writers killed in an earlier run, in the folders no stage's `missing` sweeps.
+  for folder in ("", "reports", "panels"):
+    io.remove_stale_temporaries(os.path.join(cfg.workdir, folder))
   t0 = time.time()
   summaries = {}
   for name in names:
@@ -45,7 +49,6 @@ def run_stages(cfg, names: list[str]) -> dict[str, dict]:
   total = time.time() - t0
   results_path = os.path.join(cfg.workdir, "results.json")
   if "evaluate" in names and os.path.exists(results_path):
-    from affinity_jax import io
     with open(results_path) as f:
       results = json.load(f)
     results["seconds"] = round(total, 1)
