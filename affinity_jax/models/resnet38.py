@@ -99,78 +99,41 @@ def has_projection(spec: BlockSpec) -> bool:
 torch_default_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
-class Conv(nn.Module):
-  """A bias-free (or biased) convolution padded symmetrically by dilation * (kernel - 1) / 2 on
-  each side, as PyTorch; with stride 2 this gives ceil(H / 2) outputs for every H.
-
-  Parameters as nn.Conv's: 'kernel' [k, k, C_in, features] (HWIO) and, with use_bias, 'bias'
-  [features], both float32; the convolution runs in `dtype`.
-
-  `__call__(x, fold=None)`: x [B, H, W, C_in] -> [B, H', W', features]. `fold` = (mult, shift),
-  each [features] float32, is a frozen per-channel affine map applied to the output, merged
-  into the kernel (kernel * mult) and a bias (shift) in float32 before the convolution: one
-  pass over the activations instead of two, and gradients still reach the kernel through it.
-  """
-  features: int
-  kernel_size: int
-  stride: int = 1
-  dilation: int = 1
-  use_bias: bool = False
-  dtype: Dtype = jnp.float32
-  kernel_init: Callable = nn.initializers.lecun_normal()
-
-  @nn.compact
-  def __call__(self, x: jax.Array,
-               fold: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
-    k = self.kernel_size
-    kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features),
-                        jnp.float32)
-    bias = (self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
-            if self.use_bias else None)
-    if fold is not None:
-      mult, shift = fold
-      kernel = kernel * mult
-      bias = shift if bias is None else bias * mult + shift
-    pad = self.dilation * (k - 1) // 2
-    y = jax.lax.conv_general_dilated(
-        x.astype(self.dtype), kernel.astype(self.dtype), (self.stride, self.stride),
-        ((pad, pad), (pad, pad)), rhs_dilation=(self.dilation, self.dilation),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    return y if bias is None else y + bias.astype(self.dtype)
-
-
 def conv(features: int, kernel: int, *, stride: int = 1, dilation: int = 1, name: str,
          dtype: Dtype, use_bias: bool = False,
-         kernel_init: Callable = torch_default_init) -> Conv:
-  """A `Conv` named `name` (PyTorch padding; float32 parameters, `dtype` compute)."""
-  return Conv(features, kernel, stride=stride, dilation=dilation, use_bias=use_bias,
-              dtype=dtype, kernel_init=kernel_init, name=name)
+         kernel_init: Callable = torch_default_init) -> nn.Conv:
+  """A convolution padded symmetrically by dilation * (kernel - 1) / 2 on each side, as PyTorch.
+
+  With stride 2 this gives ceil(H / 2) outputs for every H (odd sizes included).
+  """
+  pad = dilation * (kernel - 1) // 2
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
+                 padding=((pad, pad), (pad, pad)), kernel_dilation=(dilation, dilation),
+                 use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+                 kernel_init=kernel_init, name=name)
 
 
 class FrozenBatchNorm(nn.Module):
   """Inference-mode batch norm: y = (x - mean) / sqrt(var + eps) * scale + bias, stored statistics.
 
   The four arrays live in the 'batch_stats' collection and are never trained nor updated (the
-  original freezes every BN), so `params` holds only convolution kernels. `affine(channels)`
-  gives the same map as (mult, shift) for folding into the preceding convolution.
+  original freezes every BN), so `params` holds only convolution kernels. Applied as one
+  per-channel multiply-add so that a later pass can fold it into the neighbouring convolution.
   """
   dtype: Dtype = jnp.float32
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """x: [B, H, W, C] -> [B, H, W, C] in `dtype`: one per-channel multiply-add."""
-    mult, shift = self.affine(x.shape[-1])
-    return x * mult.astype(self.dtype) + shift.astype(self.dtype)
-
   @nn.compact
-  def affine(self, channels: int) -> tuple[jax.Array, jax.Array]:
-    """(mult, shift), each [channels] float32, with y = x * mult + shift."""
-    c = channels
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [B, H, W, C] -> [B, H, W, C] in `dtype`."""
+    c = x.shape[-1]
     scale = self.variable("batch_stats", "scale", lambda: jnp.ones((c,), jnp.float32)).value
     bias = self.variable("batch_stats", "bias", lambda: jnp.zeros((c,), jnp.float32)).value
     mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32)).value
     var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32)).value
+    # Folded in float32, then applied in the compute dtype.
     mult = scale * jax.lax.rsqrt(var + BN_EPS)
-    return mult, bias - mean * mult
+    shift = bias - mean * mult
+    return x * mult.astype(self.dtype) + shift.astype(self.dtype)
 
 
 def channel_dropout(x: jax.Array, rate: float, train: bool, name: str) -> jax.Array:
@@ -196,37 +159,26 @@ class _Block(nn.Module):
   width: float
   dtype: Dtype
 
-  def conv_bn_relu(self, x: jax.Array, conv_layer: Conv, bn_name: str) -> jax.Array:
-    """relu(BN(conv(x))), the BN folded into the convolution when its statistics are constant.
-
-    While 'batch_stats' is mutable (init, or a pass that calibrates the statistics by
-    intercepting FrozenBatchNorm.__call__) the BN is applied to the convolution's output.
-    """
-    bn = FrozenBatchNorm(dtype=self.dtype, name=bn_name)
-    if self.is_mutable_collection("batch_stats"):
-      return nn.relu(bn(conv_layer(x)))
-    return nn.relu(conv_layer(x, fold=bn.affine(conv_layer.features)))
-
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
     s, w, dt = self.spec, self.width, self.dtype
-    # The block-input BN follows a residual sum that also feeds the identity shortcut, and a
-    # ReLU separates it from the next convolutions: it cannot be folded.
     pre = bn_relu(x, "bn_branch2a", dt)
     shortcut = (conv(scaled(s.out_channels, w), 1, stride=s.stride, name="conv_branch1",
                      dtype=dt)(pre) if has_projection(s) else x)
     if s.kind == "basic":
-      y = self.conv_bn_relu(pre, conv(scaled(s.mid_channels, w), 3, stride=s.stride,
-                                      dilation=s.first_dilation, name="conv_branch2a",
-                                      dtype=dt), "bn_branch2b1")
+      y = conv(scaled(s.mid_channels, w), 3, stride=s.stride, dilation=s.first_dilation,
+               name="conv_branch2a", dtype=dt)(pre)
+      y = bn_relu(y, "bn_branch2b1", dt)
       y = conv(scaled(s.out_channels, w), 3, dilation=s.dilation, name="conv_branch2b1",
                dtype=dt)(y)
     else:
-      y = self.conv_bn_relu(pre, conv(scaled(s.out_channels // 4, w), 1, stride=s.stride,
-                                      name="conv_branch2a", dtype=dt), "bn_branch2b1")
+      y = conv(scaled(s.out_channels // 4, w), 1, stride=s.stride, name="conv_branch2a",
+               dtype=dt)(pre)
+      y = bn_relu(y, "bn_branch2b1", dt)
       y = channel_dropout(y, s.dropout, train, "dropout_2b1")
-      y = self.conv_bn_relu(y, conv(scaled(s.out_channels // 2, w), 3, dilation=s.dilation,
-                                    name="conv_branch2b1", dtype=dt), "bn_branch2b2")
+      y = conv(scaled(s.out_channels // 2, w), 3, dilation=s.dilation, name="conv_branch2b1",
+               dtype=dt)(y)
+      y = bn_relu(y, "bn_branch2b2", dt)
       y = channel_dropout(y, s.dropout, train, "dropout_2b2")
       y = conv(scaled(s.out_channels, w), 1, name="conv_branch2b2", dtype=dt)(y)
     return y + shortcut, pre
