@@ -111,6 +111,19 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="less work for a small CPU: 2 parity sizes, small multi-scale image, "
                       f"train step at batch {TRAIN_QUICK[0]} / crop {TRAIN_QUICK[1]}, 3 repeats")
   p.add_argument("--parity-only", action="store_true", help="skip the speed measurements")
+  p.add_argument("--speed-parts", default="cam,train,rw",
+                 help="speed measurements to run, comma separated: cam, train, rw")
+  p.add_argument("--matmul-1x1", action="store_true",
+                 help="prototype: run affinity_jax's 1x1 convolutions as matrix products")
+  p.add_argument("--analyse-cam", action="store_true",
+                 help="only the CAM forward: per-stage times torch vs JAX and candidate "
+                      "rewrites (BN folding, merged 1x1 convolutions); honours XLA_FLAGS")
+  p.add_argument("--analyse-size", type=parse_size, default=(448, 448),
+                 help="image size of --analyse-cam (default 448x448)")
+  p.add_argument("--analyse-parts", default="total,stages,variants",
+                 help="what --analyse-cam measures, comma separated: total (whole CAM forward), "
+                      "stages (per backbone stage), variants (rewrites of the JAX forward), convs (single "
+                      "convolutions of the stride-8 stages)")
   p.add_argument("--sizes", type=lambda s: tuple(parse_size(v) for v in s.split(",")),
                  help="parity image sizes, e.g. 320x320,281x353 (default: by --quick)")
   p.add_argument("--ms-size", type=parse_size, help="image size of the multi-scale CAM check")
@@ -151,6 +164,7 @@ def load_original(psa_root: str, device: str) -> types.SimpleNamespace:
   torch.set_num_threads(os.cpu_count() or 1)  # XLA:CPU uses every core.
   # The original builds its dense matrix with the legacy sparse.FloatTensor constructor.
   warnings.filterwarnings("ignore", message=r"torch\.sparse\.SparseTensor")
+  warnings.filterwarnings("ignore", message=r"Sparse invariant checks")
   sys.path.insert(0, psa_root)
   import network.resnet38_aff
   import network.resnet38_cls
@@ -252,8 +266,12 @@ def torch_random_walk(orig, aff_net, image, cam_chw, device):
 
 
 def torch_dense_walk_fn(orig, feats_chw, cam_vec, device):
-  """The walk of infer_aff from a dense affinity matrix built as AffinityNet.forward(to_dense)
-  does (pairs, identity, transposed pairs); returns (matrix, fn() -> walked [C, hw])."""
+  """The walk of infer_aff on a dense affinity matrix built as AffinityNet.forward(to_dense)
+  builds it (pairs, identity, transposed pairs), from features [Cf, h, w] and scores [C, hw].
+
+  Returns walk() -> walked scores [C, hw]: power, column normalisation, squarings, product (the
+  part that is timed; the matrix is built once here).
+  """
   torch = orig.torch
   c, h, w = feats_chw.shape
   ind_from, ind_to = orig.pyutils.get_indices_of_pairs(RADIUS, (h, w))
@@ -321,14 +339,15 @@ def torch_train_step_fn(orig, aff_net, images, label_grids, device):
 class JaxSide:
   """affinity_jax's CAMNet and AffinityNet on converted weights, with jitted entry points."""
 
-  def __init__(self, cam_state: dict, aff_state: dict):
+  def __init__(self, cam_state: dict, aff_state: dict | None):
     import jax
     from affinity_jax import models
     from affinity_jax.convert import psa_state_dict_to_variables
     self.jax = jax
     self.cam_net, self.aff_net = models.build("cam"), models.build("affinity")
     self.cam_vars = jax.device_put(psa_state_dict_to_variables(cam_state, "cam"))
-    self.aff_vars = jax.device_put(psa_state_dict_to_variables(aff_state, "affinity"))
+    self.aff_vars = (None if aff_state is None else
+                     jax.device_put(psa_state_dict_to_variables(aff_state, "affinity")))
     cam_net, aff_net = self.cam_net, self.aff_net
     self._logits = jax.jit(lambda v, x: cam_net.apply(v, x))
     self._cam = jax.jit(lambda v, x: cam_net.apply(v, x, method=cam_net.cam))
@@ -382,6 +401,49 @@ class JaxSide:
       holder["state"], loss = step_fn(holder["state"], frozen, batch_stats, batch)
       return float(loss)
     return step
+
+
+
+def use_matmul_1x1() -> None:
+  """Prototype for the models owner: every bias-free 1x1 convolution of affinity_jax.models as a
+  matrix product (einsum; a strided one subsamples first), same parameter names and shapes.
+  XLA:CPU differentiates a 1x1 lax.conv several times slower than the equivalent dot (see
+  --analyse-parts convs). Applied by monkeypatching `conv` in models/resnet38.py and heads.py in
+  this process only (--matmul-1x1)."""
+  from typing import Any, Callable
+
+  import flax.linen as nn
+  import jax.numpy as jnp
+  from affinity_jax.models import heads, resnet38
+  original = resnet38.conv
+
+  class Conv1x1(nn.Module):
+    features: int
+    stride: int
+    dtype: Any
+    kernel_init: Callable
+
+    @nn.compact
+    def __call__(self, x, fold=None):
+      kernel = self.param("kernel", self.kernel_init, (1, 1, x.shape[-1], self.features),
+                          jnp.float32)[0, 0]
+      shift = None
+      if fold is not None:  # a frozen BN after the convolution, as models.resnet38.Conv folds it
+        mult, shift = fold
+        kernel = kernel * mult
+      if self.stride > 1:  # PyTorch's 1x1 stride-s convolution reads rows/columns 0, s, 2s, ...
+        x = x[:, ::self.stride, ::self.stride]
+      y = jnp.einsum("bhwc,co->bhwo", x.astype(self.dtype), kernel.astype(self.dtype))
+      return y if shift is None else y + shift.astype(self.dtype)
+
+  def conv(features, kernel, *, stride=1, dilation=1, name, dtype, use_bias=False,
+           kernel_init=resnet38.torch_default_init):
+    if kernel == 1 and not use_bias:
+      return Conv1x1(features, stride, dtype, kernel_init, name=name)
+    return original(features, kernel, stride=stride, dilation=dilation, name=name, dtype=dtype,
+                    use_bias=use_bias, kernel_init=kernel_init)
+
+  resnet38.conv = heads.conv = conv
 
 
 # ---------------------------------------------------------------------------------------------
@@ -444,8 +506,10 @@ def diff(ours, reference) -> tuple[float, float]:
   return err, err / max(float(np.max(np.abs(reference))), 1e-30)
 
 
-def interleaved_median(fn_torch, fn_jax, repeats: int, warmup: int = 1) -> tuple[float, float]:
-  """Median seconds per call of each, runs alternated so that load changes hit both alike."""
+def interleaved_median(fn_torch, fn_jax, repeats: int, warmup: int = 1,
+                       reduce=statistics.median) -> tuple[float, float]:
+  """Median (or `reduce`) seconds per call of each, runs alternated so that load changes hit
+  both alike."""
   for _ in range(warmup):
     fn_torch()
     fn_jax()
@@ -457,7 +521,7 @@ def interleaved_median(fn_torch, fn_jax, repeats: int, warmup: int = 1) -> tuple
     t0 = time.perf_counter()
     fn_jax()
     times_j.append(time.perf_counter() - t0)
-  return statistics.median(times_t), statistics.median(times_j)
+  return reduce(times_t), reduce(times_j)
 
 
 def run_parity(args, orig, t_cam, t_aff, js, results, rows):
@@ -545,9 +609,7 @@ def run_parity(args, orig, t_cam, t_aff, js, results, rows):
 
 
 def run_speed(args, orig, t_cam, t_aff, js, results, rows):
-  import jax
   import jax.numpy as jnp
-  from affinity_jax import random_walk as rw
   torch, dev, reps = orig.torch, args.device, args.repeats
 
   def sync(out):
@@ -555,7 +617,10 @@ def run_speed(args, orig, t_cam, t_aff, js, results, rows):
       torch.cuda.synchronize()
     return out
 
-  for h, w in SPEED_CAM_SIZES:
+  parts = set(args.speed_parts.split(","))
+  if not parts <= {"cam", "train", "rw"}:
+    raise SystemExit(f"--speed-parts {args.speed_parts!r}: expected cam, train, rw")
+  for h, w in (SPEED_CAM_SIZES if "cam" in parts else ()):
     x = normalise(orig, synthetic_image(h, w, args.seed + 7))
     xt, xj = to_torch(orig, x, dev), jnp.asarray(x)
 
@@ -568,6 +633,14 @@ def run_speed(args, orig, t_cam, t_aff, js, results, rows):
                  f"{tt / tj:.2f}x"))
     print(f"  speed CAM {h} done", flush=True)
 
+  if "train" in parts:
+    run_train_speed(args, orig, t_aff, js, results, rows)
+  if "rw" in parts:
+    run_walk_speed(args, orig, js, results, rows)
+
+
+def run_train_speed(args, orig, t_aff, js, results, rows):
+  dev, reps = args.device, args.repeats
   batch, crop = TRAIN_QUICK if args.quick else TRAIN_FULL
   images = np.concatenate([normalise(orig, synthetic_image(crop, crop, args.seed + 20 + i))
                            for i in range(batch)])
@@ -583,6 +656,11 @@ def run_speed(args, orig, t_cam, t_aff, js, results, rows):
                f"{batch / tt:.3f}", f"{batch / tj:.3f}", f"{tt / tj:.2f}x"))
   print("  speed train step done", flush=True)
 
+
+def run_walk_speed(args, orig, js, results, rows):
+  import jax.numpy as jnp
+  from affinity_jax import random_walk as rw
+  dev, reps = args.device, args.repeats
   gh, gw = RW_SPEED_GRID
   rng = np.random.default_rng(args.seed)
   # Features of a real 448x448 image's grid would do as well; the walk's cost does not depend
@@ -604,20 +682,293 @@ def run_speed(args, orig, t_cam, t_aff, js, results, rows):
   rows.append(("random walk per image (from affinities)", f"{gh}x{gw} grid",
                f"{tt * 1e3:.0f} ms dense", f"{tj * 1e3:.1f} ms sparse", f"{tt / tj:.1f}x"))
   print("  speed random walk done", flush=True)
-  del jax
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the JAX CAM forward spends its time on this machine (--analyse-cam).
+
+STAGES = (("conv1a + b2..b2_2", ("conv1a", "b2", "b2_1", "b2_2")),
+          ("b3..b3_2 (stride 4)", ("b3", "b3_1", "b3_2")),
+          ("b4..b4_5 (stride 8)", ("b4", "b4_1", "b4_2", "b4_3", "b4_4", "b4_5")),
+          ("b5..b5_2 (dilation 2)", ("b5", "b5_1", "b5_2")),
+          ("b6 (bottleneck, dilation 4)", ("b6",)),
+          ("b7 (bottleneck, dilation 4)", ("b7",)),
+          ("bn7 + fc8 (CAM head)", ("head",)))
+
+
+def _lax_cam(variables, x, *, fold_bn: bool, merge_1x1: bool):
+  """CAMNet.cam written with lax convolutions, optionally with two candidate speed-ups:
+
+  fold_bn: a BN whose input is only the output of one convolution (bn_branch2b1, bn_branch2b2:
+    19 of the 37) becomes that convolution's per-channel kernel scale and bias. The block-input
+    BNs cannot be folded backwards (their input is a residual sum that also feeds the identity
+    shortcut) nor forwards (a ReLU sits between them and the next convolution).
+  merge_1x1: in the bottleneck blocks the shortcut projection and the first 1x1 convolution read
+    the same input with the same stride: one convolution with the kernels concatenated.
+  """
+  import jax
+  import jax.numpy as jnp
+  from affinity_jax.models import resnet38
+  params, stats = variables["params"], variables["batch_stats"]
+
+  def conv(v, kernel, stride=1, dilation=1, bias=None):
+    pad = dilation * (kernel.shape[0] - 1) // 2
+    y = jax.lax.conv_general_dilated(v, kernel, (stride, stride), [(pad, pad), (pad, pad)],
+                                     rhs_dilation=(dilation, dilation),
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y if bias is None else y + bias
+
+  def affine(bn):
+    mult = bn["scale"] * jax.lax.rsqrt(bn["var"] + resnet38.BN_EPS)
+    return mult, bn["bias"] - bn["mean"] * mult
+
+  def bn_relu(v, bn):
+    mult, shift = affine(bn)
+    return jax.nn.relu(v * mult + shift)
+
+  def conv_bn_relu(v, kernel, bn, stride=1, dilation=1):
+    if fold_bn:
+      mult, shift = affine(bn)
+      return jax.nn.relu(conv(v, kernel * mult, stride, dilation, bias=shift))
+    return bn_relu(conv(v, kernel, stride, dilation), bn)
+
+  x = conv(x, params["conv1a"]["kernel"])
+  for spec in resnet38.BLOCKS:
+    p, s = params[spec.name], stats[spec.name]
+    pre = bn_relu(x, s["bn_branch2a"])
+    proj = resnet38.has_projection(spec)
+    if spec.kind == "basic":
+      shortcut = conv(pre, p["conv_branch1"]["kernel"], spec.stride) if proj else x
+      y = conv_bn_relu(pre, p["conv_branch2a"]["kernel"], s["bn_branch2b1"], spec.stride,
+                       spec.first_dilation)
+      y = conv(y, p["conv_branch2b1"]["kernel"], dilation=spec.dilation)
+    else:
+      k1, k2a = p["conv_branch1"]["kernel"], p["conv_branch2a"]["kernel"]
+      if merge_1x1:
+        both = conv(pre, jnp.concatenate([k1, k2a], -1), spec.stride)
+        shortcut, y = both[..., :k1.shape[-1]], both[..., k1.shape[-1]:]
+        y = bn_relu(y, s["bn_branch2b1"])
+      else:
+        shortcut = conv(pre, k1, spec.stride)
+        y = conv_bn_relu(pre, k2a, s["bn_branch2b1"], spec.stride)
+      y = conv_bn_relu(y, p["conv_branch2b1"]["kernel"], s["bn_branch2b2"],
+                       dilation=spec.dilation)
+      y = conv(y, p["conv_branch2b2"]["kernel"])
+    x = y + shortcut
+  return jax.nn.relu(conv(bn_relu(x, stats["bn7"]), params["fc8"]["kernel"]))
+
+
+
+# Single convolutions of the backbone on a stride-8 grid (--analyse-parts convs): name, in and
+# out channels, kernel size, dilation.
+CONV_SHAPES = (("b4_x conv 3x3", 512, 512, 3, 1),
+               ("b5_x conv_branch2b1 3x3 d2", 512, 1024, 3, 2),
+               ("b6 conv_branch2b1 3x3 d4", 512, 1024, 3, 4),
+               ("b7 conv_branch2a 1x1", 2048, 1024, 1, 1),
+               ("b7 conv_branch2b1 3x3 d4", 1024, 2048, 3, 4),
+               ("b7 conv_branch2b2 / branch1 1x1", 2048, 4096, 1, 1))
+
+
+def space_to_batch_conv(x, kernel, dilation: int):
+  """A 'same' dilated 3x3 convolution as an undilated one on the dilation^2 interleaved
+  sub-grids (what TensorFlow's atrous_conv2d does). x: [B, H, W, C], kernel: [3, 3, C, O]."""
+  import jax
+  b, h, w, c = x.shape
+  d = dilation
+  hp, wp = -(-(h + 2 * d) // d) * d, -(-(w + 2 * d) // d) * d
+  xp = jax.numpy.pad(x, ((0, 0), (d, hp - h - d), (d, wp - w - d), (0, 0)))
+  xs = xp.reshape(b, hp // d, d, wp // d, d, c).transpose(0, 2, 4, 1, 3, 5)
+  xs = xs.reshape(b * d * d, hp // d, wp // d, c)
+  y = jax.lax.conv_general_dilated(xs, kernel, (1, 1), "VALID",
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  qh, qw, o = y.shape[1], y.shape[2], y.shape[3]
+  y = y.reshape(b, d, d, qh, qw, o).transpose(0, 3, 1, 4, 2, 5).reshape(b, qh * d, qw * d, o)
+  return y[:, :h, :w]
+
+
+def run_conv_analysis(args, orig, results, rows):
+  """Each heavy convolution alone: torch conv2d (NCHW) vs lax.conv (NHWC, as models/), plus
+  a 1x1 convolution as a matrix product and a dilated one by space-to-batch. Minimum of the
+  repeats (on a shared machine, noise only adds time)."""
+  import jax
+  import jax.numpy as jnp
+  torch, reps = orig.torch, max(args.repeats, 3)
+  h, w = (-(-v // 8) for v in args.analyse_size)
+  rng = np.random.default_rng(args.seed)
+
+  def best(fn):
+    fn()
+    times = []
+    for _ in range(reps):
+      t0 = time.perf_counter()
+      fn()
+      times.append(time.perf_counter() - t0)
+    return min(times)
+
+  for name, cin, cout, k, d in CONV_SHAPES:
+    x = rng.standard_normal((1, h, w, cin), np.float32)
+    kern = (rng.standard_normal((k, k, cin, cout)) / np.sqrt(k * k * cin)).astype(np.float32)
+    xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+    kt = torch.from_numpy(np.ascontiguousarray(kern.transpose(3, 2, 0, 1)))
+    xj, kj = jnp.asarray(x), jnp.asarray(kern)
+    pad = d * (k - 1) // 2
+    lax_conv = jax.jit(lambda a, b: jax.lax.conv_general_dilated(
+        a, b, (1, 1), [(pad, pad)] * 2, rhs_dilation=(d, d),
+        dimension_numbers=("NHWC", "HWIO", "NHWC")))
+    if k == 1:
+      alt_name, alt = "as a matrix product", jax.jit(lambda a, b: jnp.einsum("bhwc,co->bhwo", a,
+                                                                             b[0, 0]))
+    elif d > 1:
+      alt_name, alt = "by space-to-batch", jax.jit(lambda a, b: space_to_batch_conv(a, b, d))
+    else:
+      alt_name, alt = None, None
+
+    def run_t():
+      with torch.no_grad():
+        return torch.nn.functional.conv2d(xt, kt, padding=pad, dilation=d)
+    tt = best(run_t)
+    tj = best(lambda: lax_conv(xj, kj).block_until_ready())
+    tag = f"{h}x{w} grid"
+    rows.append((f"{name}: torch conv2d vs lax.conv", tag, f"{tt * 1e3:.0f} ms",
+                 f"{tj * 1e3:.0f} ms", f"{tt / tj:.2f}x"))
+    key = name.split(":")[0].replace(" ", "_").replace("/", "")
+    results[f"conv_{key}_torch_ms"], results[f"conv_{key}_jax_ms"] = tt * 1e3, tj * 1e3
+    # Backward (input and kernel gradients), as in a training step.
+    xg, kg = xt.clone().requires_grad_(True), kt.clone().requires_grad_(True)
+    gt = torch.ones(1, cout, h, w)
+
+    def grad_t():
+      y = torch.nn.functional.conv2d(xg, kg, padding=pad, dilation=d)
+      return torch.autograd.grad(y, (xg, kg), gt)
+    grad_j = jax.jit(lambda a, b: jax.vjp(lax_conv, a, b)[1](jnp.ones((1, h, w, cout))))
+    tgt = best(grad_t)
+    tgj = best(lambda: jax.block_until_ready(grad_j(xj, kj)))
+    rows.append((f"{name}: backward, torch vs lax.conv", tag, f"{tgt * 1e3:.0f} ms",
+                 f"{tgj * 1e3:.0f} ms", f"{tgt / tgj:.2f}x"))
+    results[f"conv_{key}_grad_torch_ms"], results[f"conv_{key}_grad_jax_ms"] = tgt * 1e3, tgj * 1e3
+    if alt is not None:
+      err, rel = diff(np.asarray(alt(xj, kj)), np.asarray(lax_conv(xj, kj)))
+      ta = best(lambda: alt(xj, kj).block_until_ready())
+      rows.append((f"{name}: lax.conv vs {alt_name}", tag, "", f"{ta * 1e3:.0f} ms",
+                   f"speed-up {tj / ta:.2f}x (rel diff {rel:.0e})"))
+      results[f"conv_{key}_alt_ms"] = ta * 1e3
+      if k == 1:
+        grad_a = jax.jit(lambda a, b: jax.vjp(alt, a, b)[1](jnp.ones((1, h, w, cout))))
+        tga = best(lambda: jax.block_until_ready(grad_a(xj, kj)))
+        rows.append((f"{name}: backward, lax.conv vs {alt_name}", tag, "", f"{tga * 1e3:.0f} ms",
+                     f"speed-up {tgj / tga:.2f}x"))
+        results[f"conv_{key}_alt_grad_ms"] = tga * 1e3
+    print(f"  conv {name} done", flush=True)
+
+
+def run_cam_analysis(args, orig, t_cam, js, results, rows):
+  """Per-stage time of the CAM forward (torch vs JAX) and what candidate rewrites buy."""
+  import jax
+  import jax.numpy as jnp
+  from affinity_jax.models import resnet38
+  torch, dev, reps = orig.torch, args.device, args.repeats
+  h, w = args.analyse_size
+  x = normalise(orig, synthetic_image(h, w, args.seed + 7))
+  tag = f"{h}x{w}"
+  params, stats = js.cam_vars["params"], js.cam_vars["batch_stats"]
+  specs = {s.name: s for s in resnet38.BLOCKS}
+
+  def jax_stage(names):
+    def run(v, a):
+      for name in names:
+        if name == "conv1a":
+          a = jax.lax.conv_general_dilated(a, v["params"]["conv1a"]["kernel"], (1, 1),
+                                           [(1, 1), (1, 1)],
+                                           dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        elif name == "head":
+          bn = v["batch_stats"]["bn7"]
+          mult = bn["scale"] * jax.lax.rsqrt(bn["var"] + resnet38.BN_EPS)
+          a = jax.nn.relu(a * mult + (bn["bias"] - bn["mean"] * mult))
+          a = jax.nn.relu(jnp.einsum("bhwc,cd->bhwd", a, v["params"]["fc8"]["kernel"][0, 0]))
+        else:
+          block = resnet38._Block(spec=specs[name], width=1.0, dtype=jnp.float32)
+          a, _ = block.apply({"params": v["params"][name], "batch_stats": v["batch_stats"][name]},
+                             a, False)
+      return a
+    return jax.jit(run)
+
+  def torch_stage(names):
+    def run(a):
+      with torch.no_grad():
+        for name in names:
+          if name == "head":
+            a = torch.relu(torch.nn.functional.conv2d(torch.relu(t_cam.bn7(a)), t_cam.fc8.weight))
+          else:
+            a = getattr(t_cam, name)(a)
+        return a
+    return run
+
+  parts = set(args.analyse_parts.split(","))
+  if not parts <= {"total", "stages", "variants", "convs"}:
+    raise SystemExit(f"--analyse-parts {args.analyse_parts!r}: expected total, stages, "
+                     "variants, convs")
+  if "convs" in parts:
+    run_conv_analysis(args, orig, results, rows)
+  a_t, a_j = to_torch(orig, x, dev), jnp.asarray(x)
+  if "total" in parts:
+    def run_t():
+      with torch.no_grad():
+        return t_cam.forward_cam(a_t)
+    tt, tj = interleaved_median(run_t, lambda: js.cam(a_j).block_until_ready(), reps)
+    rows.append(("CAM forward (models.CAMNet)", tag, f"{tt * 1e3:.0f} ms", f"{tj * 1e3:.0f} ms",
+                 f"{tt / tj:.2f}x"))
+    results["cam_torch_ms"], results["cam_jax_ms"] = tt * 1e3, tj * 1e3
+    print("  total done", flush=True)
+  total_t = total_j = 0.0
+  for label, names in (STAGES if "stages" in parts else ()):
+    ft, fj = torch_stage(names), jax_stage(names)
+    tt, tj = interleaved_median(lambda: ft(a_t), lambda: fj(js.cam_vars, a_j).block_until_ready(),
+                                reps)
+    total_t, total_j = total_t + tt, total_j + tj
+    rows.append((f"CAM stage: {label}", tag, f"{tt * 1e3:.0f} ms", f"{tj * 1e3:.0f} ms",
+                 f"{tt / tj:.2f}x"))
+    results[f"stage_{names[0]}_torch_ms"], results[f"stage_{names[0]}_jax_ms"] = tt * 1e3, tj * 1e3
+    a_t, a_j = ft(a_t), fj(js.cam_vars, a_j)
+    print(f"  stage {label} done", flush=True)
+  if "stages" in parts:
+    rows.append(("CAM stages, sum", tag, f"{total_t * 1e3:.0f} ms", f"{total_j * 1e3:.0f} ms",
+                 f"{total_t / total_j:.2f}x"))
+  if "variants" not in parts:
+    return
+
+  variants = {name: jax.jit(lambda v, a, f=fold, m=merge: _lax_cam(v, a, fold_bn=f, merge_1x1=m))
+              for name, fold, merge in (("lax", False, False), ("lax + BN folding", True, False),
+                                        ("lax + BN folding + merged 1x1", True, True))}
+  a_j0 = jnp.asarray(x)
+  flax_cam = lambda: js.cam(a_j0).block_until_ready()  # noqa: E731
+  reference = np.asarray(js.cam(a_j0))
+  for name, fn in variants.items():
+    err, rel = diff(np.asarray(fn(js.cam_vars, a_j0)), reference)
+    # Minimum: the two run the same work but for the rewrite; load only adds time.
+    tf_, tv = interleaved_median(flax_cam, lambda: fn(js.cam_vars, a_j0).block_until_ready(),
+                                 reps, reduce=min)
+    rows.append((f"CAM forward, {name} vs models.CAMNet", tag, "", f"{tv * 1e3:.0f} ms",
+                 f"{tf_ / tv:.3f}x (rel diff {rel:.1e})"))
+    results[f"variant_{name.replace(' ', '_').replace('+', 'plus')}_speedup"] = tf_ / tv
+    print(f"  variant {name} done", flush=True)
+  del params, stats
 
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
   orig = load_original(args.psa_root, args.device)
+  if args.matmul_1x1:
+    use_matmul_1x1()
   import jax
   import flax
   torch = orig.torch
   t0 = time.time()
   t_cam, cam_state, cam_source = build_torch_net(orig, "cam", args.weights_cam, args.seed,
                                                   args.device)
-  t_aff, aff_state, aff_source = build_torch_net(orig, "affinity", args.weights_aff,
-                                                  args.seed + 1, args.device)
+  t_aff, aff_state, aff_source = (
+      (None, None, "not used") if args.analyse_cam else
+      build_torch_net(orig, "affinity", args.weights_aff, args.seed + 1, args.device))
   js = JaxSide(cam_state, aff_state)
   del cam_state, aff_state
   print(f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores; "
@@ -627,11 +978,16 @@ def main(argv=None) -> dict:
   print(f"weights: cam = {cam_source}; affinity = {aff_source}; set up in "
         f"{time.time() - t0:.0f} s", flush=True)
 
-  results: dict = {"device": args.device, "quick": bool(args.quick)}
+  results: dict = {"device": args.device, "quick": bool(args.quick),
+                   "matmul_1x1": bool(args.matmul_1x1)}
   rows: list = []
-  run_parity(args, orig, t_cam, t_aff, js, results, rows)
-  if not args.parity_only:
-    run_speed(args, orig, t_cam, t_aff, js, results, rows)
+  if args.analyse_cam:
+    results["xla_flags"] = os.environ.get("XLA_FLAGS", "")
+    run_cam_analysis(args, orig, t_cam, js, results, rows)
+  else:
+    run_parity(args, orig, t_cam, t_aff, js, results, rows)
+    if not args.parity_only:
+      run_speed(args, orig, t_cam, t_aff, js, results, rows)
 
   header = ("measure", "size", "PyTorch", "JAX", "difference / JAX:PyTorch")
   widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
