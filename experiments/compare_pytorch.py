@@ -37,6 +37,12 @@ Usage:
       [--device cpu|cuda] [--quick] [--parity-only]
 `--quick` shrinks the work for a small CPU (fewer parity sizes, a small multi-scale image, a
 training step at batch 2 / crop 224 instead of 8 / 448, 3 repeats). The last line printed is JSON.
+
+For the models' speed work: `--analyse-cam` times the CAM forward per backbone stage and per
+heavy convolution (forward and backward) on both sides, and rewrites of the JAX forward (BN
+folding, merged 1x1 convolutions, 1x1 as matrix products, dilation by space-to-batch); it honours
+XLA_FLAGS. `--matmul-1x1` runs the whole comparison with affinity_jax's 1x1 convolutions
+replaced by matrix products (a prototype, patched in this process only).
 """
 
 from __future__ import annotations
@@ -121,9 +127,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--analyse-size", type=parse_size, default=(448, 448),
                  help="image size of --analyse-cam (default 448x448)")
   p.add_argument("--analyse-parts", default="total,stages,variants",
-                 help="what --analyse-cam measures, comma separated: total (whole CAM forward), "
-                      "stages (per backbone stage), variants (rewrites of the JAX forward), convs (single "
-                      "convolutions of the stride-8 stages)")
+                 help="what --analyse-cam measures, comma separated: total (whole CAM "
+                      "forward), stages (per backbone stage), variants (rewrites of the JAX "
+                      "forward), convs (single convolutions of the stride-8 stages)")
   p.add_argument("--sizes", type=lambda s: tuple(parse_size(v) for v in s.split(",")),
                  help="parity image sizes, e.g. 320x320,281x353 (default: by --quick)")
   p.add_argument("--ms-size", type=parse_size, help="image size of the multi-scale CAM check")
@@ -138,6 +144,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise ValueError(f"--{flag.replace('_', '-')} {path!r}: no such file")
   except ValueError as e:
     p.error(str(e))
+  for flag, allowed in (("speed_parts", {"cam", "train", "rw"}),
+                        ("analyse_parts", {"total", "stages", "variants", "convs"})):
+    if not set(getattr(args, flag).split(",")) <= allowed:
+      p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)!r}: expected a comma-separated "
+              f"subset of {', '.join(sorted(allowed))}")
   args.sizes = args.sizes or (QUICK_SIZES if args.quick else SIZES)
   args.ms_size = args.ms_size or (QUICK_MS_SIZE if args.quick else MS_SIZE)
   args.repeats = args.repeats or (3 if args.quick else 5)
@@ -210,6 +221,9 @@ def build_torch_net(orig, kind: str, weights: str | None, seed: int, device: str
   net = (orig.cls if kind == "cam" else orig.aff).Net()
   if weights:
     state = torch.load(weights, map_location="cpu", weights_only=True)
+    # Files saved by PyTorch 0.4 lack BN's num_batches_tracked (unused in eval mode).
+    state = {**{k: v for k, v in net.state_dict().items() if k.endswith("num_batches_tracked")},
+             **state}
     source = weights
   else:
     state = random_state_dict(net, seed)
@@ -618,8 +632,6 @@ def run_speed(args, orig, t_cam, t_aff, js, results, rows):
     return out
 
   parts = set(args.speed_parts.split(","))
-  if not parts <= {"cam", "train", "rw"}:
-    raise SystemExit(f"--speed-parts {args.speed_parts!r}: expected cam, train, rw")
   for h, w in (SPEED_CAM_SIZES if "cam" in parts else ()):
     x = normalise(orig, synthetic_image(h, w, args.seed + 7))
     xt, xj = to_torch(orig, x, dev), jnp.asarray(x)
@@ -905,9 +917,6 @@ def run_cam_analysis(args, orig, t_cam, js, results, rows):
     return run
 
   parts = set(args.analyse_parts.split(","))
-  if not parts <= {"total", "stages", "variants", "convs"}:
-    raise SystemExit(f"--analyse-parts {args.analyse_parts!r}: expected total, stages, "
-                     "variants, convs")
   if "convs" in parts:
     run_conv_analysis(args, orig, results, rows)
   a_t, a_j = to_torch(orig, x, dev), jnp.asarray(x)

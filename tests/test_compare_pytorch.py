@@ -40,11 +40,25 @@ def test_folder_that_is_not_the_original_is_named_with_its_missing_files(tmp_pat
   assert "network/resnet38d.py" not in res.stderr.split("missing", 1)[1]
 
 
-def test_bad_size_and_missing_weights_are_clear_errors(tmp_path):
-  res = _run("--psa-root", str(tmp_path), "--sizes", "16x16")
+def _fake_checkout(root):
+  for name in ("network/resnet38d.py", "network/resnet38_cls.py", "network/resnet38_aff.py",
+               "tool/pyutils.py", "tool/torchutils.py", "voc12/data.py"):
+    (root / name).parent.mkdir(parents=True, exist_ok=True)
+    (root / name).write_text("")
+  return str(root)
+
+
+def test_bad_size_weights_or_parts_are_clear_errors(tmp_path):
+  root = _fake_checkout(tmp_path)
+  res = _run("--psa-root", root, "--sizes", "16x16")
   assert res.returncode == 2 and "16x16" in res.stderr and "H >= 33" in res.stderr
-  res = _run("--psa-root", str(tmp_path), "--sizes", "300")
+  res = _run("--psa-root", root, "--sizes", "300")
   assert res.returncode == 2 and "expected HxW" in res.stderr
+  missing = str(tmp_path / "res38_cls.pth")
+  res = _run("--psa-root", root, "--weights-cam", missing)
+  assert res.returncode == 2 and "--weights-cam" in res.stderr and missing in res.stderr
+  res = _run("--psa-root", root, "--speed-parts", "cam,walk")
+  assert res.returncode == 2 and "--speed-parts" in res.stderr and "'cam,walk'" in res.stderr
 
 
 def test_help_describes_the_comparison():
