@@ -47,6 +47,7 @@ def get_config(arg=None):
       lr=0.01, weight_decay=5e-4, poly_power=0.9,
       momentum_quirk=True,  # the original runs SGD with momentum = weight decay (5e-4).
       momentum=0.9,         # used only with momentum_quirk=False.
+      optimizer="sgd",      # the original's; "adam" only for from-scratch runs.
       crop_size=448, resize_long=(256, 512),
       color_jitter=(0.3, 0.3, 0.3, 0.1),  # brightness, contrast, saturation, hue.
       checkpoint_every=500, log_every=20, steps=-1,  # steps > 0 overrides epochs.
@@ -59,7 +60,7 @@ def get_config(arg=None):
   # AffinityNet (train_aff.py).
   c.aff = ml_collections.ConfigDict(dict(
       batch_size=8, epochs=8, lr=0.1, weight_decay=5e-4, poly_power=0.9,
-      momentum_quirk=True, momentum=0.9, crop_size=448,
+      momentum_quirk=True, momentum=0.9, optimizer="sgd", crop_size=448,
       color_jitter=(0.3, 0.3, 0.3, 0.1), radius=5,
       scheme="psa",   # the original's pair set at 448/8 = 56; "full" adds the border pairs.
       checkpoint_every=500, log_every=20, steps=-1,
@@ -74,7 +75,8 @@ def get_config(arg=None):
   # Segmentation network (the paper's; not in the original repository).
   c.seg = ml_collections.ConfigDict(dict(
       batch_size=16, epochs=30, lr=0.01, weight_decay=5e-4, poly_power=0.9,
-      momentum_quirk=False, momentum=0.9, crop_size=448, scale_range=(0.7, 1.3),
+      momentum_quirk=False, momentum=0.9, optimizer="sgd", crop_size=448,
+      scale_range=(0.7, 1.3),
       checkpoint_every=500, log_every=20, steps=-1,
   ))
   c.seg_infer = ml_collections.ConfigDict(dict(scales=(1.0, 0.75, 1.25), crf=True, batch_size=1))

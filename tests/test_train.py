@@ -188,3 +188,16 @@ def test_four_devices_match_one_device(tmp_path):
   four = _run_with_devices(4, tmp_path / "four")
   assert (one["devices"], four["devices"]) == (1, 4)
   np.testing.assert_allclose(one["params"], four["params"], rtol=1e-5, atol=1e-6)
+
+
+def test_adam_option_keeps_group_multipliers_and_rejects_unknown_names():
+  params = {"w": jnp.full((2,), 2.0), "nb": jnp.full((2,), 2.0)}
+  labels = {"w": "pretrained_weight", "nb": "new_bias"}
+  cfg = train.OptimConfig(lr=0.1, total_steps=10, weight_decay=0.0, optimizer="adam")
+  tx = train.make_optimizer(cfg, labels)
+  updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
+  # Adam's first step moves each weight by lr * multiplier (bias-corrected m / sqrt(v) = 1).
+  assert float(updates["w"][0]) == pytest.approx(-0.1, rel=1e-4)
+  assert float(updates["nb"][0]) == pytest.approx(-0.1 * 20, rel=1e-4)
+  with pytest.raises(ValueError, match="rmsprop"):
+    train.make_optimizer(train.OptimConfig(lr=0.1, total_steps=10, optimizer="rmsprop"), labels)

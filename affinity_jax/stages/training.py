@@ -81,7 +81,7 @@ def run_training(cfg, net: str) -> dict:
   model = common.make_model(cfg, arch)
   optim = train.OptimConfig(lr=net_cfg.lr, total_steps=steps, weight_decay=net_cfg.weight_decay,
                             poly_power=net_cfg.poly_power, momentum_quirk=net_cfg.momentum_quirk,
-                            momentum=net_cfg.momentum)
+                            momentum=net_cfg.momentum, optimizer=net_cfg.optimizer)
   print(f"[{net}] {steps} steps, global batch {net_cfg.batch_size}, {num_examples} images in "
         f"{split}, {jax.device_count()} device(s)", flush=True)
   trained = train.train(
