@@ -8,7 +8,6 @@ tree. Learning rates are lowered (--config.*.lr) so that the few steps here neve
 
 import json
 import os
-import select
 import shutil
 import signal
 import subprocess
@@ -73,21 +72,20 @@ def wait_for(predicate, proc, what: str, timeout: float = 300):
     time.sleep(0.02)
 
 
-def read_line_until(proc, needle: str, timeout: float = 300) -> str:
-  """Reads the run's output until a line containing `needle`; returns everything read."""
-  seen, t0 = [], time.time()
-  while time.time() - t0 < timeout:
-    ready, _, _ = select.select([proc.stdout], [], [], 1.0)
-    if not ready:
-      continue
-    line = proc.stdout.readline()
-    if not line:
-      break
+def read_line_until(proc, needle: str) -> str:
+  """Reads the run's output until a line containing `needle`; returns everything read.
+
+  Blocking reads (no select: lines already buffered by the reader would not wake it); the run
+  ends, and the read with it, within the stage's few steps.
+  """
+  seen = []
+  for line in iter(proc.stdout.readline, ""):
     seen.append(line)
     if needle in line:
       return "".join(seen)
-  proc.kill()
-  raise AssertionError(f"no line with {needle!r} in:\n{''.join(seen)[-3000:]}")
+  proc.wait()
+  raise AssertionError(f"no line with {needle!r} (status {proc.returncode}) in:\n"
+                       f"{''.join(seen)[-3000:]}")
 
 
 def assert_same_variables(a, b):
