@@ -5,9 +5,10 @@
 
 1. A clean run of every stage (`affinity-jax run`) in ROOT/clean; its stdout gives each stage's
    start time and duration.
-2. The same command in ROOT/chaos, killed `--kills` times. Kill i is drawn uniformly within the
-   i-th of `--kills` equal slices of the clean run's timeline, as (stage, time into the stage);
-   the rerun is watched until it announces that stage ("== stage"), and after that time (the
+2. The same command in ROOT/chaos, killed `--kills` times. Each kill draws a stage uniformly
+   and a time within the stage's clean duration, and the kills go in pipeline order; the rerun
+   is watched until it announces that stage ("== stage"; for a training stage, until its first
+   step's progress line, since start-up and compilation come before), and after that time (the
    stage resumes, so the kill may land in a later stage) it gets SIGKILL
    (every `--sigterm_every`-th kill a SIGTERM instead: the pre-emption path, which saves a
    checkpoint when it lands in training). A run that ends before its kill lands is a miss: a
@@ -69,8 +70,9 @@ class Run:
       self.log.write(line)
       self.log.flush()
 
-  def wait_for_line(self, text: str, timeout: float) -> bool:
-    """True once a line starting with `text` arrived; False if the run ended first."""
+  def wait_for_line(self, text: str | tuple[str, ...], timeout: float) -> bool:
+    """True once a line starting with `text` (or one of them) arrived; False if the run ended
+    first."""
     end = time.time() + timeout
     while time.time() < end:
       if any(line.startswith(text) for _, line in self.lines):
@@ -88,8 +90,13 @@ class Run:
     return status
 
 
+NET_OF = {"train_cam": "cam_net", "train_aff": "aff_net", "train_seg": "seg_net"}
+
+
 def stage_times(lines: list[tuple[float, str]]) -> dict[str, float]:
-  """Seconds each stage took, from the "== stage" / "== stage done" lines."""
+  """Seconds each stage took, from the "== stage" / "== stage done" lines; for a training stage,
+  from its first step's progress line on (before it, start-up and compilation: a kill there
+  only restarts the stage)."""
   starts, out = {}, {}
   for t, line in lines:
     m = re.match(r"== (\w+)( done)?", line)
@@ -98,6 +105,10 @@ def stage_times(lines: list[tuple[float, str]]) -> dict[str, float]:
         out[m.group(1)] = t - starts[m.group(1)]
       else:
         starts[m.group(1)] = t
+    m = re.match(r"\[(\w+_net)\] \[", line)
+    stage = {v: k for k, v in NET_OF.items()}.get(m.group(1)) if m else None
+    if stage and stage not in out and not starts.get(stage + "/steps"):
+      starts[stage + "/steps"] = starts[stage] = t
   return out
 
 
@@ -210,18 +221,10 @@ def main(argv=None) -> int:
   print("chaos: clean stage seconds " +
         ", ".join(f"{k} {v:.1f}" for k, v in durations.items()), flush=True)
 
-  # Kill points (stage, fraction of its clean duration) spread over the clean run's timeline:
-  # kill i at a uniform time within the i-th of `kills` equal slices of it.
-  timeline = [(stage, durations[stage]) for stage in ORDER if stage in durations]
-  total = sum(d for _, d in timeline)
-  picks = []
-  for i in range(args.kills):
-    at = (i + rng.random()) / args.kills * total
-    for stage, d in timeline:
-      if at <= d or stage == timeline[-1][0]:
-        picks.append((stage, min(1.0, at / d)))
-        break
-      at -= d
+  # Kill points: a stage drawn uniformly for each kill and a uniform fraction of its clean
+  # duration, in pipeline order (each stage, however short, is as likely to be hit).
+  picks = sorted(((rng.choice(ORDER), rng.random()) for _ in range(args.kills)),
+                 key=lambda sf: (ORDER.index(sf[0]), sf[1]))
   events, misses, runs = [], 0, 0
   t = time.time()
   i = 0
@@ -232,6 +235,9 @@ def main(argv=None) -> int:
     run = Run(command(chaos_dir), os.path.join(root, "chaos.log"))
     runs += 1
     landed = run.wait_for_line(f"== {stage}", timeout=3600)
+    if landed and stage in NET_OF:  # from the first step on, as the durations
+      after = ORDER[ORDER.index(stage) + 1] if stage != ORDER[-1] else "all stages"
+      landed = run.wait_for_line((f"[{NET_OF[stage]}] [", f"== {after}"), timeout=3600)
     if landed:
       deadline = time.time() + frac * durations.get(stage, 1.0)
       while time.time() < deadline and run.proc.poll() is None:
