@@ -37,6 +37,11 @@ def get_config(arg=None):
       # The ImageNet ResNet-38 converted by `affinity-jax convert mxnet
       # ilsvrc-cls_rna-a1_cls1000_ep-0001.params DIR`; "" = random init (only for tests).
       backbone="",
+      # The original freezes conv1a, b2, b2_1, b2_2 (pretrained on ImageNet).
+      freeze_stem=True,
+      # Start AffinityNet and the segmentation network from the trained CAM network's backbone
+      # (for from-scratch runs; the original starts both from ImageNet).
+      from_cam_net=False,
   ))
 
   # Classification network (train_cls.py).

@@ -75,9 +75,19 @@ def run_training(cfg, net: str) -> dict:
         exclude=common.skipped_by(cfg, "random_walk"), **(shard or host))
 
   calibration = None
-  if not cfg.init.backbone:  # the same images on every host, so replicas start identical.
+  from_cam = cfg.init.from_cam_net and net != common.CAM_NET
+  if not cfg.init.backbone and not from_cam:
+    # The same images on every host, so the replicas start identical.
     calibration = next(batches(0, process_index=0, process_count=1))["image"]
   variables = common.init_variables(cfg, arch, net_cfg.crop_size, calibration)
+  if from_cam:
+    _, cam_variables = common.load_trained(cfg, common.CAM_NET)
+    backbone = {k: {m: t for m, t in tree.items() if m not in models.NEW_MODULES}
+                for k, tree in cam_variables.items()}
+    variables = common.merge_backbone(variables, backbone, common.final_path(cfg, common.CAM_NET))
+  labels = models.param_labels(variables["params"])
+  if not cfg.init.freeze_stem:  # from scratch, the stem has nothing pretrained to keep.
+    labels = jax.tree.map(lambda l: "pretrained_weight" if l == "frozen" else l, labels)
   model = common.make_model(cfg, arch)
   optim = train.OptimConfig(lr=net_cfg.lr, total_steps=steps, weight_decay=net_cfg.weight_decay,
                             poly_power=net_cfg.poly_power, momentum_quirk=net_cfg.momentum_quirk,
@@ -86,7 +96,7 @@ def run_training(cfg, net: str) -> dict:
         f"{split}, {jax.device_count()} device(s)", flush=True)
   trained = train.train(
       name=net, model=model, variables=variables,
-      labels=models.param_labels(variables["params"]), loss_fn=loss_fn, batches=batches,
+      labels=labels, loss_fn=loss_fn, batches=batches,
       optim=optim, workdir=common.path(cfg, net), batch_size=net_cfg.batch_size, seed=cfg.seed,
       checkpoint_every=net_cfg.checkpoint_every, log_every=net_cfg.log_every,
       lr_key=f"{_SECTION[net]}.lr")
