@@ -25,6 +25,19 @@ def score_stack(cam: np.ndarray, alpha: float) -> np.ndarray:
   return np.concatenate([np.power(1.0 - peak, alpha)[..., None], cam], axis=-1)
 
 
+def _die_with_parent() -> None:
+  """Worker initialiser: a SIGKILL of the stage's process must not leave its workers behind
+  (they would wait on their task queue forever). Linux only; elsewhere a no-op."""
+  import ctypes
+  import signal
+  try:
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+  except (OSError, AttributeError):
+    return
+  if os.getppid() == 1:  # the parent died before prctl took effect
+    os._exit(1)
+
+
 def crf_scores(image: np.ndarray, cam_path: str, out_path: str, alpha_low: float,
                alpha_high: float, iters: int) -> str | None:
   """Writes the la / ha maps of one image; returns why it was skipped, or None when written."""
@@ -61,7 +74,8 @@ def run(cfg) -> dict:
       written += 1
 
   ctx = multiprocessing.get_context("spawn")
-  with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+  with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx,
+                                              initializer=_die_with_parent) as pool:
     for split in cfg.data.pseudo_splits:
       todo = set(common.missing(common.split_names(cfg, split), out_dir, ".npz"))
       if not todo:
