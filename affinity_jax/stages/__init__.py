@@ -43,7 +43,8 @@ def run_stages(cfg, names: list[str]) -> dict[str, dict]:
     t = time.time()
     summaries[name] = module.run(cfg) or {}
     summaries[name]["seconds"] = round(time.time() - t, 1)
-    skipped = summaries[name].get("skipped")
+    skipped = summaries[name].get("skipped")  # a count; True from a stage skipped whole
+    skipped = 0 if isinstance(skipped, bool) else skipped
     note = f"; skipped {skipped} image(s), see reports/{name}.json" if skipped else ""
     print(f"== {name} done in {summaries[name]['seconds']:.1f} s{note}", flush=True)
   total = time.time() - t0
