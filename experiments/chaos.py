@@ -85,7 +85,10 @@ class Run:
 
   def wait(self) -> int:
     status = self.proc.wait()
-    self.reader.join()
+    # A killed run's orphaned children could hold its stdout open: do not wait for them forever.
+    self.reader.join(timeout=60)
+    if self.reader.is_alive():
+      print("chaos: the killed run left processes holding its output open", file=sys.stderr)
     self.log.close()
     return status
 
