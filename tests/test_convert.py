@@ -124,8 +124,10 @@ def test_convert_psa_pytorch_writes_a_checkpoint(tmp_path):
 
 def test_missing_torch_gives_install_hint(monkeypatch, tmp_path):
   monkeypatch.setitem(__import__("sys").modules, "torch", None)  # makes `import torch` fail
-  with pytest.raises(ConversionError, match=r"pip install 'affinity_jax\[torch\]'"):
-    convert.convert_psa_pytorch(str(tmp_path / "x.pth"), str(tmp_path / "out"), "cam")
+  pth = tmp_path / "x.pth"
+  pth.write_bytes(b"PK\x03\x04 not read without torch")
+  with pytest.raises(ConversionError, match=r"x\.pth: .*pip install 'affinity_jax\[torch\]'"):
+    convert.convert_psa_pytorch(str(pth), str(tmp_path / "out"), "cam")
 
 
 # --- MXNet ---------------------------------------------------------------------------------------

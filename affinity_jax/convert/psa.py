@@ -143,13 +143,13 @@ def infer_width(state_dict: Mapping[str, Any], source: str = "state dict") -> fl
 
 def read_torch_state_dict(in_path: str) -> dict[str, np.ndarray]:
   """The tensors of a PyTorch checkpoint file as numpy arrays (needs torch)."""
+  if not os.path.isfile(in_path):
+    raise ConversionError(f"{in_path}: no such file")
   try:
     import torch  # optional: only this converter needs it.
   except ImportError:
-    raise ConversionError("reading .pth files needs PyTorch: pip install 'affinity_jax[torch]'"
-                          ) from None
-  if not os.path.isfile(in_path):
-    raise ConversionError(f"{in_path}: no such file")
+    raise ConversionError(f"{in_path}: reading .pth files needs PyTorch: "
+                          "pip install 'affinity_jax[torch]'") from None
   try:
     obj = torch.load(in_path, map_location="cpu", weights_only=True)
   except Exception as e:  # torch raises pickle, zip and runtime errors alike for foreign files.
