@@ -29,7 +29,7 @@ def run(cfg) -> dict:
   out_dir = common.path(cfg, common.CAMS)
   builder = common.builder(cfg)
   model, variables = None, None
-  written, skipped = 0, 0
+  written = 0
   report = common.SkipReport(cfg, "infer_cam")
   for split in cfg.data.pseudo_splits:
     todo = set(common.missing(common.split_names(cfg, split), out_dir, ".npz"))
@@ -52,7 +52,6 @@ def run(cfg) -> dict:
         report.skip(names[i], common.NO_POSITIVE_CLASS)
         keep.remove(i)
       if not keep:
-        skipped += len(names)
         continue
       total = cam_fn(variables, inference.pass_inputs(batch, scales))
       hc, wc = batch["raw"].shape[1:3]
