@@ -31,20 +31,20 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
+# Shared with the parity/speed comparison beside this file: the checkout check, the seeded
+# state dict of the original's nets and the interleaved timer.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import compare_pytorch as cp  # noqa: E402
+
 RADIUS = 5
 TRAIN_LR = 0.01
 WEIGHT_DECAY = 5e-4
-REQUIRED_FILES = ("network/resnet38d.py", "network/resnet38_cls.py", "network/resnet38_aff.py",
-                  "tool/pyutils.py", "tool/torchutils.py", "voc12/data.py")
-
 
 def parse_size(text: str) -> tuple[int, int]:
   """"HxW" -> (H, W)."""
@@ -74,52 +74,16 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--skip-train", action="store_true", help="no training-step measurement")
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args(argv)
-  if not os.path.isdir(args.psa_root):
-    p.error(f"--psa-root {args.psa_root!r}: no such folder")
-  missing = [f for f in REQUIRED_FILES if not os.path.isfile(os.path.join(args.psa_root, f))]
-  if missing:
-    p.error(f"--psa-root {args.psa_root!r} is not a checkout of jiwoon-ahn/psa: missing "
-            f"{', '.join(missing)}")
+  try:
+    cp.check_psa_root(args.psa_root)
+  except ValueError as e:
+    p.error(str(e))
   if args.repeats < 1 or args.warmup < 0 or args.threads < 1:
     p.error("--repeats and --threads must be >= 1, --warmup >= 0")
   # The psa pair set needs a feature grid of at least 5 x 9 (radius 5, stride 8).
   if args.train_batch < 1 or args.train_crop < 72:
     p.error("--train-batch must be >= 1 and --train-crop >= 72")
   return args
-
-
-def seeded_state_dict(net, seed: int) -> dict:
-  """Random weights for the original's `net`: conv N(0, 1 / fan_in), BN weight U(0.5, 1.5),
-  bias and running mean N(0, 0.1), running var U(0.5, 2) (so that folding BN is exercised)."""
-  import torch
-  gen = torch.Generator().manual_seed(seed)
-  state = {}
-  for name, ref in net.state_dict().items():
-    if name.endswith("num_batches_tracked"):
-      state[name] = ref.clone()
-    elif ref.ndim == 4:
-      state[name] = torch.randn(ref.shape, generator=gen) * (1.0 / ref[0].numel()) ** 0.5
-    elif name.endswith("running_var"):
-      state[name] = 0.5 + 1.5 * torch.rand(ref.shape, generator=gen)
-    elif name.endswith("weight"):
-      state[name] = 0.5 + torch.rand(ref.shape, generator=gen)
-    else:
-      state[name] = 0.1 * torch.randn(ref.shape, generator=gen)
-  return state
-
-
-def interleaved(fn_torch, fn_jax, repeats: int, warmup: int) -> tuple[float, float]:
-  """Median seconds of fn_torch and fn_jax, called alternately."""
-  for _ in range(warmup):
-    fn_torch()
-    fn_jax()
-  times_t, times_j = [], []
-  for _ in range(repeats):
-    for fn, times in ((fn_torch, times_t), (fn_jax, times_j)):
-      start = time.perf_counter()
-      fn()
-      times.append(time.perf_counter() - start)
-  return statistics.median(times_t), statistics.median(times_j)
 
 
 def main(argv=None) -> dict:
@@ -154,7 +118,7 @@ def main(argv=None) -> dict:
 
   if not args.skip_cam:
     t_net = network.resnet38_cls.Net()
-    state = seeded_state_dict(t_net, args.seed)
+    state = cp.random_state_dict(t_net, args.seed)
     t_net.load_state_dict(state)
     t_net.eval()
     j_net = models.build("cam")
@@ -175,7 +139,7 @@ def main(argv=None) -> dict:
 
       ref = run_torch().numpy().transpose(0, 2, 3, 1)
       err = float(np.max(np.abs(np.asarray(run_jax()) - ref)) / max(np.max(np.abs(ref)), 1e-12))
-      tt, tj = interleaved(run_torch, run_jax, args.repeats, args.warmup)
+      tt, tj = cp.interleaved_median(run_torch, run_jax, args.repeats, args.warmup)
       key = f"cam_{h}x{w}"
       results.update({f"{key}_torch_s": tt, f"{key}_jax_s": tj, f"{key}_ratio": tt / tj,
                       f"{key}_max_rel_diff": err})
@@ -186,7 +150,7 @@ def main(argv=None) -> dict:
   if not args.skip_train:
     b, crop = args.train_batch, args.train_crop
     t_net = network.resnet38_aff.Net()
-    state = seeded_state_dict(t_net, args.seed + 1)
+    state = cp.random_state_dict(t_net, args.seed + 1)
     t_net.load_state_dict(state)
     t_net.train()  # the original's train(): BN stays frozen, conv1a / b2* get no gradients.
     images = rng.standard_normal((b, crop, crop, 3), dtype=np.float32)
@@ -244,7 +208,7 @@ def main(argv=None) -> dict:
       holder["state"], loss = step_fn(holder["state"], frozen, batch_stats, batch)
       return float(loss)
 
-    tt, tj = interleaved(run_torch, run_jax, args.repeats, args.warmup)
+    tt, tj = cp.interleaved_median(run_torch, run_jax, args.repeats, args.warmup)
     key = "aff_train_step"
     results.update({f"{key}_torch_s": tt, f"{key}_jax_s": tj, f"{key}_ratio": tt / tj,
                     f"{key}_batch": b, f"{key}_crop": crop})
