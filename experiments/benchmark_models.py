@@ -46,23 +46,13 @@ RADIUS = 5
 TRAIN_LR = 0.01
 WEIGHT_DECAY = 5e-4
 
-def parse_size(text: str) -> tuple[int, int]:
-  """"HxW" -> (H, W)."""
-  try:
-    h, w = (int(v) for v in text.lower().split("x"))
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"size {text!r}: expected HxW, e.g. 448x448") from None
-  if h < 8 or w < 8:
-    raise argparse.ArgumentTypeError(f"size {text!r}: both sides must be at least 8")
-  return h, w
-
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--psa-root", required=True, help="checkout of github.com/jiwoon-ahn/psa")
   p.add_argument("--cam-sizes", default="448x448,320x320",
-                 type=lambda s: tuple(parse_size(v) for v in s.split(",")),
+                 type=lambda s: tuple(cp.parse_size(v) for v in s.split(",")),
                  help="CAM inference image sizes, comma separated (default 448x448,320x320)")
   p.add_argument("--train-batch", type=int, default=8, help="AffinityNet step batch (8)")
   p.add_argument("--train-crop", type=int, default=448, help="AffinityNet step crop (448)")
