@@ -32,6 +32,7 @@ import json
 import os
 import platform
 import sys
+import types
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -148,27 +149,8 @@ def main(argv=None) -> dict:
     # Label grids at stride 8: two classes, background and some ignored (255) cells.
     labels = rng.choice(np.array([0, 1, 2, 255], np.int64), size=(b, grid, grid),
                         p=[0.4, 0.3, 0.2, 0.1])
-    extract = voc12.data.ExtractAffinityLabelInRadius(cropsize=grid, radius=RADIUS)
-    bg, fg, neg = (torch.stack(t) for t in zip(*(extract(g) for g in labels)))
-    groups = t_net.get_parameter_groups()
-    optimizer = tool.torchutils.PolyOptimizer([
-        {"params": groups[0], "lr": TRAIN_LR, "weight_decay": WEIGHT_DECAY},
-        {"params": groups[1], "lr": 2 * TRAIN_LR, "weight_decay": 0},
-        {"params": groups[2], "lr": 10 * TRAIN_LR, "weight_decay": WEIGHT_DECAY},
-        {"params": groups[3], "lr": 20 * TRAIN_LR, "weight_decay": 0},
-    ], lr=TRAIN_LR, weight_decay=WEIGHT_DECAY, max_step=1000)
-    x_t = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
-
-    def run_torch():
-      aff = t_net(x_t)
-      bg_loss = torch.sum(-bg * torch.log(aff + 1e-5)) / (torch.sum(bg) + 1e-5)
-      fg_loss = torch.sum(-fg * torch.log(aff + 1e-5)) / (torch.sum(fg) + 1e-5)
-      neg_loss = torch.sum(-neg * torch.log(1. + 1e-5 - aff)) / (torch.sum(neg) + 1e-5)
-      loss = bg_loss / 4 + fg_loss / 4 + neg_loss / 2
-      optimizer.zero_grad()
-      loss.backward()
-      optimizer.step()
-      return loss.item()
+    orig = types.SimpleNamespace(torch=torch, data=voc12.data, torchutils=tool.torchutils)
+    run_torch = cp.torch_train_step_fn(orig, t_net, images, labels, "cpu")
 
     j_net, loss_fn = models.build("affinity"), make_aff_loss(RADIUS, "psa")
     j_vars = psa_state_dict_to_variables({k: v.numpy() for k, v in state.items()}, "affinity")
