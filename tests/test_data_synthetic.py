@@ -113,10 +113,32 @@ def test_varying_sizes_and_knobs(tmp_path):
   assert again.builder_config.name == builder.builder_config.name
 
 
+def test_object_scale_and_part_fraction_knobs():
+  """Larger objects and parts than the default when asked, within the requested ranges."""
+  big = synthetic.SyntheticConfig(name="b", image_size=(96, 96), num_classes=5, max_objects=2,
+                                  object_scale=(0.2, 0.4), part_fraction=(0.15, 0.3))
+  sizes = {"default": [], "big": []}
+  fractions = []
+  for i in range(20):
+    for key, config in (("default", _CONFIG), ("big", big)):
+      _, mask, _, parts = synthetic.generate_example(config, "train", i, with_parts=True)
+      for _, obj in _objects(mask):
+        sizes[key].append(obj.sum())
+        if key == "big":
+          fractions.append((parts & obj).sum() / obj.sum())
+  assert np.median(sizes["big"]) > 1.5 * np.median(sizes["default"])
+  # Discs are drawn on the pixel grid and clipped to the object: a little outside the range.
+  assert 0.12 <= min(fractions) and max(fractions) <= 0.33
+  assert np.mean(fractions) > 0.17
+
+
 @pytest.mark.parametrize("options, match", [
     (dict(num_classes=0), "num_classes"),
     (dict(num_classes=21), "num_classes"),
     (dict(image_size=(16, 16)), "image_size"),
+    (dict(object_scale=(0.3, 0.2)), "object_scale"),
+    (dict(object_scale=(0.2, 0.6)), "object_scale"),
+    (dict(part_fraction=(0.0, 0.2)), "part_fraction"),
     (dict(colour="blue"), "unknown option"),
     (dict(config="huge"), "unknown config"),
 ])

@@ -6,7 +6,7 @@ built so that the method has the same thing to fix as on photographs:
 * Every object is a LARGE body plus a SMALL discriminative part. The body's appearance (a light
   grey with a striped texture of random angle and period) is drawn from the same distribution for
   every class, so the body alone does not tell the class. The part (a disc covering 5-15% of the
-  object's area, placed inside it) has a saturated colour that only its class uses (hues evenly
+  object's area by default, placed inside it) has a saturated colour that only its class uses (hues evenly
   spaced around the colour wheel). A classifier learns the part, so its CAM covers mostly the
   part; affinity propagation has to extend it over the body.
 * The background is dark, weakly coloured low-frequency blotches with fine grain, clearly unlike
@@ -24,7 +24,9 @@ Features are those of `voc2012_aug`: image, name, label [num_classes], mask [H, 
 
 Knobs (fields of `SyntheticConfig`; `get_builder("synthetic_wsss", data_dir, **knobs)` makes a
 config from them): image_size (H, W), size_range (lo, hi) to draw H and W per image instead
-(exercises padding), num_classes (<= 20), max_objects, num_train, num_val, seed, boundary_width.
+(exercises padding), num_classes (<= 20), max_objects, num_train, num_val, seed, boundary_width,
+object_scale (lo, hi): object radii as fractions of the short side (default 0.12-0.3), and
+part_fraction (lo, hi): the part's share of its object's area (default 0.05-0.15).
 Named configs: `default` (128x128, 5 classes, 600 / 120 images, ~10 s to generate on 2 cores)
 and `tiny` (64x64, 3 classes, 16 / 8 images, for tests).
 Example i of a split depends only on (seed, split, i), so growing a split keeps its first images.
@@ -61,6 +63,9 @@ class SyntheticConfig(tfds.core.BuilderConfig):
   num_val: int = 120
   seed: int = 0
   boundary_width: int = 1
+  # Object radii as fractions of the image's short side, and the part's share of its object.
+  object_scale: tuple[float, float] = (0.12, 0.3)
+  part_fraction: tuple[float, float] = (0.05, 0.15)
 
   def validate(self) -> None:
     if not 1 <= self.num_classes <= len(_COLOUR_NAMES):
@@ -77,6 +82,14 @@ class SyntheticConfig(tfds.core.BuilderConfig):
       raise UserError("synthetic_wsss: num_train and num_val must be >= 1")
     if self.boundary_width < 0:
       raise UserError("synthetic_wsss: boundary_width must be >= 0")
+    lo, hi = self.object_scale
+    if not 0.02 <= lo <= hi <= 0.45:
+      raise UserError("synthetic_wsss: object_scale must be (lo, hi) with 0.02 <= lo <= hi <= "
+                      f"0.45, got {self.object_scale}")
+    lo, hi = self.part_fraction
+    if not 0.0 < lo <= hi <= 0.5:
+      raise UserError("synthetic_wsss: part_fraction must be (lo, hi) with 0 < lo <= hi <= 0.5, "
+                      f"got {self.part_fraction}")
 
 
 def class_names_for(num_classes: int) -> tuple[str, ...]:
@@ -132,7 +145,7 @@ class SyntheticWsss(LocalBuilder):
 def _knobs(config: SyntheticConfig) -> dict:
   return {f.name: getattr(config, f.name) for f in dataclasses.fields(SyntheticConfig)
           if f.name in ("image_size", "size_range", "num_classes", "max_objects", "num_train",
-                        "num_val", "seed", "boundary_width")}
+                        "num_val", "seed", "boundary_width", "object_scale", "part_fraction")}
 
 
 def part_colours(num_classes: int) -> np.ndarray:
@@ -163,12 +176,12 @@ def generate_example(config: SyntheticConfig, split: str, index: int, *,
   num_objects = int(rng.integers(1, config.max_objects + 1))
   placed = []
   for _ in range(num_objects):
-    obj = _place_object(rng, occupied, gap)
+    obj = _place_object(rng, occupied, gap, config.object_scale)
     if obj is None:
       continue
     cls = int(rng.integers(config.num_classes))
     image[obj] = _body_texture(rng, yy, xx)[obj]
-    part = _part(rng, obj)
+    part = _part(rng, obj, config.part_fraction)
     shade = rng.uniform(0.9, 1.1)
     image[part] = np.clip(colours[cls] * shade, 0, 255)
     mask[obj] = cls + 1
@@ -220,7 +233,7 @@ def _body_texture(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray) -> n
 
 
 def _place_object(rng: np.random.Generator, occupied: np.ndarray, gap: int,
-                  tries: int = 20) -> np.ndarray | None:
+                  scale: tuple[float, float], tries: int = 20) -> np.ndarray | None:
   """A random shape that keeps `gap` pixels from every placed object, or None.
 
   Shapes are drawn in a window around their centre, which is much cheaper than the full image.
@@ -235,7 +248,7 @@ def _place_object(rng: np.random.Generator, occupied: np.ndarray, gap: int,
   short = min(height, width)
   shrink = 1.0
   for _ in range(tries):
-    ry, rx = rng.uniform(0.12, 0.3, size=2) * short * shrink
+    ry, rx = rng.uniform(*scale, size=2) * short * shrink
     reach = int(np.ceil(1.25 * max(ry, rx))) + 1  # Covers every shape below, blob wobble too.
     if 2 * reach + 2 >= short:
       reach = short // 2 - 2
@@ -271,10 +284,11 @@ def _place_object(rng: np.random.Generator, occupied: np.ndarray, gap: int,
   return None
 
 
-def _part(rng: np.random.Generator, obj: np.ndarray) -> np.ndarray:
-  """A disc inside `obj` covering 5-15% of its area."""
+def _part(rng: np.random.Generator, obj: np.ndarray,
+          fraction: tuple[float, float]) -> np.ndarray:
+  """A disc inside `obj` covering a `fraction` (drawn from the range) of its area."""
   area = obj.sum()
-  radius = np.sqrt(rng.uniform(0.05, 0.15) * area / np.pi)
+  radius = np.sqrt(rng.uniform(*fraction) * area / np.pi)
   depth = ndimage.distance_transform_edt(obj)
   inside = np.argwhere(depth >= radius + 1)
   if len(inside) == 0:  # Thin object: shrink the disc to fit at the deepest point.
