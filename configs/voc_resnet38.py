@@ -68,6 +68,9 @@ def get_config(arg=None):
       momentum_quirk=True, momentum=0.9, optimizer="sgd", crop_size=448,
       color_jitter=(0.3, 0.3, 0.3, 0.1), radius=5,
       scheme="psa",   # the original's pair set at 448/8 = 56; "full" adds the border pairs.
+      # Images are resized by this factor for AffinityNet, in training and in the random walk
+      # (the original: 1). > 1 gives small images a finer affinity grid (stride 8 / scale).
+      image_scale=1.0,
       checkpoint_every=500, log_every=20, steps=-1,
   ))
   # Random walk (infer_aff.py): A = W^beta, t = 2^logt steps, background (1-max)^alpha.

@@ -88,3 +88,27 @@ def test_unknown_stage_is_a_clear_error(run_dir, capsys):
   _, argv = run_dir
   assert cli.main(argv + ["--stages", "train_cam,make_coffee"]) == 2
   assert "make_coffee" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("scale", [1.0, 1.5])
+def test_random_walk_image_scale_keeps_the_geometry(run_dir, tmp_path, scale):
+  """With beta huge the walk is the identity, so the pseudo label is the CAM stack's argmax seen
+  through the walk's resize -> pool by 8 -> upsample path: at any aff.image_scale it must land
+  on the image where the full-resolution argmax is (a misplaced or misscaled grid would not)."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  workdir, argv = run_dir
+  copy = tmp_path / "w"
+  shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("pseudo_labels", "panels", "tfds"))
+  argv = [a if a != str(workdir) else str(copy) for a in argv]
+  assert cli.main(argv + ["--stages", "random_walk", "--config.random_walk.beta=1e6",
+                          f"--config.aff.image_scale={scale}"]) == 0
+  agree = total = 0
+  for f in sorted(os.listdir(copy / "cams")):
+    cam = io.load_npz(copy / "cams" / f)
+    stack = np.concatenate([(1 - cam["cam"].max(-1, keepdims=True)) ** 16, cam["cam"]], -1)
+    want = np.concatenate([[0], cam["class_ids"] + 1])[stack.argmax(-1)]
+    label = io.load_png(copy / "pseudo_labels" / (f[:-4] + ".png"))
+    assert label.shape == want.shape
+    agree += (label == want).sum()
+    total += want.size
+  assert agree / total > 0.9, agree / total

@@ -226,6 +226,23 @@ def test_aff_train_labels_and_padding(tiny, tmp_path, kind):
       assert (inside == {"bg": 0, "unsure": 255}[kind]).all()
 
 
+def test_aff_train_image_scale(tiny, tmp_path):
+  """image_scale resizes the image and both score maps before the crop: a 64x64 image at 1.5 is
+  96x96 in a 128 crop, so 12x12 to 13x13 of its 16x16 cells (placement) are labelled."""
+  _write_scores(tiny, "train", tmp_path, "fg")
+  kw = dict(batch_size=4, crop_size=128, seed=1, color_jitter=None, **ONE_HOST)
+  for b in _take(pipelines.aff_train(tiny, "train", str(tmp_path), image_scale=1.5, **kw), 2):
+    assert b["image"].shape == (4, 128, 128, 3) and b["aff_label"].shape == (4, 16, 16)
+    content = ~(b["image"] == 0).all(-1)
+    assert (content.sum(axis=(1, 2)) == 96 * 96).all()
+    labelled = b["aff_label"] != 255
+    count = labelled.sum(axis=(1, 2))
+    assert ((count >= 12 * 12) & (count <= 13 * 13)).all()
+    assert ((b["aff_label"][labelled] >= 1) & (b["aff_label"][labelled] <= 3)).all()
+  with pytest.raises(ValueError, match="image_scale"):
+    pipelines.aff_train(tiny, "train", str(tmp_path), image_scale=0.0, **kw)
+
+
 def test_aff_train_missing_or_bad_score_files(tiny, tmp_path):
   _write_scores(tiny, "train", tmp_path, "fg")
   kw = dict(batch_size=16, crop_size=64, seed=1, **ONE_HOST)

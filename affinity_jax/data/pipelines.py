@@ -221,14 +221,17 @@ def _load_scores(path: bytes, height, width, channels):
 
 
 def aff_train(builder, split: str, score_dir: str, *, batch_size: int, crop_size: int,
-              color_jitter: Sequence[float] | None = (0.3, 0.3, 0.3, 0.1), seed: int = 0,
+              color_jitter: Sequence[float] | None = (0.3, 0.3, 0.3, 0.1),
+              image_scale: float = 1.0, seed: int = 0,
               start_step: int = 0, shuffle_buffer: int = 1024,
               process_index: int | None = None, process_count: int | None = None,
               check: bool = True, exclude: frozenset[str] = frozenset()) -> Iterator[Batch]:
   """AffinityNet training batches, endless (without the images in `exclude`).
 
   Reads `{score_dir}/{name}.npz` (keys "la", "ha": float32 [H, W, K+1], channel 0 background,
-  K present classes). The image and both score maps are flipped and cropped together (zero fill,
+  K present classes). With `image_scale` != 1 the image (bicubic, rounded to 0..255, as the
+  inference pipeline resizes) and both score maps (bilinear) are first resized by that factor
+  (the original: 1). The image and both score maps are flipped and cropped together (zero fill,
   so padding has no score and becomes 255); colour jitter touches the image only. Affinity
   labels on the stride-8 grid then follow PSA step 3 (geometry.affinity_labels_tf).
   With `check`, every score file of this host's images must exist before the first batch.
@@ -240,6 +243,8 @@ def aff_train(builder, split: str, score_dir: str, *, batch_size: int, crop_size
   from affinity_jax.geometry import affinity_labels_tf  # pylint: disable=g-import-not-at-top
   _check_crop(crop_size)
   _check_batch(batch_size)
+  if not image_scale > 0:
+    raise ValueError(f"aff_train: image_scale must be > 0, got {image_scale}")
   index, count = _host(process_index, process_count)
   if check:
     check_files(builder, host_split(builder, split, index, count), score_dir, ".npz", exclude)
@@ -258,6 +263,11 @@ def aff_train(builder, split: str, score_dir: str, *, batch_size: int, crop_size
                                [tf.float32, tf.float32], stateful=False)
     la = tf.ensure_shape(la, [None, None, None])
     ha = tf.ensure_shape(ha, [None, None, None])
+    if image_scale != 1.0:
+      size = transforms.scaled_size(shape[0], shape[1], image_scale)
+      image, la, ha = transforms.resize([image, la, ha], size, ["bicubic", "bilinear", "bilinear"],
+                                        antialias=image_scale < 1)
+      image = tf.clip_by_value(tf.round(image), 0.0, 255.0)
     image, la, ha = transforms.random_flip([image, la, ha], s_flip)
     image = transforms.normalize(_jitter(image, s_jitter, color_jitter))
     image, la, ha = transforms.random_crop([image, la, ha], [0.0, 0.0, 0.0], crop_size, s_crop)

@@ -1,14 +1,17 @@
 """Stage random_walk: pseudo labels by propagating CAMs over AffinityNet's affinities (step 6).
 
-For a batch of canvases: AffinityNet features at stride 8, the CAM stack (background
-(1 - max)^alpha + classes) pooled by 8 onto each image's own grid, the sparse walk of 2^logt
-steps with positions outside the image excluded, bilinear upsampling to the padded size, crop,
-argmax. Writes `{workdir}/pseudo_labels/{name}.png` (uint8: 0 background, c + 1 class c) and,
-for the first `eval.panels` images of each split, the walked foreground heat map for pictures.
+For a batch of canvases: AffinityNet features at stride 8 of the image resized by
+`aff.image_scale` (the original: 1, the image as it is), the CAM stack (background
+(1 - max)^alpha + classes) resized likewise and pooled by 8 onto each image's own grid, the sparse
+walk of 2^logt steps with positions outside the image excluded, bilinear upsampling of the padded
+grid to the original resolution, crop, argmax. Writes `{workdir}/pseudo_labels/{name}.png`
+(uint8: 0 background, c + 1 class c) and, for the first `eval.panels` images of each split,
+the walked foreground heat map for pictures.
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 import jax
@@ -19,6 +22,14 @@ from affinity_jax import geometry, io
 from affinity_jax import random_walk as rw
 from affinity_jax.stages import common, inference
 from affinity_jax.stages.infer_cam import load_cam
+
+
+def resize_bilinear(maps: np.ndarray, size) -> np.ndarray:
+  """[H, W, C] -> [size[0], size[1], C], bilinear with half-pixel centres (align_corners=False)."""
+  ry = inference.interp_matrix(int(size[0]), maps.shape[0], int(size[0]), maps.shape[0])
+  rx = inference.interp_matrix(int(size[1]), maps.shape[1], int(size[1]), maps.shape[1])
+  rows = np.einsum("yh,hwc->ywc", ry, maps.astype(np.float32))  # Two passes: O(HW(H'+W')).
+  return np.einsum("ywc,xw->yxc", rows, rx)
 
 
 def make_walk_fn(model, cfg):
@@ -45,6 +56,9 @@ def run(cfg) -> dict:
   cam_dir = common.path(cfg, common.CAMS)
   builder = common.builder(cfg)
   num_classes = cfg.model.num_classes
+  scale = float(cfg.aff.image_scale)
+  if not scale > 0:
+    raise ValueError(f"config key aff.image_scale must be > 0, got {scale}")
   model = variables = walk = None
   written = 0
   report = common.SkipReport(cfg, "random_walk")
@@ -58,7 +72,7 @@ def run(cfg) -> dict:
     if model is None:
       model, variables = common.load_trained(cfg, common.AFF_NET)
       walk = make_walk_fn(model, cfg)
-    for batch in pipelines.inference(builder, split, scales=(1.0,), canvas=tuple(cfg.data.canvas),
+    for batch in pipelines.inference(builder, split, scales=(scale,), canvas=tuple(cfg.data.canvas),
                                      batch_size=cfg.random_walk.batch_size,
                                      process_index=jax.process_index(),
                                      process_count=jax.process_count()):
@@ -67,6 +81,7 @@ def run(cfg) -> dict:
       images = batch["image_s0"]
       b, hc8, wc8 = images.shape[0], images.shape[1] // 8, images.shape[2] // 8
       sizes = np.asarray(batch["orig_size"])
+      scaled = np.asarray(batch["size_s0"])
       cams = np.zeros((b, hc8, wc8, num_classes + 1), np.float32)
       for i in list(keep):
         path = os.path.join(cam_dir, batch_names[i] + ".npz")
@@ -82,14 +97,22 @@ def run(cfg) -> dict:
                       f"image is {sizes[i][0]}x{sizes[i][1]} (delete it and rerun infer_cam)")
           keep.remove(i)
           continue
+        if scale != 1.0:
+          cam = resize_bilinear(cam, scaled[i])
         stack = np.asarray(rw.prepare_cam(cam, alpha=float(cfg.random_walk.alpha)))
         cams[i, :stack.shape[0], :stack.shape[1]] = stack
       if not keep:
         continue
-      grid = np.stack([[inference.grid_size(h), inference.grid_size(w)] for h, w in sizes])
+      grid = np.stack([[inference.grid_size(h), inference.grid_size(w)] for h, w in scaled])
       valid = ((np.arange(hc8)[None, :, None] < grid[:, 0, None, None]) &
                (np.arange(wc8)[None, None, :] < grid[:, 1, None, None]))
-      ry, rx = inference.upsample_matrices(grid * 8, grid * 8, (hc8, wc8), images.shape[1:3])
+      # The padded grid covers grid * 8 scaled pixels, i.e. grid * 8 * orig / scaled original
+      # ones (>= the image): upsample to that, then crop. At scale 1 this is grid * 8.
+      out_sizes = np.round(grid * 8 * sizes / np.maximum(scaled, 1)).astype(np.int64)
+      out_hw = images.shape[1:3]  # One compiled shape per run: the canvas's, not the batch's.
+      if scale != 1.0:
+        out_hw = tuple(int(math.ceil(n * 8 / scale)) + 1 for n in (hc8, wc8))
+      ry, rx = inference.upsample_matrices(grid * 8, out_sizes, (hc8, wc8), out_hw)
       labels, heat = walk(variables, images, cams, valid, ry, rx)
       labels, heat = np.asarray(labels), np.asarray(heat)
       for i in keep:
