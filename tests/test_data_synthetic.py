@@ -132,6 +132,52 @@ def test_object_scale_and_part_fraction_knobs():
   assert np.mean(fractions) > 0.17
 
 
+def test_distractors_are_partless_bodies_labelled_background():
+  """distractors > 0 adds bright bodies without a part, background in the mask, and leaves the
+  rest of the image as it is without them."""
+  base = synthetic.SyntheticConfig(name="b", image_size=(96, 96), max_objects=2,
+                                   object_scale=(0.2, 0.4), part_fraction=(0.15, 0.3))
+  with_d = synthetic.SyntheticConfig(name="d", image_size=(96, 96), max_objects=2,
+                                     object_scale=(0.2, 0.4), part_fraction=(0.15, 0.3),
+                                     distractors=2)
+  added, lift = 0, []
+  for i in range(20):
+    image, mask, label, parts = synthetic.generate_example(with_d, "train", i, with_parts=True)
+    b_image, b_mask, b_label, b_parts = synthetic.generate_example(base, "train", i,
+                                                                   with_parts=True)
+    np.testing.assert_array_equal(mask, b_mask)
+    np.testing.assert_array_equal(label, b_label)
+    np.testing.assert_array_equal(parts, b_parts)
+    changed = (image != b_image).any(-1)
+    # Only background changes, never within an object's gap, and it turns into a bright body.
+    assert not (changed & ndimage.binary_dilation(mask > 0, iterations=3)).any()
+    if changed.sum() > 20:
+      added += 1
+      lift.append(image[changed].mean() - b_image[changed].mean())
+  assert added >= 10
+  assert min(lift) > 40
+  with pytest.raises(UserError, match="distractors"):
+    synthetic.SyntheticConfig(name="x", distractors=-1).validate()
+
+
+def test_empty_fraction_gives_negative_training_images_only():
+  config = synthetic.SyntheticConfig(name="e", image_size=(64, 64), empty_fraction=0.5)
+  base = synthetic.SyntheticConfig(name="b", image_size=(64, 64))
+  empty = 0
+  for i in range(40):
+    image, mask, label = synthetic.generate_example(config, "train", i)
+    if label.sum() == 0:
+      empty += 1
+      assert (mask == 0).all()
+    else:  # The others are the images of the same index without the knob.
+      for x, y in zip((image, mask, label), synthetic.generate_example(base, "train", i)):
+        np.testing.assert_array_equal(x, y)
+    assert synthetic.generate_example(config, "val", i)[2].sum() >= 1
+  assert 10 <= empty <= 30
+  with pytest.raises(UserError, match="empty_fraction"):
+    synthetic.SyntheticConfig(name="x", empty_fraction=1.0).validate()
+
+
 @pytest.mark.parametrize("options, match", [
     (dict(num_classes=0), "num_classes"),
     (dict(num_classes=21), "num_classes"),

@@ -15,6 +15,14 @@ built so that the method has the same thing to fix as on photographs:
 * 1..max_objects objects per image, shapes drawn from ellipses, rotated rectangles and blobs
   (a circle with a few radial harmonics), random sizes and positions, never overlapping (a gap of
   `2 * boundary_width + 2` pixels). Classes may repeat within an image.
+* Optionally (`distractors` > 0) up to that many bodies WITHOUT a part per image, labelled
+  background: then neither "an object is present" nor "an object whose part is none of the other
+  classes'" tells a class, so the classifier has to find the part itself (with every image
+  holding an object, the last class to be learned can otherwise be read off by elimination, and
+  its CAM is flat over the image).
+* Optionally (`empty_fraction` > 0) some training images hold no object at all (label all 0):
+  a class can then no longer be told by elimination from "no other class's part", which a
+  classifier otherwise learns for the last class it finds, as a flat CAM over the whole image.
 * Per image: a brightness factor, a linear illumination gradient and Gaussian pixel noise.
 
 Ground truth: mask = whole object (body + part) with its class id 1..num_classes, 0 background,
@@ -25,8 +33,10 @@ Features are those of `voc2012_aug`: image, name, label [num_classes], mask [H, 
 Knobs (fields of `SyntheticConfig`; `get_builder("synthetic_wsss", data_dir, **knobs)` makes a
 config from them): image_size (H, W), size_range (lo, hi) to draw H and W per image instead
 (exercises padding), num_classes (<= 20), max_objects, num_train, num_val, seed, boundary_width,
-object_scale (lo, hi): object radii as fractions of the short side (default 0.12-0.3), and
-part_fraction (lo, hi): the part's share of its object's area (default 0.05-0.15).
+object_scale (lo, hi): object radii as fractions of the short side (default 0.12-0.3),
+part_fraction (lo, hi): the part's share of its object's area (default 0.05-0.15), and
+distractors: at most this many partless bodies per image (default 0), and empty_fraction: the
+share of training images without any object (default 0; val images always have one).
 Named configs: `default` (128x128, 5 classes, 600 / 120 images, ~10 s to generate on 2 cores)
 and `tiny` (64x64, 3 classes, 16 / 8 images, for tests).
 Example i of a split depends only on (seed, split, i), so growing a split keeps its first images.
@@ -66,6 +76,10 @@ class SyntheticConfig(tfds.core.BuilderConfig):
   # Object radii as fractions of the image's short side, and the part's share of its object.
   object_scale: tuple[float, float] = (0.12, 0.3)
   part_fraction: tuple[float, float] = (0.05, 0.15)
+  # At most this many bodies without a part (ground truth background) per image.
+  distractors: int = 0
+  # Share of training images with no object at all (val images always have one).
+  empty_fraction: float = 0.0
 
   def validate(self) -> None:
     if not 1 <= self.num_classes <= len(_COLOUR_NAMES):
@@ -80,6 +94,11 @@ class SyntheticConfig(tfds.core.BuilderConfig):
                       f"lo <= hi, got image_size={self.image_size}, size_range={self.size_range}")
     if self.num_train < 1 or self.num_val < 1:
       raise UserError("synthetic_wsss: num_train and num_val must be >= 1")
+    if not 0.0 <= self.empty_fraction < 1.0:
+      raise UserError("synthetic_wsss: empty_fraction must be in [0, 1), "
+                      f"got {self.empty_fraction}")
+    if self.distractors < 0:
+      raise UserError(f"synthetic_wsss: distractors must be >= 0, got {self.distractors}")
     if self.boundary_width < 0:
       raise UserError("synthetic_wsss: boundary_width must be >= 0")
     lo, hi = self.object_scale
@@ -100,8 +119,9 @@ def class_names_for(num_classes: int) -> tuple[str, ...]:
 class SyntheticWsss(LocalBuilder):
   """Objects with a class-agnostic body and a class-specific part on a textured background."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "First release.",
+                   "1.1.0": "The distractors knob (partless bodies); other images unchanged."}
   BUILDER_CONFIGS = [
       SyntheticConfig(name="default", description="128x128, 5 classes, 600 train / 120 val."),
       SyntheticConfig(name="tiny", image_size=(64, 64), num_classes=3, num_train=16,
@@ -145,7 +165,8 @@ class SyntheticWsss(LocalBuilder):
 def _knobs(config: SyntheticConfig) -> dict:
   return {f.name: getattr(config, f.name) for f in dataclasses.fields(SyntheticConfig)
           if f.name in ("image_size", "size_range", "num_classes", "max_objects", "num_train",
-                        "num_val", "seed", "boundary_width", "object_scale", "part_fraction")}
+                        "num_val", "seed", "boundary_width", "object_scale", "part_fraction",
+                        "distractors", "empty_fraction")}
 
 
 def part_colours(num_classes: int) -> np.ndarray:
@@ -174,6 +195,10 @@ def generate_example(config: SyntheticConfig, split: str, index: int, *,
   parts = np.zeros((height, width), bool)
   colours = part_colours(config.num_classes)
   num_objects = int(rng.integers(1, config.max_objects + 1))
+  if split == "train" and config.empty_fraction and (
+      np.random.default_rng([config.seed, _SPLIT_IDS[split], index, 2]).random()
+      < config.empty_fraction):
+    num_objects = 0  # A negative: no object, label all 0.
   placed = []
   for _ in range(num_objects):
     obj = _place_object(rng, occupied, gap, config.object_scale)
@@ -188,6 +213,15 @@ def generate_example(config: SyntheticConfig, split: str, index: int, *,
     parts |= part
     occupied |= obj
     placed.append(obj)
+  # Partless bodies from a stream of their own: with or without them, the rest of the image
+  # (objects, background, illumination, noise) is the same.
+  if config.distractors:
+    extra = np.random.default_rng([config.seed, _SPLIT_IDS[split], index, 1])
+    for _ in range(int(extra.integers(config.distractors + 1))):
+      body = _place_object(extra, occupied, gap, config.object_scale)
+      if body is not None:
+        image[body] = _body_texture(extra, yy, xx)[body]
+        occupied |= body
   if config.boundary_width:
     for obj in placed:
       band = ndimage.binary_dilation(obj, iterations=config.boundary_width) & ~obj
