@@ -90,6 +90,18 @@ def test_unknown_stage_is_a_clear_error(run_dir, capsys):
   assert "make_coffee" in capsys.readouterr().err
 
 
+def test_bad_image_scale_is_a_clear_error(run_dir, tmp_path, capsys):
+  import shutil  # pylint: disable=g-import-not-at-top
+  workdir, argv = run_dir
+  copy = tmp_path / "w"
+  shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("pseudo_labels", "aff_net", "tfds"))
+  argv = [a if a != str(workdir) else str(copy) for a in argv]
+  for stage in ("train_aff", "random_walk"):
+    assert cli.main(argv + ["--stages", stage, "--config.aff.image_scale=0"]) == 2
+    assert "config key aff.image_scale must be > 0" in capsys.readouterr().err
+  assert not (copy / "pseudo_labels").exists() or not os.listdir(copy / "pseudo_labels")
+
+
 @pytest.mark.parametrize("scale", [1.0, 1.5])
 def test_random_walk_image_scale_keeps_the_geometry(run_dir, tmp_path, scale):
   """With beta huge the walk is the identity, so the pseudo label is the CAM stack's argmax seen

@@ -121,7 +121,7 @@ class SyntheticWsss(LocalBuilder):
 
   VERSION = tfds.core.Version("1.1.0")
   RELEASE_NOTES = {"1.0.0": "First release.",
-                   "1.1.0": "The distractors knob (partless bodies); other images unchanged."}
+                   "1.1.0": "Knobs distractors and empty_fraction; images without them unchanged."}
   BUILDER_CONFIGS = [
       SyntheticConfig(name="default", description="128x128, 5 classes, 600 train / 120 val."),
       SyntheticConfig(name="tiny", image_size=(64, 64), num_classes=3, num_train=16,

@@ -202,6 +202,14 @@ def has_positive_class(label) -> bool:
   return bool(np.any(np.asarray(label) > 0))
 
 
+def aff_image_scale(cfg) -> float:
+  """The config key aff.image_scale, checked (train_aff and random_walk must agree on it)."""
+  scale = float(cfg.aff.image_scale)
+  if not scale > 0:
+    raise UserError(f"config key aff.image_scale must be > 0, got {scale}")
+  return scale
+
+
 NO_POSITIVE_CLASS = "no positive class in its image-level label"
 
 

@@ -56,9 +56,7 @@ def run(cfg) -> dict:
   cam_dir = common.path(cfg, common.CAMS)
   builder = common.builder(cfg)
   num_classes = cfg.model.num_classes
-  scale = float(cfg.aff.image_scale)
-  if not scale > 0:
-    raise ValueError(f"config key aff.image_scale must be > 0, got {scale}")
+  scale = common.aff_image_scale(cfg)
   model = variables = walk = None
   written = 0
   report = common.SkipReport(cfg, "random_walk")

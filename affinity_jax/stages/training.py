@@ -61,10 +61,11 @@ def run_training(cfg, net: str) -> dict:
         seed=cfg.seed, start_step=start, shuffle_buffer=cfg.data.shuffle_buffer, **(shard or host))
   elif net == common.AFF_NET:
     loss_fn = make_aff_loss(net_cfg.radius, net_cfg.scheme)
+    image_scale = common.aff_image_scale(cfg)
     batches = lambda start, **shard: pipelines.aff_train(
         builder, split, common.path(cfg, common.AFF_LABELS), batch_size=local_bs,
         crop_size=net_cfg.crop_size, color_jitter=tuple(net_cfg.color_jitter),
-        image_scale=float(net_cfg.image_scale), seed=cfg.seed, start_step=start,
+        image_scale=image_scale, seed=cfg.seed, start_step=start,
         shuffle_buffer=cfg.data.shuffle_buffer, exclude=common.skipped_by(cfg, "aff_labels"),
         **(shard or host))
   else:
