@@ -90,12 +90,17 @@ def test_unknown_stage_is_a_clear_error(run_dir, capsys):
   assert "make_coffee" in capsys.readouterr().err
 
 
-def test_bad_image_scale_is_a_clear_error(run_dir, tmp_path, capsys):
+def _copy_run(run_dir, tmp_path, *drop):
+  """A copy of the tiny run's workdir without `drop` (and its tfds), and argv pointing at it."""
   import shutil  # pylint: disable=g-import-not-at-top
   workdir, argv = run_dir
   copy = tmp_path / "w"
-  shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("pseudo_labels", "aff_net", "tfds"))
-  argv = [a if a != str(workdir) else str(copy) for a in argv]
+  shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns(*drop, "tfds"))
+  return copy, [a if a != str(workdir) else str(copy) for a in argv]
+
+
+def test_bad_image_scale_is_a_clear_error(run_dir, tmp_path, capsys):
+  copy, argv = _copy_run(run_dir, tmp_path, "pseudo_labels", "aff_net")
   for stage in ("train_aff", "random_walk"):
     assert cli.main(argv + ["--stages", stage, "--config.aff.image_scale=0"]) == 2
     assert "config key aff.image_scale must be > 0" in capsys.readouterr().err
@@ -107,11 +112,7 @@ def test_random_walk_image_scale_keeps_the_geometry(run_dir, tmp_path, scale):
   """With beta huge the walk is the identity, so the pseudo label is the CAM stack's argmax seen
   through the walk's resize -> pool by 8 -> upsample path: at any aff.image_scale it must land
   on the image where the full-resolution argmax is (a misplaced or misscaled grid would not)."""
-  import shutil  # pylint: disable=g-import-not-at-top
-  workdir, argv = run_dir
-  copy = tmp_path / "w"
-  shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("pseudo_labels", "panels", "tfds"))
-  argv = [a if a != str(workdir) else str(copy) for a in argv]
+  copy, argv = _copy_run(run_dir, tmp_path, "pseudo_labels", "panels")
   assert cli.main(argv + ["--stages", "random_walk", "--config.random_walk.beta=1e6",
                           f"--config.aff.image_scale={scale}"]) == 0
   agree = total = 0

@@ -265,9 +265,9 @@ def aff_train(builder, split: str, score_dir: str, *, batch_size: int, crop_size
     ha = tf.ensure_shape(ha, [None, None, None])
     if image_scale != 1.0:
       size = transforms.scaled_size(shape[0], shape[1], image_scale)
-      image, la, ha = transforms.resize([image, la, ha], size, ["bicubic", "bilinear", "bilinear"],
-                                        antialias=image_scale < 1)
-      image = tf.clip_by_value(tf.round(image), 0.0, 255.0)
+      image = transforms.resize_image(image, size, antialias=image_scale < 1)
+      la, ha = transforms.resize([la, ha], size, ["bilinear", "bilinear"],
+                                 antialias=image_scale < 1)
     image, la, ha = transforms.random_flip([image, la, ha], s_flip)
     image = transforms.normalize(_jitter(image, s_jitter, color_jitter))
     image, la, ha = transforms.random_crop([image, la, ha], [0.0, 0.0, 0.0], crop_size, s_crop)
@@ -408,8 +408,7 @@ def inference(builder, split: str, *, scales: Sequence[float] = (1.0, 0.5, 1.5, 
     out = {}
     for i, s in enumerate(scales):
       size = transforms.scaled_size(height, shape[1], s)
-      [resized] = transforms.resize([image], size, ["bicubic"], antialias=s < 1)
-      resized = tf.clip_by_value(tf.round(resized), 0.0, 255.0)
+      resized = transforms.resize_image(image, size, antialias=s < 1)
       out[f"image_s{i}"] = transforms.pad_to(transforms.normalize(resized),
                                              *canvas_for_scale((canvas_h, canvas_w), s), 0.0)
       out[f"size_s{i}"] = size

@@ -108,6 +108,12 @@ def resize(tensors: Sequence[tf.Tensor], size: tf.Tensor, methods: Sequence[str]
   return out
 
 
+def resize_image(image: tf.Tensor, size: tf.Tensor, antialias: bool) -> tf.Tensor:
+  """An RGB image resized like the original's inference: bicubic, rounded and clipped to 0..255."""
+  [resized] = resize([image], size, ["bicubic"], antialias=antialias)
+  return tf.clip_by_value(tf.round(resized), 0.0, 255.0)
+
+
 def scaled_size(height: tf.Tensor, width: tf.Tensor, scale: tf.Tensor) -> tf.Tensor:
   """[round(h * s), round(w * s)] int32, at least 1.
 

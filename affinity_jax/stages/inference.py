@@ -41,6 +41,14 @@ def interp_matrix(out_size: int, in_size: int, out_pad: int, in_pad: int) -> np.
   return m
 
 
+def resize_bilinear(maps: np.ndarray, size) -> np.ndarray:
+  """[H, W, C] -> [size[0], size[1], C], bilinear with half-pixel centres (align_corners=False)."""
+  ry = interp_matrix(int(size[0]), maps.shape[0], int(size[0]), maps.shape[0])
+  rx = interp_matrix(int(size[1]), maps.shape[1], int(size[1]), maps.shape[1])
+  rows = np.einsum("yh,hwc->ywc", ry, maps.astype(np.float32))  # Two passes: O(HW(H'+W')).
+  return np.einsum("ywc,xw->yxc", rows, rx)
+
+
 def grid_size(size: int) -> int:
   return -(-int(size) // STRIDE)
 

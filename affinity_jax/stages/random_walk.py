@@ -24,14 +24,6 @@ from affinity_jax.stages import common, inference
 from affinity_jax.stages.infer_cam import load_cam
 
 
-def resize_bilinear(maps: np.ndarray, size) -> np.ndarray:
-  """[H, W, C] -> [size[0], size[1], C], bilinear with half-pixel centres (align_corners=False)."""
-  ry = inference.interp_matrix(int(size[0]), maps.shape[0], int(size[0]), maps.shape[0])
-  rx = inference.interp_matrix(int(size[1]), maps.shape[1], int(size[1]), maps.shape[1])
-  rows = np.einsum("yh,hwc->ywc", ry, maps.astype(np.float32))  # Two passes: O(HW(H'+W')).
-  return np.einsum("ywc,xw->yxc", rows, rx)
-
-
 def make_walk_fn(model, cfg):
   radius, scheme = int(cfg.random_walk.radius), cfg.random_walk.scheme
   t, beta = 2 ** int(cfg.random_walk.logt), float(cfg.random_walk.beta)
@@ -96,7 +88,7 @@ def run(cfg) -> dict:
           keep.remove(i)
           continue
         if scale != 1.0:
-          cam = resize_bilinear(cam, scaled[i])
+          cam = inference.resize_bilinear(cam, scaled[i])
         stack = np.asarray(rw.prepare_cam(cam, alpha=float(cfg.random_walk.alpha)))
         cams[i, :stack.shape[0], :stack.shape[1]] = stack
       if not keep:
