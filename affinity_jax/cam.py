@@ -1,157 +1,207 @@
-"""CAM post-processing of PSA.md step 2: multi-scale + flip aggregation, background, prediction.
+"""Class activation maps as the pipeline computes them (docs/method.md §2, §3, §6).
 
-Padded canvases. The original runs the network on each rescaled image (size H_s x W_s, no
-padding) and gets a stride-8 grid of ceil(H_s / 8) x ceil(W_s / 8) cells, which it stretches
-bilinearly onto the original H x W image. Our inference batches place every rescaled image
-(already flipped for a flip pass) at the top-left of a fixed canvas and pad bottom/right. The
-convention, followed by `upsample_cam`:
+Batched multi-scale + flip inference on fixed canvases. Every image of a batch sits at the
+top-left of a fixed canvas (`data.pipelines.inference`), so one compiled function serves a whole
+split whatever the image sizes. Per-image geometry (its own stride-8 extent, its size, its flip)
+enters as data, not shapes:
 
-  1. crop the canvas CAM grid to the image's own extent, rows [0, ceil(H_s / stride)) and
-     columns [0, ceil(W_s / stride)), which is the grid the unpadded run would produce;
-  2. resize that crop bilinearly with half-pixel centres (align_corners=False) to H x W;
-  3. for a flip pass, flip the result back horizontally.
+* a flip pass flips each image within its own width (a per-example gather), so its stride-8
+  grid is aligned as when the original flips the unpadded image;
+* bilinear upsampling with half-pixel centres (PyTorch's align_corners=False) of a grid cropped
+  to the image's own extent, rows [0, ceil(H_s / 8)) and columns [0, ceil(W_s / 8)), is a pair
+  of interpolation matrices Ry [H, h] and Rx [W, w], built on the host per image and zero outside
+  the image; on the device it is one einsum. For a flip pass Rx also flips the result back.
 
-So a canvas pass gives the original's result wherever the network output of the crop equals that
-of the unpadded run (cells near the bottom/right edge see the padding through their receptive
-field; that difference is the only one).
-
-Layout: grids [h, w, C], full-resolution maps [H, W, C], channels last, C = number of classes
-(20 for VOC, no background channel). Absent classes are kept as zero maps so that channel c is
-always class c.
+The multi-scale sum (`multiscale_flip_sum`) serves the segmentation network's scores too.
+Then `normalise` zeroes absent classes and divides each class by its maximum (+1e-5), and
+`background_stack` / `cam_prediction` add the background channel that every later stage uses.
+Layout: channels last; C = number of classes (no background channel) unless stated.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from affinity_jax.constants import STRIDE
+
 NORM_EPS = 1e-5
+# The constant background score of CAM-only predictions (docs/method.md §2).
 CAM_ONLY_BACKGROUND = 0.2
 
 
-def grid_extent(scaled_hw: tuple[int, int], stride: int = 8) -> tuple[int, int]:
-  """Stride-`stride` grid size of an unpadded H_s x W_s input: (ceil(H_s/s), ceil(W_s/s))."""
-  return -(-int(scaled_hw[0]) // stride), -(-int(scaled_hw[1]) // stride)
+def grid_size(size: int) -> int:
+  """Cells of the stride-8 grid along a side of `size` pixels: ceil(size / 8)."""
+  return -(-int(size) // STRIDE)
 
 
-def upsample_cam(cam_grid: jax.Array, image_hw: tuple[int, int], *,
-                 scaled_hw: Optional[tuple[int, int]] = None, stride: int = 8,
-                 flipped: bool = False) -> jax.Array:
-  """One pass's CAM grid -> the original image size, following the canvas convention above.
+def interp_matrix(out_size: int, in_size: int, out_pad: int, in_pad: int) -> np.ndarray:
+  """[out_pad, in_pad] bilinear weights (align_corners=False) from in_size cells to out_size.
+
+  Row y < out_size holds the weights PyTorch's bilinear upsampling gives source cells for output
+  y (source coordinate (y + 0.5) * in / out - 0.5, clamped at 0, upper neighbour clamped to the
+  last cell); other rows and columns >= in_size are zero.
+  """
+  m = np.zeros((out_pad, in_pad), np.float32)
+  if out_size <= 0 or in_size <= 0:
+    return m
+  src = (np.arange(out_size) + 0.5) * (in_size / out_size) - 0.5
+  src = np.maximum(src, 0.0)
+  i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+  i1 = np.minimum(i0 + 1, in_size - 1)
+  frac = (src - i0).astype(np.float32)
+  rows = np.arange(out_size)
+  np.add.at(m, (rows, i0), 1.0 - frac)
+  np.add.at(m, (rows, i1), frac)
+  return m
+
+
+def resize_bilinear(maps: np.ndarray, size) -> np.ndarray:
+  """[H, W, C] -> [size[0], size[1], C], bilinear with half-pixel centres (align_corners=False)."""
+  ry = interp_matrix(int(size[0]), maps.shape[0], int(size[0]), maps.shape[0])
+  rx = interp_matrix(int(size[1]), maps.shape[1], int(size[1]), maps.shape[1])
+  rows = np.einsum("yh,hwc->ywc", ry, maps.astype(np.float32))  # Two passes: O(HW(H'+W')).
+  return np.einsum("ywc,xw->yxc", rows, rx)
+
+
+def flip_index(widths: np.ndarray, canvas_w: int) -> np.ndarray:
+  """[B, canvas_w] gather index flipping each row's first widths[b] columns."""
+  x = np.arange(canvas_w)[None, :]
+  w = np.asarray(widths)[:, None]
+  return np.where(x < w, w - 1 - x, x).astype(np.int32)
+
+
+def flip_within(images: jax.Array, index: jax.Array) -> jax.Array:
+  """images [B, H, W, C], index [B, W] -> each image flipped within its own width."""
+  return jnp.take_along_axis(images, index[:, None, :, None], axis=2)
+
+
+def upsample_matrices(sizes: np.ndarray, out_sizes: np.ndarray, grid_hw: tuple[int, int],
+                      out_hw: tuple[int, int], flipped: bool = False
+                      ) -> tuple[np.ndarray, np.ndarray]:
+  """Per-example (Ry [B, Ho, h], Rx [B, Wo, w]) taking the grid of an input of `sizes` (cropped
+  to its stride-8 extent) to `out_sizes`; for a flip pass Rx also flips the result back."""
+  ry = np.stack([interp_matrix(int(o[0]), grid_size(s[0]), out_hw[0], grid_hw[0])
+                 for s, o in zip(sizes, out_sizes)])
+  rx = []
+  for s, o in zip(sizes, out_sizes):
+    m = interp_matrix(int(o[1]), grid_size(s[1]), out_hw[1], grid_hw[1])
+    if flipped:
+      w = int(o[1])
+      m[:w] = m[:w][::-1].copy()
+    rx.append(m)
+  return ry, np.stack(rx)
+
+
+def upsample(grid: jax.Array, ry: jax.Array, rx: jax.Array) -> jax.Array:
+  """grid [B, h, w, C] -> [B, Ho, Wo, C] with per-example interpolation matrices."""
+  return jnp.einsum("byh,bhwc,bxw->byxc", ry, grid.astype(jnp.float32), rx,
+                    precision=jax.lax.Precision.HIGHEST)
+
+
+def pass_inputs(batch: dict, scales, out_key: str = "orig_size") -> list[dict]:
+  """Host-side per-scale inputs of one inference batch: images, flip index, matrices."""
+  out_sizes = np.asarray(batch[out_key])
+  canvas_hw = batch["raw"].shape[1:3]
+  passes = []
+  for i, _ in enumerate(scales):
+    images = batch[f"image_s{i}"]
+    sizes = np.asarray(batch[f"size_s{i}"])
+    grid_hw = (grid_size(images.shape[1]), grid_size(images.shape[2]))
+    ry, rx = upsample_matrices(sizes, out_sizes, grid_hw, canvas_hw)
+    _, rx_flip = upsample_matrices(sizes, out_sizes, grid_hw, canvas_hw, flipped=True)
+    passes.append({"images": images, "flip": flip_index(sizes[:, 1], images.shape[2]),
+                   "ry": ry, "rx": rx, "rx_flip": rx_flip})
+  return passes
+
+
+def multiscale_flip_sum(apply_fn):
+  """jit(variables, passes) -> sum over scales and flips of `apply_fn(variables, images)` grids
+  upsampled to the canvas, [B, Hc, Wc, C] float32. `passes` from `pass_inputs`."""
+  @jax.jit
+  def run(variables, passes: list[dict]) -> jax.Array:
+    total = 0.0
+    for p in passes:
+      b = p["images"].shape[0]
+      both = jnp.concatenate([p["images"], flip_within(p["images"], p["flip"])], axis=0)
+      grids = apply_fn(variables, both)
+      total = total + upsample(grids[:b], p["ry"], p["rx"])
+      total = total + upsample(grids[b:], p["ry"], p["rx_flip"])
+    return total
+  return run
+
+
+def valid_mask(sizes: np.ndarray, canvas_hw: tuple[int, int]) -> np.ndarray:
+  """[B, Hc, Wc] bool: True inside each image's own (h, w) at the canvas's top-left."""
+  sizes = np.asarray(sizes)
+  return ((np.arange(canvas_hw[0])[None, :, None] < sizes[:, 0, None, None]) &
+          (np.arange(canvas_hw[1])[None, None, :] < sizes[:, 1, None, None]))
+
+
+def normalise(total: jax.Array, labels: jax.Array, valid: jax.Array) -> jax.Array:
+  """Multi-scale CAM sums -> CAMs: absent classes and padding zeroed, each class / (max + 1e-5).
 
   Args:
-    cam_grid: [h, w, C] CAM of one pass (relu of the 1x1 classifier on the features).
-    image_hw: (H, W) of the original image.
-    scaled_hw: (H_s, W_s) of the rescaled image the pass saw; when given, the grid is cropped to
-      `grid_extent(scaled_hw, stride)` first (required for padded canvases).
-    stride: the network's output stride.
-    flipped: the pass saw the horizontally flipped image; the result is flipped back.
-
-  Returns:
-    [H, W, C] float32.
+    total: [B, Hc, Wc, C] summed CAMs of `multiscale_flip_sum`.
+    labels: [B, C] multi-hot image labels.
+    valid: [B, Hc, Wc] bool from `valid_mask`.
   """
-  cam_grid = jnp.asarray(cam_grid, jnp.float32)
-  if cam_grid.ndim != 3:
-    raise ValueError(f"cam_grid must be [h, w, C] (got shape {tuple(cam_grid.shape)}).")
-  if scaled_hw is not None:
-    gh, gw = grid_extent(scaled_hw, stride)
-    if gh > cam_grid.shape[0] or gw > cam_grid.shape[1]:
-      raise ValueError(f"a {scaled_hw[0]}x{scaled_hw[1]} input needs a {gh}x{gw} grid at "
-                       f"stride {stride}, but the CAM grid is only {cam_grid.shape[:2]}.")
-    cam_grid = cam_grid[:gh, :gw]
-  height, width = int(image_hw[0]), int(image_hw[1])
-  # antialias=False: plain interpolation like PyTorch's, also if a grid is larger than the image.
-  up = jax.image.resize(cam_grid, (height, width, cam_grid.shape[-1]), "bilinear",
-                        antialias=False)
-  return up[:, ::-1] if flipped else up
+  present = labels > 0
+  total = jnp.where(present[:, None, None, :] & valid[..., None], total, 0.0)
+  peak = jnp.max(total, axis=(1, 2), keepdims=True)
+  return total / (peak + NORM_EPS)
 
 
-def aggregate_cams(passes: Sequence[jax.Array] | jax.Array, label: jax.Array) -> jax.Array:
-  """Sum of the passes' upsampled CAMs, absent classes zeroed, each class divided by its max.
+def background_stack(cam, *, alpha: Optional[float] = None,
+                     constant: Optional[float] = None):
+  """[..., C] CAMs -> [..., 1 + C] with a background score first.
 
-  Args:
-    passes: P arrays [H, W, C] (or one [P, H, W, C]) from `upsample_cam`.
-    label: [C] multi-hot image label.
-
-  Returns:
-    [H, W, C] float32 in [0, 1): present classes divided by (their own max + 1e-5); absent
-    classes 0.
+  The background is (1 - max_c cam)^alpha (`alpha`: 4 and 32 for the affinity labels, 16 for
+  the walk) or a `constant` (CAM-only predictions); with no class at all, max_c cam is 0.
+  NumPy in, NumPy out (the dCRF stage); a JAX array in, a JAX array out (the walk).
   """
-  stack = jnp.asarray(passes, jnp.float32) if not isinstance(passes, (list, tuple)) else \
-      jnp.stack([jnp.asarray(p, jnp.float32) for p in passes])
-  if stack.ndim != 4:
-    raise ValueError(f"passes must be [P, H, W, C] (got shape {tuple(stack.shape)}).")
-  label = jnp.asarray(label)
-  if label.shape != stack.shape[-1:]:
-    raise ValueError(f"label must be [{stack.shape[-1]}] (got {tuple(label.shape)}).")
-  present = label > 0
-  total = jnp.sum(jnp.where(present, stack, 0.0), axis=0)
-  peak = jnp.max(total, axis=(0, 1))
-  return jnp.where(present, total / (peak + NORM_EPS), 0.0)
+  if (alpha is None) == (constant is None):
+    raise ValueError("background_stack: give exactly one of alpha and constant")
+  xp = jnp if isinstance(cam, jax.Array) else np
+  shape = cam.shape[:-1] + (1,)
+  if constant is not None:
+    background = xp.full(shape, constant, cam.dtype)
+  else:
+    peak = xp.max(cam, axis=-1, keepdims=True) if cam.shape[-1] else xp.zeros(shape, cam.dtype)
+    background = xp.power(1.0 - peak, alpha)
+  return xp.concatenate([background, cam], axis=-1)
 
 
-def multiscale_cam(cam_grids: Sequence[jax.Array], *, image_hw: tuple[int, int],
-                   label: jax.Array, scaled_hws: Optional[Sequence[tuple[int, int]]] = None,
-                   flips: Optional[Sequence[bool]] = None, stride: int = 8) -> jax.Array:
-  """PSA's multi-scale CAM: `upsample_cam` per pass, then `aggregate_cams`.
-
-  Args:
-    cam_grids: P grids [h_p, w_p, C] (PSA: scales 1.0, 0.5, 1.5, 2.0, each plain and flipped).
-    image_hw: original image size.
-    label: [C] multi-hot.
-    scaled_hws: per pass (H_s, W_s) for canvas cropping (None: the grids are unpadded).
-    flips: per pass, whether it saw the flipped image (None: no flips).
-  """
-  n = len(cam_grids)
-  scaled_hws = [None] * n if scaled_hws is None else list(scaled_hws)
-  flips = [False] * n if flips is None else list(flips)
-  if len(scaled_hws) != n or len(flips) != n:
-    raise ValueError(f"{n} CAM grids but {len(scaled_hws)} sizes and {len(flips)} flip flags.")
-  ups = [upsample_cam(g, image_hw, scaled_hw=s, stride=stride, flipped=f)
-         for g, s, f in zip(cam_grids, scaled_hws, flips)]
-  return aggregate_cams(ups, label)
-
-
-def background_score(cam: jax.Array, alpha: float) -> jax.Array:
-  """bg = (1 - max_c cam)^alpha. cam: [..., H, W, C] normalised CAMs -> [..., H, W]."""
-  cam = jnp.asarray(cam, jnp.float32)
-  if cam.shape[-1] == 0:
-    return jnp.ones(cam.shape[:-1], jnp.float32)
-  return jnp.power(1.0 - jnp.max(cam, axis=-1), alpha)
-
-
-def score_stack(cam: jax.Array, label: jax.Array, alpha: float) -> tuple[np.ndarray, np.ndarray]:
-  """(background, present classes) stack, the input of the la / ha dCRF runs.
-
-  Args:
-    cam: [H, W, C] normalised CAMs.
-    label: [C] multi-hot.
-    alpha: background exponent (4 for la, 32 for ha).
-
-  Returns:
-    (stack [H, W, 1 + P] float32 with the background first, class_ids [P] int: the class of
-    stack channel 1 + p).
-  """
+def cam_prediction(cam, *, background: float = CAM_ONLY_BACKGROUND) -> np.ndarray:
+  """CAM-only segmentation: [..., H, W, C] CAMs -> [..., H, W] int32 argmax over (constant
+  background, classes): 0 = background, c + 1 = class c."""
   cam = np.asarray(cam, np.float32)
-  class_ids = np.flatnonzero(np.asarray(label) > 0)
-  present = cam[..., class_ids]
-  bg = np.asarray(background_score(present, alpha))
-  return np.concatenate([bg[..., None], present], axis=-1), class_ids
+  return np.argmax(background_stack(cam, constant=background), axis=-1).astype(np.int32)
 
 
-def cam_prediction(cam: jax.Array, *, background: float = CAM_ONLY_BACKGROUND) -> jax.Array:
-  """CAM-only segmentation: argmax over (constant background, classes).
+def walk_to_image(grid_hw: np.ndarray, sizes: np.ndarray, scaled: np.ndarray,
+                  canvas_grid: tuple[int, int], image_scale: float
+                  ) -> tuple[np.ndarray, np.ndarray]:
+  """(Ry, Rx) taking the walk's padded grid of each image back to the image's own pixels.
 
-  Args:
-    cam: [..., H, W, C] normalised CAMs (absent classes zero).
-    background: the constant background score (0.2 in PSA).
+  The walk runs on the stride-8 grid of the image resized by `image_scale`. Each image's own
+  grid (`grid_hw` [B, 2] cells) covers grid * 8 resized pixels, i.e. grid * 8 * size / scaled
+  original ones (at least the image): the grid is upsampled bilinearly to that and the caller
+  crops to the image's `sizes` [B, 2]. `scaled` [B, 2] are the resized sizes. At scale 1 this
+  is grid * 8. The output canvas is one static shape for every batch: the canvas grid times 8
+  (divided by the scale, plus a row and a column of slack for rounding, when it is not 1).
 
   Returns:
-    [..., H, W] int32: 0 = background, c + 1 = class c.
+    Ry [B, Ho, hc], Rx [B, Wo, wc] for `upsample`, hc x wc = `canvas_grid`.
   """
-  cam = jnp.asarray(cam, jnp.float32)
-  bg = jnp.full(cam.shape[:-1] + (1,), background, jnp.float32)
-  return jnp.argmax(jnp.concatenate([bg, cam], axis=-1), axis=-1).astype(jnp.int32)
+  grid_hw = np.asarray(grid_hw)
+  out_sizes = np.round(grid_hw * STRIDE * np.asarray(sizes) /
+                       np.maximum(np.asarray(scaled), 1)).astype(np.int64)
+  hc, wc = canvas_grid
+  out_hw = (hc * STRIDE, wc * STRIDE)
+  if image_scale != 1.0:
+    out_hw = tuple(int(np.ceil(n * STRIDE / image_scale)) + 1 for n in (hc, wc))
+  return upsample_matrices(grid_hw * STRIDE, out_sizes, canvas_grid, out_hw)

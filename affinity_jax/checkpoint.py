@@ -8,6 +8,9 @@ Layout of a checkpoint folder `path/`:
 so a crash never leaves a half-written checkpoint under `path`. The metadata lets a loader
 refuse a checkpoint of the wrong architecture or width before shapes fail somewhere deep in a
 jitted function (`check_compatible`).
+
+`load_network` / `save_network` are the trained networks of a workdir (artifacts.Network) with
+the config's sizes; `merge_backbone` puts pretrained backbone weights into a network's variables.
 """
 
 from __future__ import annotations
@@ -22,13 +25,13 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from affinity_jax import artifacts, models
 from affinity_jax.errors import UserError
+from affinity_jax.models import ARCHS
 
 METADATA_FILE = "metadata.json"
 VARIABLES_DIR = "variables"
 REQUIRED_METADATA = ("arch", "width", "num_classes", "source")
-# "backbone": the ResNet-38 part alone (ImageNet weights), used to initialise the others.
-ARCHS = ("backbone", "cam", "affinity", "seg")
 
 
 class CheckpointError(UserError):
@@ -134,3 +137,42 @@ def check_compatible(metadata: Mapping[str, Any], *, arch: str, width: float | N
       and int(have_classes) != int(num_classes)):
     raise CheckpointError(f"{path}: has {have_classes} classes, but the model has {num_classes} "
                           "(set model.num_classes to match)")
+
+
+def merge_backbone(variables: dict, backbone: dict, source: str) -> dict:
+  """Overwrites the backbone part of `variables` with `backbone`, strictly by name and shape."""
+  out = {}
+  for collection, tree in variables.items():
+    src = backbone.get(collection, {})
+    merged = dict(tree)
+    for name, sub in src.items():
+      if name not in tree:
+        raise UserError(f"{source}: backbone module {collection}/{name} is not in the model")
+      want = jax.tree.map(np.shape, tree[name])
+      got = jax.tree.map(np.shape, sub)
+      if want != got:
+        raise UserError(f"{source}: {collection}/{name} has shapes {got}, the model wants "
+                        f"{want} (wrong width?)")
+      merged[name] = sub
+    out[collection] = merged
+  return out
+
+
+def load_network(cfg, net: artifacts.Network) -> tuple[object, dict]:
+  """(model, variables) of the trained `net` in the config's workdir, checked against the
+  config's model section; a user error naming the stage to run if it has not been trained."""
+  path = artifacts.Workdir(cfg.workdir).network(net)
+  if not os.path.isdir(path):
+    raise UserError(f"{path} does not exist: run the {net.stage} stage first "
+                    f"(--stages {net.stage})")
+  variables, meta = load_variables(path)
+  check_compatible(meta, arch=net.arch, width=cfg.model.width,
+                   num_classes=cfg.model.num_classes, path=path)
+  return models.from_config(cfg, net.arch), variables
+
+
+def save_network(cfg, net: artifacts.Network, variables: dict) -> None:
+  """Writes the trained `net` into the config's workdir."""
+  save_variables(artifacts.Workdir(cfg.workdir).network(net), variables, metadata=dict(
+      arch=net.arch, width=cfg.model.width, num_classes=cfg.model.num_classes,
+      source=f"affinity_jax {net.folder}"))

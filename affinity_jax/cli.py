@@ -9,7 +9,8 @@
 User errors (a bad file, config key or dataset) print one message and exit with status 2; so
 does a diverged run (NaN/Inf loss or network outputs: the message names the step and the last
 good checkpoint, or the network to retrain). With --debug the traceback is shown too. SIGTERM /
-SIGINT during training save a checkpoint and exit with status 130; rerunning resumes.
+SIGINT during training save a checkpoint and exit with status 130; rerunning resumes. Anything
+else is a bug: it shows its traceback and exits with status 1.
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ def _parser() -> argparse.ArgumentParser:
   pt = csub.add_parser("psa-pytorch", help="a PSA .pth (resnet38_cls or resnet38_aff)")
   pt.add_argument("input")
   pt.add_argument("output")
-  pt.add_argument("--arch", required=True, choices=("cam", "affinity", "backbone"))
+  pt.add_argument("--arch", required=True, choices=("cam", "affinity", "backbone"),
+                  help="the original's network in the file (resnet38_cls, resnet38_aff, "
+                       "resnet38d)")
   mx = csub.add_parser("mxnet", help="the ImageNet ResNet-38 .params of ademxapp")
   mx.add_argument("input")
   mx.add_argument("output")
@@ -72,9 +75,7 @@ def main(argv: list[str] | None = None) -> int:
   overrides = [a for a in argv if a.startswith("--config.")]
   args = _parser().parse_args([a for a in argv if not a.startswith("--config.")])
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  from affinity_jax.errors import NonFiniteLossError, UserError
-  from affinity_jax.stages.common import NonFiniteOutputError
-  from affinity_jax.train import TrainingInterrupted
+  from affinity_jax.errors import REPORTED, TrainingInterrupted
   try:
     if args.command == "run":
       _run(args.config, args.stages, args.workdir, overrides)
@@ -91,8 +92,7 @@ def main(argv: list[str] | None = None) -> int:
   except TrainingInterrupted as e:
     print(f"affinity-jax: {e}", file=sys.stderr)
     return 130
-  except (UserError, ValueError, FileNotFoundError, NotADirectoryError, NonFiniteLossError,
-          NonFiniteOutputError) as e:
+  except REPORTED as e:
     if args.debug:
       traceback.print_exc()
     print(f"affinity-jax: error: {e}", file=sys.stderr)

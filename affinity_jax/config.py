@@ -1,5 +1,7 @@
 """Loading ml-collections configs: `configs/x.py[:variant]` plus `--config.a.b=value` overrides.
 
+Also the checked reading of keys that more than one stage reads (`aff_image_scale`).
+
 Every config file defines `get_config(arg: str | None) -> ml_collections.ConfigDict`; the text
 after the colon is passed as `arg` (e.g. `configs/synthetic.py:tiny`). Overrides must name keys
 that exist; their values are parsed to the type of the value they replace.
@@ -29,7 +31,10 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   module_spec.loader.exec_module(module)
   if not hasattr(module, "get_config"):
     raise ConfigError(f"config file {path!r} defines no get_config()")
-  config = module.get_config(arg or None)
+  try:
+    config = module.get_config(arg or None)
+  except ValueError as e:  # the config files' own messages, e.g. an unknown variant.
+    raise ConfigError(str(e)) from None
   if not isinstance(config, ml_collections.ConfigDict):
     raise ConfigError(f"{path}: get_config() must return an ml_collections.ConfigDict")
   return config
@@ -87,3 +92,11 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str])
       if i < len(parts) - 1:
         node = node[part]
     node[parts[-1]] = _parse_value(value, node[parts[-1]], key)
+
+
+def aff_image_scale(cfg) -> float:
+  """The key aff.image_scale, checked: train_aff and random_walk must both resize by it."""
+  scale = float(cfg.aff.image_scale)
+  if not scale > 0:
+    raise ConfigError(f"config key aff.image_scale must be > 0, got {scale}")
+  return scale

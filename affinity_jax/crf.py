@@ -1,13 +1,12 @@
 """Dense CRF (Kraehenbuehl and Koltun) with the original's parameters, through pydensecrf.
 
-PSA.md step 3: 10 mean-field iterations; unary = -log of the scores taken as probabilities as they
-are (no re-normalisation over classes), clipped at 1e-5 as pydensecrf.utils.unary_from_softmax
-does; Gaussian kernel sxy=3 compat=3; bilateral kernel sxy=80 srgb=13 compat=10 on the RGB image.
+docs/method.md §3: 10 mean-field iterations; unary = -log of the scores taken as probabilities
+as they are (no re-normalisation over classes), clipped at 1e-5 as
+pydensecrf.utils.unary_from_softmax does; Gaussian kernel sxy=3 compat=3; bilateral kernel
+sxy=80 srgb=13 compat=10 on the RGB image.
 """
 
 from __future__ import annotations
-
-from typing import Optional
 
 import numpy as np
 
@@ -19,19 +18,14 @@ BILATERAL_COMPAT = 10
 UNARY_CLIP = 1e-5
 
 
-def crf_inference(image: np.ndarray, probs: np.ndarray, *, t: int = 10,
-                  scale_factor: float = 1.0, labels: Optional[int] = None,
-                  channels_first: bool = False) -> np.ndarray:
+def crf_inference(image: np.ndarray, probs: np.ndarray, *, t: int = 10) -> np.ndarray:
   """Mean-field dCRF inference.
 
   Args:
     image: [H, W, 3] uint8 RGB image.
-    probs: [H, W, C] scores used as probabilities (or [C, H, W] with channels_first=True); they
-      are not re-normalised, as in the original.
+    probs: [H, W, C] scores used as probabilities; they are not re-normalised, as in the
+      original.
     t: mean-field iterations.
-    scale_factor: divides both kernels' sxy (the original's knob for rescaled images).
-    labels: number of labels; must equal C when given (kept for the original's signature).
-    channels_first: probs is [C, H, W].
 
   Returns:
     [H, W, C] float32 marginals Q (sum to 1 over C at every pixel).
@@ -47,16 +41,11 @@ def crf_inference(image: np.ndarray, probs: np.ndarray, *, t: int = 10,
     raise ValueError(f"crf_inference: image must be [H, W, 3] (got shape {image.shape}).")
   if probs.ndim != 3:
     raise ValueError(f"crf_inference: probs must be 3-D (got shape {probs.shape}).")
-  if channels_first:
-    probs = np.moveaxis(probs, 0, -1)
   h, w = image.shape[:2]
   if probs.shape[:2] != (h, w):
-    layout = "[C, H, W]" if channels_first else "[H, W, C]"
-    raise ValueError(f"crf_inference: probs {layout} does not match the {h}x{w} image "
-                     f"(got {np.asarray(probs).shape} after layout {layout}).")
+    raise ValueError(f"crf_inference: probs [H, W, C] does not match the {h}x{w} image "
+                     f"(got {probs.shape}).")
   n_labels = probs.shape[-1]
-  if labels is not None and labels != n_labels:
-    raise ValueError(f"crf_inference: labels={labels} but probs has {n_labels} channels.")
   if n_labels < 1:
     raise ValueError("crf_inference: probs has no channel.")
   if not np.all(np.isfinite(probs)) or np.any(probs < 0):
@@ -66,8 +55,8 @@ def crf_inference(image: np.ndarray, probs: np.ndarray, *, t: int = 10,
   # pydensecrf wants classes first, C-contiguous float32.
   unary = unary_from_softmax(np.moveaxis(probs.astype(np.float32), -1, 0), clip=UNARY_CLIP)
   crf.setUnaryEnergy(np.ascontiguousarray(unary))
-  crf.addPairwiseGaussian(sxy=GAUSSIAN_SXY / scale_factor, compat=GAUSSIAN_COMPAT)
-  crf.addPairwiseBilateral(sxy=BILATERAL_SXY / scale_factor, srgb=BILATERAL_SRGB,
+  crf.addPairwiseGaussian(sxy=GAUSSIAN_SXY, compat=GAUSSIAN_COMPAT)
+  crf.addPairwiseBilateral(sxy=BILATERAL_SXY, srgb=BILATERAL_SRGB,
                            rgbim=np.ascontiguousarray(image), compat=BILATERAL_COMPAT)
   q = np.asarray(crf.inference(t), np.float32).reshape(n_labels, h, w)
   return np.ascontiguousarray(np.moveaxis(q, 0, -1))

@@ -1,7 +1,7 @@
 """Pair geometry of AffinityNet: radius offsets, pair masks, affinities, affinity labels.
 
 Everything lives on the stride-8 feature grid, channels last. A *pair* joins a "from" position
-p = (y, x) to p + o for a forward offset o = (dy, dx) inside the radius gamma (PSA.md step 4).
+p = (y, x) to p + o for a forward offset o = (dy, dx) inside the radius gamma (docs/method.md §4).
 Per-pair arrays are laid out per offset, [B, h, w, K]: entry [b, y, x, k] belongs to the pair
 ((y, x), (y + dy_k, x + dx_k)). Two pair sets ("schemes") exist:
 
@@ -26,11 +26,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from affinity_jax.constants import IGNORE_LABEL, STRIDE
+
 SCHEMES = ("psa", "full")
 
-# Thresholds of PSA.md step 3.
+# A grid cell whose every la / ha score is under this has no label (docs/method.md §3).
 NO_SCORE_THRESHOLD = 1e-5
-IGNORE_LABEL = 255
 
 
 def _check_radius(radius: int) -> int:
@@ -227,7 +228,7 @@ def neighbourhood_affinities(features: jax.Array, *, radius: int = 5, scheme: st
 
 
 # ---------------------------------------------------------------------------------------------
-# Affinity labels (PSA.md step 3).
+# Affinity labels (docs/method.md §3).
 
 
 def _check_score_maps(la, ha, name="affinity_labels"):
@@ -240,41 +241,12 @@ def _check_score_maps(la, ha, name="affinity_labels"):
     raise ValueError(f"{name}: score maps need at least the background channel.")
 
 
-def _pool_np(x: np.ndarray, stride: int) -> np.ndarray:
-  """Average pool [H, W, C] by `stride`, zero padding bottom/right to a multiple first."""
-  h, w, c = x.shape
-  gh, gw = -(-h // stride), -(-w // stride)
-  x = np.pad(x, ((0, gh * stride - h), (0, gw * stride - w), (0, 0)))
-  return x.reshape(gh, stride, gw, stride, c).mean(axis=(1, 3))
+def affinity_labels_tf(la, ha, stride: int = STRIDE):
+  """Affinity labels of a crop from its two dCRF score maps, inside tf.data (graph mode).
 
-
-def affinity_labels(la: np.ndarray, ha: np.ndarray, *, stride: int = 8) -> np.ndarray:
-  """Per-position affinity labels of a crop from its two dCRF score maps (numpy).
-
-  Args:
-    la: [H, W, C+1] dCRF scores with alpha = 4 (background amplified); channel 0 = background;
-      zero where the crop is padding.
-    ha: [H, W, C+1] dCRF scores with alpha = 32 (background suppressed), same layout.
-    stride: the feature stride; H and W are zero padded to a multiple of it, then average pooled.
-
-  Returns:
-    [ceil(H / stride), ceil(W / stride)] uint8: argmax(la); 255 where argmax(la) is background;
-    0 where argmax(ha) is background; 255 where every score of la and ha is < 1e-5.
-  """
-  la = np.asarray(la, np.float32)
-  ha = np.asarray(ha, np.float32)
-  _check_score_maps(la, ha)
-  la, ha = _pool_np(la, stride), _pool_np(ha, stride)
-  no_score = np.maximum(la.max(-1), ha.max(-1)) < NO_SCORE_THRESHOLD
-  label_la = la.argmax(-1)
-  label = np.where(label_la == 0, IGNORE_LABEL, label_la)
-  label = np.where(ha.argmax(-1) == 0, 0, label)
-  label = np.where(no_score, IGNORE_LABEL, label)
-  return label.astype(np.uint8)
-
-
-def affinity_labels_tf(la, ha, stride: int = 8):
-  """TensorFlow twin of `affinity_labels`, usable inside tf.data (graph mode).
+  argmax(la); 255 where argmax(la) is background; 0 where argmax(ha) is background; 255 where
+  every score of la and ha is < 1e-5 (docs/method.md §3). Both maps are zero padded bottom/right
+  to a multiple of the stride, then average pooled by it.
 
   Args:
     la, ha: [H, W, C+1] float tensors (H, W may be dynamic; C+1 must be static).
@@ -307,7 +279,7 @@ def affinity_labels_tf(la, ha, stride: int = 8):
 
 def pair_labels(labels: jax.Array, *, radius: int = 5, scheme: str = "full",
                 valid: Optional[jax.Array] = None) -> dict[str, jax.Array]:
-  """The three pair label sets of PSA.md step 5 for the scheme's pairs.
+  """The three pair label sets of docs/method.md §5 for the scheme's pairs.
 
   Args:
     labels: [B, h, w] integer affinity labels (0 = background, 255 = not confident).
@@ -338,23 +310,3 @@ def _pair_labels(labels, mask, *, radius):
       "bg_pos": (same & (frm == 0) & confident).astype(jnp.float32),
       "neg": (~same & confident).astype(jnp.float32),
   }
-
-
-def pair_labels_psa_vector(labels: np.ndarray, radius: int = 5) -> dict[str, np.ndarray]:
-  """Pair labels of one [h, w] grid in the original's vector order ([K * N] each), numpy.
-
-  For parity checks against the original's label extraction; `pair_labels` is the one to use.
-  """
-  labels = np.asarray(labels).astype(np.int64)
-  ind_from, ind_to = psa_pair_indices(*labels.shape, radius)
-  flat = labels.reshape(-1)
-  frm = np.tile(flat[ind_from], len(forward_offsets(radius)))
-  to = flat[ind_to]
-  confident = (frm != IGNORE_LABEL) & (to != IGNORE_LABEL)
-  same = frm == to
-  return {
-      "fg_pos": (same & (frm != 0) & confident).astype(np.float32),
-      "bg_pos": (same & (frm == 0)).astype(np.float32),
-      "neg": (~same & confident).astype(np.float32),
-  }
-

@@ -1,9 +1,10 @@
-"""The one writer of per-image outputs and metrics files.
+"""Atomic file writes (and checked reads) under every output of the pipeline.
 
 Every file a stage produces goes through `atomic_write`: the bytes land in a temporary file in
 the destination folder, are flushed to disk, and are renamed into place. A stage killed at any
 point therefore leaves only complete files, and a rerun can trust that a file which exists is
-whole (it only has to redo what is missing).
+whole (it only has to redo what is missing). What each stage writes, and where, is
+artifacts.py's business; this module only knows bytes, arrays and images.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import tempfile
 from typing import Any, Iterator, Mapping
 
 import numpy as np
+
+from affinity_jax.errors import UserError
 
 _TMP_PREFIX = ".tmp-"
 
@@ -59,8 +62,8 @@ def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
   except FileNotFoundError:
     raise
   except Exception as e:  # zipfile / pickle / value errors all mean the same to a user.
-    raise ValueError(f"{os.fspath(path)}: not a readable .npz file ({e}); delete it and rerun "
-                     "the stage that writes it") from e
+    raise UserError(f"{os.fspath(path)}: not a readable .npz file ({e}); delete it and rerun "
+                    "the stage that writes it") from e
 
 
 def save_png(path: str | os.PathLike, array: np.ndarray) -> None:
@@ -82,7 +85,7 @@ def load_png(path: str | os.PathLike) -> np.ndarray:
   except FileNotFoundError:
     raise
   except Exception as e:
-    raise ValueError(f"{os.fspath(path)}: not a readable PNG ({e})") from e
+    raise UserError(f"{os.fspath(path)}: not a readable PNG ({e})") from e
 
 
 def save_json(path: str | os.PathLike, obj: Mapping[str, Any]) -> None:

@@ -1,4 +1,5 @@
-"""Losses of the three networks: affinity (PSA.md step 5), multilabel soft margin, segmentation CE.
+"""Losses of the three networks: affinity (docs/method.md §5), multilabel soft margin and
+segmentation cross-entropy.
 
 All are pure jnp functions of arrays, jit-able, returning float32 scalars.
 """
@@ -7,6 +8,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from affinity_jax.constants import IGNORE_LABEL
 
 # The original's epsilons: inside the logs and in the pair counts.
 LOG_EPS = 1e-5
@@ -62,7 +65,7 @@ def multilabel_soft_margin_loss(logits: jax.Array, labels: jax.Array) -> jax.Arr
 
 
 def segmentation_loss(logits: jax.Array, labels: jax.Array, *,
-                      ignore_index: int = 255) -> jax.Array:
+                      ignore_index: int = IGNORE_LABEL) -> jax.Array:
   """Softmax cross-entropy averaged over the labelled pixels (0 when none is labelled).
 
   Args:

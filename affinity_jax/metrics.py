@@ -1,6 +1,6 @@
 """Segmentation evaluation: a confusion matrix accumulated over a split, per-class IoU, mIoU.
 
-Conventions (PSA.md "Evaluation"):
+Conventions (docs/method.md §9):
 - Ground-truth pixels labelled `ignore_index` (255) are skipped, whatever is predicted there.
 - Any other ground-truth or predicted value outside [0, num_classes) is an error (ValueError):
   it means a wrong class mapping or a broken file, which must not be scored silently.
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-IGNORE_LABEL = 255
+from affinity_jax.constants import IGNORE_LABEL
 
 
 class ConfusionMatrix:

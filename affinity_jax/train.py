@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
-import sys
 import time
 from typing import Any, Callable, Iterator, Mapping
 
@@ -31,7 +30,7 @@ from flax import traverse_util
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from affinity_jax.errors import NonFiniteLossError
+from affinity_jax.errors import NonFiniteLossError, TrainingInterrupted, UserError
 
 PyTree = Any
 Batch = Mapping[str, np.ndarray]
@@ -44,10 +43,6 @@ GROUP_MULTIPLIERS = {  # label -> (lr multiplier, weight decay applies)
     "new_weight": (10.0, True),
     "new_bias": (20.0, False),
 }
-
-
-class TrainingInterrupted(Exception):
-  """SIGTERM/SIGINT arrived; a checkpoint of the current step was saved first."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,15 +164,70 @@ def _fmt_seconds(s: float) -> str:
   return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+def init_state(variables: Mapping[str, PyTree], labels: PyTree, optim: OptimConfig,
+               mesh: jax.sharding.Mesh | None = None
+               ) -> tuple[dict, dict, optax.GradientTransformation]:
+  """The training state of `variables`, replicated over `mesh` (default: `data_mesh()`).
+
+  Returns:
+    (state, constants, tx): state = {"step", "params" (the trainable ones), "opt_state"};
+    constants = {"frozen": frozen params, "batch_stats": frozen BatchNorm}, never updated;
+    tx the optimiser of `make_optimizer` over the trainable params.
+  """
+  replicated = NamedSharding(mesh or data_mesh(), P())
+  trainable, frozen, train_labels = split_frozen(variables["params"], labels)
+  tx = make_optimizer(optim, train_labels)
+  trainable = jax.device_put(trainable, replicated)
+  state = {"step": jax.device_put(jnp.zeros((), jnp.int32), replicated),
+           "params": trainable,
+           "opt_state": jax.jit(tx.init, out_shardings=replicated)(trainable)}
+  constants = {"frozen": jax.device_put(frozen, replicated),
+               "batch_stats": jax.device_put(variables.get("batch_stats", {}), replicated)}
+  return state, constants, tx
+
+
+def make_train_step(model, loss_fn: LossFn, tx: optax.GradientTransformation,
+                    optim: OptimConfig, *, seed: int = 0,
+                    mesh: jax.sharding.Mesh | None = None) -> Callable:
+  """The jitted step `(state, constants, batch) -> (state, metrics)` that `train` runs.
+
+  `state` and `constants` as `init_state` makes them; `batch` a dict of global arrays (the
+  image under "image"). The state is donated and comes back replicated over `mesh`; dropout
+  keys are `fold_in(key(seed), step)`. Metrics: "loss", the loss function's own, and "lr" (the
+  base learning rate of the step).
+  """
+  replicated = NamedSharding(mesh or data_mesh(), P())
+  base_rng = jax.random.key(seed)
+  schedule = poly_schedule(optim.lr, optim.total_steps, optim.poly_power)
+
+  # Frozen params and BN statistics are arguments, not closure constants: XLA would otherwise
+  # bake them into the executable.
+  def train_step(state, constants, batch):
+    rng = jax.random.fold_in(base_rng, state["step"])
+
+    def loss_of(trainable):
+      v = {"params": merge_params(trainable, constants["frozen"]),
+           "batch_stats": constants["batch_stats"]}
+      out = model.apply(v, batch["image"], train=True, rngs={"dropout": rng})
+      return loss_fn(out, batch)
+
+    (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics = {"loss": loss, **metrics, "lr": schedule(state["step"])}
+    return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+
+  return jax.jit(train_step, out_shardings=(replicated, replicated), donate_argnums=(0,))
+
+
 def train(*, name: str, model, variables: Mapping[str, PyTree], labels: PyTree,
           loss_fn: LossFn, batches: Callable[[int], Iterator[Batch]], optim: OptimConfig,
           workdir: str, batch_size: int, seed: int = 0, checkpoint_every: int = 100,
-          log_every: int = 10, max_to_keep: int = 2,
-          lr_key: str = "lr") -> dict[str, PyTree]:
+          log_every: int = 10, max_to_keep: int = 2) -> dict[str, PyTree]:
   """Trains `model` from `variables` for `optim.total_steps` steps, resuming if it can.
 
   Args:
-    name: the network's name, used for the checkpoint folder and log lines.
+    name: the network's name, used in log lines and messages.
     model: a Flax module whose `apply(variables, images, train=True, rngs={"dropout": ...})`
       returns what `loss_fn` takes.
     variables: {"params": ..., "batch_stats": ...}; batch_stats are constants.
@@ -186,45 +236,16 @@ def train(*, name: str, model, variables: Mapping[str, PyTree], labels: PyTree,
     batches: start_step -> iterator of host batches for steps start_step, start_step+1, ...
       (global batch size / process_count examples each, numpy).
     workdir: checkpoints go to `{workdir}/checkpoints`, event files to `{workdir}/logs`.
-    lr_key: the config key of the learning rate, named in the non-finite loss message.
   Returns:
     The trained {"params", "batch_stats"} as host numpy arrays.
   """
   mesh = data_mesh()
   if batch_size % jax.device_count():
-    raise ValueError(f"{name}: global batch size {batch_size} is not divisible by the "
-                     f"{jax.device_count()} devices")
-  replicated = NamedSharding(mesh, P())
+    raise UserError(f"{name}: global batch size {batch_size} is not divisible by the "
+                    f"{jax.device_count()} devices")
   data_sharding = NamedSharding(mesh, P("data"))
-
-  trainable, frozen, train_labels = split_frozen(variables["params"], labels)
-  tx = make_optimizer(optim, train_labels)
-  batch_stats = jax.device_put(variables.get("batch_stats", {}), replicated)
-  frozen = jax.device_put(frozen, replicated)
-  trainable = jax.device_put(trainable, replicated)
-  state = {"step": jax.device_put(jnp.zeros((), jnp.int32), replicated),
-           "params": trainable,
-           "opt_state": jax.jit(tx.init, out_shardings=replicated)(trainable)}
-  base_rng = jax.random.key(seed)
-
-  # Frozen params and BN statistics are arguments, not closure constants: XLA would otherwise
-  # bake them into the executable.
-  def train_step(state, frozen, batch_stats, batch):
-    rng = jax.random.fold_in(base_rng, state["step"])
-
-    def loss_of(trainable):
-      v = {"params": merge_params(trainable, frozen), "batch_stats": batch_stats}
-      out = model.apply(v, batch["image"], train=True, rngs={"dropout": rng})
-      return loss_fn(out, batch)
-
-    (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"])
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    metrics = {"loss": loss, **metrics,
-               "lr": poly_schedule(optim.lr, optim.total_steps, optim.poly_power)(state["step"])}
-    return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
-
-  step_fn = jax.jit(train_step, out_shardings=(replicated, replicated), donate_argnums=(0,))
+  state, constants, tx = init_state(variables, labels, optim, mesh)
+  step_fn = make_train_step(model, loss_fn, tx, optim, seed=seed, mesh=mesh)
 
   ckpt_dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
   manager = ocp.CheckpointManager(
@@ -249,18 +270,17 @@ def train(*, name: str, model, variables: Mapping[str, PyTree], labels: PyTree,
       try:
         host_batch = next(it)
       except StopIteration:
-        raise ValueError(f"{name}: the input pipeline ended at step {step} of "
-                         f"{optim.total_steps}; it must repeat") from None
-      state, metrics = step_fn(state, frozen, batch_stats,
-                               global_batch(host_batch, data_sharding))
+        raise RuntimeError(f"{name}: the input pipeline ended at step {step} of "
+                           f"{optim.total_steps}; it must repeat") from None
+      state, metrics = step_fn(state, constants, global_batch(host_batch, data_sharding))
       done = step + 1
       loss = float(metrics["loss"])
       if not np.isfinite(loss):
         where = (f"the last good checkpoint is step {last_saved} in {ckpt_dir}"
                  if last_saved is not None else "no checkpoint was saved yet")
         raise NonFiniteLossError(
-            f"{name}: loss is {loss} at step {done}; {where}. Lower the learning rate "
-            f"(--config.{lr_key}) or check the input data.")
+            f"{name}: loss is {loss} at step {done}; {where}. Lower the learning rate or "
+            "check the input data.")
       if done % log_every == 0 or done == optim.total_steps or done == start + 1:
         progress.log(done, {k: float(v) for k, v in metrics.items()})
       if done % checkpoint_every == 0 or done == optim.total_steps or stop["signal"]:
@@ -277,5 +297,5 @@ def train(*, name: str, model, variables: Mapping[str, PyTree], labels: PyTree,
     for s, h in old_handlers.items():
       signal.signal(s, h)
 
-  params = merge_params(state["params"], frozen)
-  return jax.device_get({"params": params, "batch_stats": batch_stats})
+  params = merge_params(state["params"], constants["frozen"])
+  return jax.device_get({"params": params, "batch_stats": constants["batch_stats"]})

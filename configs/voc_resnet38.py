@@ -1,6 +1,6 @@
 """PSA on PASCAL VOC 2012 + SBD with ResNet-38: the original's recipe, every value named.
 
-Sources (see ../shared/reference/PSA.md): the paper (Ahn & Kwak, CVPR 2018) and the PyTorch
+Sources (docs/method.md, section by section): the paper (Ahn & Kwak, CVPR 2018) and the PyTorch
 original's defaults (train_cls.py, infer_cls.py, train_aff.py, infer_aff.py).
 
 Usage:

@@ -4,11 +4,12 @@ Both paths run in this process on the same affinities and CAMs. Inputs look like
 affinity features piecewise constant over a few regions (plus a little noise), CAMs of 21
 channels (background + 20 classes) with three present classes as smooth blobs.
 
-Dense: the original's path in float32 numpy (BLAS): A^beta, column normalisation, 8 squarings of
-the (hw x hw) matrix, v @ T; timed after one warm-up run, from the already built matrix (the
-original builds it on the CPU too, then moves it to the GPU). Its peak memory is analytical: three
-live (hw)^2 float32 matrices (the affinity matrix, T, and the product being formed). Grids whose
-dense matrix would not fit are reported with that figure and not run.
+Dense: the original's path in float32 numpy (BLAS), as the test oracle tests/reference_walk.py
+writes it: A^beta, column normalisation, 8 squarings of the (hw x hw) matrix, v @ T; timed after
+one warm-up run, from the already built matrix (the original builds it on the CPU too, then
+moves it to the GPU). Its peak memory is analytical: three live (hw)^2 float32 matrices (the
+affinity matrix, T, and the product being formed). Grids whose dense matrix would not fit are
+reported with that figure and not run.
 
 Sparse: `random_walk.propagate` (weights + 256 stencil steps, jitted), best of 5 (2 on the two
 large grids) after warm-up.
@@ -25,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -34,6 +36,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from affinity_jax import geometry, random_walk as rw  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # oracles: tests/
+from tests import reference_walk  # noqa: E402
 
 MIB = 2 ** 20
 DENSE_LIMIT_BYTES = 2 ** 30  # beyond this analytical peak the dense path is not run (minutes+)
@@ -55,7 +60,7 @@ def make_inputs(h, w, radius, seed=0, num_channels=21, feature_dim=16):
   cam[..., 0] = (1 - cam[..., 1:].max(-1)) ** 16
   feats = jnp.asarray(feats[None], jnp.float32)
   cam = jnp.asarray(cam[None], jnp.float32)
-  aff_sym = rw.neighbourhood_affinities(feats, radius=radius)
+  aff_sym = geometry.neighbourhood_affinities(feats, radius=radius)
   forward = geometry.pair_affinities(feats, radius=radius)
   return aff_sym, forward, cam
 
@@ -99,9 +104,10 @@ def run_case(h, w, radius, stride, beta=8.0, t=256, tols=(1e-4, 1e-5)):
          "dense_peak_mib": dense_bytes / MIB, "dense_s": None, "speedup": None,
          "max_abs_diff": None, "early_stop_steps": steps}
   if dense_bytes <= DENSE_LIMIT_BYTES:
-    matrix = rw.dense_affinity_matrix(np.asarray(forward[0]), radius=radius, dtype=np.float32)
+    matrix = reference_walk.dense_affinity_matrix(np.asarray(forward[0]), radius=radius,
+                                                  dtype=np.float32)
     v = np.asarray(cam[0]).reshape(n, -1)
-    dense = lambda: rw.dense_walk(matrix, v, beta=beta, t=t)
+    dense = lambda: reference_walk.dense_walk(matrix, v, beta=beta, t=t)
     row["dense_s"] = time_best(dense, repeats=3)
     dense_out = dense().reshape(sparse_out.shape)
     row["speedup"] = row["dense_s"] / sparse_s

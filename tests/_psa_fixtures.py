@@ -15,8 +15,8 @@ import numpy as np
 TINY_WIDTH = 1 / 32
 NUM_CLASSES = 20
 
-# The original's resnet38_cls state dict (PyTorch names, OIHW shapes), copied from
-# shared/reference/psa_state_dict_manifest.json so that a fresh clone can run the tests. Every
+# The original's resnet38_cls state dict (PyTorch names, OIHW shapes), as its network files
+# define it, written out here so that a fresh clone can run the tests. Every
 # BN module also has a `num_batches_tracked` int64 scalar after its running_var (added below).
 _CLS_MANIFEST = """
 conv1a.weight 64x3x3x3

@@ -1,7 +1,8 @@
 """An independent NumPy (float64, NCHW / OIHW) forward pass of the original's networks.
 
-Written from PSA.md alone and fed a state dict in the original's names; it shares no code with
-affinity_jax.models, so agreement between the two is evidence that both follow the spec.
+Written from the method's description (docs/method.md) and fed a state dict in the original's
+names; it shares no code with affinity_jax.models, so agreement between the two is evidence that
+both follow the spec.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import numpy as np
 
 EPS = 1e-5
 
-# (block, stride, dilation of the first 3x3, dilation of the second 3x3), per PSA.md.
+# (block, stride, dilation of the first 3x3, dilation of the second 3x3), per the original.
 BASIC_BLOCKS = (
     [("b2", 2, 1, 1), ("b2_1", 1, 1, 1), ("b2_2", 1, 1, 1),
      ("b3", 2, 1, 1), ("b3_1", 1, 1, 1), ("b3_2", 1, 1, 1),

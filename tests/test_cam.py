@@ -1,10 +1,12 @@
-"""CAM post-processing: upsampling convention, canvas cropping, aggregation, predictions."""
+"""CAM post-processing: the per-image oracle's upsampling, cropping and aggregation, and the
+pipeline's background stack and CAM-only prediction (affinity_jax.cam)."""
 
 import numpy as np
 import pytest
 import jax.numpy as jnp
 
-from affinity_jax import cam as cam_lib
+from affinity_jax import cam
+from tests import reference_cam as cam_lib
 
 
 def test_bilinear_upsample_is_half_pixel_like_pytorch():
@@ -68,16 +70,22 @@ def test_multiscale_aggregation_normalises_present_classes():
 
 
 def test_background_prediction_and_score_stack():
-  cam = np.zeros((2, 2, 3), np.float32)
-  cam[0, 0] = [0.1, 0.5, 0.0]
-  cam[0, 1] = [0.15, 0.0, 0.1]
-  cam[1, 0] = [0.0, 0.0, 0.9]
-  pred = np.asarray(cam_lib.cam_prediction(cam))
+  cam_map = np.zeros((2, 2, 3), np.float32)
+  cam_map[0, 0] = [0.1, 0.5, 0.0]
+  cam_map[0, 1] = [0.15, 0.0, 0.1]
+  cam_map[1, 0] = [0.0, 0.0, 0.9]
+  pred = np.asarray(cam.cam_prediction(cam_map))
   np.testing.assert_array_equal(pred, [[2, 0], [3, 0]])
-  bg = np.asarray(cam_lib.background_score(cam, alpha=4))
+  bg = np.asarray(cam.background_stack(cam_map, alpha=4))[..., 0]
   np.testing.assert_allclose(bg, [[0.5 ** 4, 0.85 ** 4], [0.1 ** 4, 1.0]], rtol=1e-5)
-  stack, ids = cam_lib.score_stack(cam, np.array([1, 0, 1]), alpha=32)
+  # The same with JAX arrays (the walk's path), and the present classes only (the dCRF's).
+  bg_jax = np.asarray(cam.background_stack(jnp.asarray(cam_map), alpha=4))[..., 0]
+  np.testing.assert_allclose(bg_jax, bg, rtol=1e-6)
+  ids = np.flatnonzero(np.array([1, 0, 1]))
   np.testing.assert_array_equal(ids, [0, 2])
+  stack = cam.background_stack(cam_map[..., ids], alpha=32)
   assert stack.shape == (2, 2, 3)
   np.testing.assert_allclose(stack[0, 0], [0.9 ** 32, 0.1, 0.0], rtol=1e-5)
   np.testing.assert_allclose(stack[1, 1], [1.0, 0.0, 0.0])
+  with pytest.raises(ValueError, match="exactly one"):
+    cam.background_stack(cam_map)

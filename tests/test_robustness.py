@@ -1,4 +1,4 @@
-"""Robustness (issue 6): clear errors for bad inputs, resuming after SIGKILL / SIGTERM, only whole
+"""Robustness: clear errors for bad inputs, resuming after SIGKILL / SIGTERM, only whole
 output files, numerical guards, and skipping (with a report) images a stage cannot use.
 
 Where exit codes, tracebacks or signals matter the real CLI runs in a subprocess; elsewhere
@@ -8,7 +8,6 @@ tree. Learning rates are lowered (--config.*.lr) so that the few steps here neve
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,9 +18,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from affinity_jax import checkpoint, cli, config as config_lib, io
+from affinity_jax import artifacts, checkpoint, cli, config as config_lib, data, io
 from affinity_jax import random_walk as rw
-from affinity_jax.stages import aff_labels, common, evaluate, infer_cam, random_walk
+from affinity_jax.errors import UserError
+from affinity_jax.stages import aff_labels, evaluate, infer_cam, random_walk
+from affinity_jax.stages.training import init_variables
 from tests import _voc_tree
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -99,7 +100,6 @@ def assert_same_variables(a, b):
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
   """The tiny synthetic dataset, prepared once."""
-  from affinity_jax import data
   d = tmp_path_factory.mktemp("tfds")
   data.get_builder("synthetic_wsss", d, config="tiny")
   return d
@@ -180,7 +180,7 @@ def test_killed_stage_leaves_only_whole_files_and_rerun_does_the_rest(interrupte
   whole = sorted(f for f in os.listdir(cams) if f.endswith(".npz"))
   assert 0 < len(whole) < 24, "the kill came too late to interrupt the stage"
   for f in whole:  # every file under its final name is complete
-    infer_cam.load_cam(str(cams / f), num_classes=3)
+    artifacts.load_cam(str(cams / f), num_classes=3)
   before = {f: os.stat(cams / f).st_mtime_ns for f in whole}
   argv = ["run", "--config", TINY, "--workdir", str(broken_dir), "--stages", "infer_cam",
           f"--config.data.data_dir={data_dir}"]
@@ -204,6 +204,24 @@ def test_unknown_config_key_subprocess_no_traceback_unless_debug(tmp_path):
   out = subprocess.run(cmd[:3] + ["--debug"] + cmd[3:], cwd=REPO, env=ENV, capture_output=True,
                        text=True, timeout=300)
   assert out.returncode == 2 and "Traceback" in out.stderr and "cam.learning_rate" in out.stderr
+
+
+def test_a_bug_keeps_its_traceback_and_exit_status_1(tmp_path):
+  # Only user errors become one-line messages; a bug (here in a config file's own code) must
+  # surface with its traceback, not pose as the user's mistake.
+  assert not issubclass(UserError, ValueError)
+  config = tmp_path / "buggy.py"
+  config.write_text("def get_config(arg=None):\n  return {}['cam']\n")
+  cmd = [sys.executable, "-m", "affinity_jax.cli", "run", "--config", str(config),
+         "--workdir", str(tmp_path / "w")]
+  out = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 1
+  assert "Traceback" in out.stderr and "KeyError: 'cam'" in out.stderr
+  # A config file's ValueError (an unknown variant) is the user's: one message, status 2.
+  out = subprocess.run(cmd[:5] + [TINY.replace(":tiny", ":huge")] + cmd[6:], cwd=REPO,
+                       env=ENV, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 2 and "unknown variant 'huge'" in out.stderr
+  assert "Traceback" not in out.stderr
 
 
 def _break_mask_size(voc):
@@ -236,7 +254,6 @@ def test_bad_dataset_files_are_named_by_the_cli(tmp_path, capsys, breakage):
   err = capsys.readouterr().err
   assert culprit in err and "Traceback" not in err
   # Nothing half-prepared is left behind: once the file is fixed, the dataset builds.
-  from affinity_jax import data
   _voc_tree.make_voc_tree(str(root), with_sbd=False)
   builder = data.get_builder("voc2012_aug", tmp_path / "tfds", manual_dir=root)
   assert len(data.split_names(builder, "train")) == 3
@@ -294,11 +311,11 @@ def voc_run(tmp_path_factory):
       "eval.cam_splits=('val', 'train')", "eval.seg_splits=()", "eval.panels=0"])
   cfg.workdir = str(root / "work")
   calibration = np.random.default_rng(0).normal(size=(2, 48, 48, 3)).astype(np.float32)
-  for net in (common.CAM_NET, common.AFF_NET):
-    variables = common.init_variables(cfg, common.ARCH[net], 48, calibration)
-    common.save_trained(cfg, net, variables)
+  for net in (artifacts.CAM_NET, artifacts.AFF_NET):
+    variables = init_variables(cfg, net.arch, 48, calibration)
+    checkpoint.save_network(cfg, net, variables)
   summaries = {"infer_cam": infer_cam.run(cfg)}
-  cam_path = os.path.join(cfg.workdir, common.CAMS, "2007_000001.npz")
+  cam_path = artifacts.Workdir(cfg.workdir).cam("2007_000001")
   io.save_npz(cam_path, cam=np.full((8, 8, 1), 0.5, np.float32), class_ids=np.array([3],
                                                                                     np.int32))
   summaries["aff_labels"] = aff_labels.run(cfg)
@@ -334,14 +351,15 @@ def test_cam_of_the_wrong_size_is_skipped_and_reported(voc_run):
 
 
 def test_later_stages_leave_out_what_was_skipped(voc_run):
-  from affinity_jax.data import pipelines
+  from affinity_jax.data import pipelines, records
   cfg, summaries = voc_run
-  builder = common.builder(cfg)
+  builder = data.from_config(cfg)
   score_dir = os.path.join(cfg.workdir, "aff_labels")
   with pytest.raises(Exception, match="2007_00000"):  # without the report: missing files
-    pipelines.check_files(builder, "train", score_dir, ".npz")
+    records.check_files(builder, "train", score_dir, ".npz")
   batch = next(pipelines.aff_train(builder, "train", score_dir, batch_size=3, crop_size=48,
-                                   exclude=common.skipped_by(cfg, "aff_labels")))
+                                   exclude=artifacts.skipped_by(artifacts.Workdir(cfg.workdir),
+                                                                "aff_labels")))
   assert batch["image"].shape == (3, 48, 48, 3)
   report = _report(cfg, "evaluate")
   assert summaries["evaluate"]["skipped"] == report["count"] == 2

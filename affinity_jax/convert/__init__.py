@@ -2,7 +2,7 @@
 
 - `convert_psa_pytorch(in_path, out_dir, arch)`: the PyTorch original's .pth (needs torch).
 - `convert_mxnet(in_path, out_dir)`: ademxapp's ImageNet ResNet-38 `.params`, read with numpy.
-Both raise `ConversionError` (a ValueError) with a message naming the file or keys.
+Both raise `ConversionError` (a UserError) with a message naming the file or keys.
 """
 
 from affinity_jax.convert.mxnet import (convert_mxnet, mxnet_name_to_psa,

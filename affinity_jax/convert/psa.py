@@ -20,11 +20,13 @@ from typing import Any, Mapping
 import numpy as np
 
 from affinity_jax.errors import UserError
+from affinity_jax.models import ARCHS as MODEL_ARCHS
 from affinity_jax.models.heads import AFFINITY_FEATURES, AFFINITY_HEAD_CHANNELS
 from affinity_jax.models.resnet38 import (BLOCKS, CONV6_CHANNELS, STEM_CHANNELS, block_bns,
                                           block_convs, scaled)
 
-ARCHS = ("backbone", "cam", "affinity")
+# The networks of the original repository (it has no segmentation network).
+ARCHS = tuple(a for a in MODEL_ARCHS if a != "seg")
 BN_SUFFIXES = {"weight": "scale", "bias": "bias", "running_mean": "mean", "running_var": "var"}
 IGNORED_SUFFIX = "num_batches_tracked"
 MODULE_PREFIX = "module."  # nn.DataParallel wraps every name in it.

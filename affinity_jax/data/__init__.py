@@ -15,7 +15,7 @@ import tensorflow_datasets as tfds
 
 from affinity_jax.data.synthetic import SyntheticConfig, SyntheticWsss
 from affinity_jax.data.voc import Voc2012Aug, VocConfig
-from affinity_jax.errors import UserError
+from affinity_jax.errors import ConfigError, UserError
 
 _BUILDERS = {"voc2012_aug": (Voc2012Aug, VocConfig), "synthetic_wsss": (SyntheticWsss,
                                                                         SyntheticConfig)}
@@ -68,6 +68,19 @@ def _prepared(builder, manual_dir, prepare: bool):
     raise UserError(f"dataset {builder.name}: manual_dir {manual_dir} does not exist")
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
       manual_dir=os.fspath(manual_dir) if manual_dir else None))
+  return builder
+
+
+def from_config(cfg) -> tfds.core.DatasetBuilder:
+  """The prepared builder of the config's `data` section, checked against `model.num_classes`."""
+  options = dict(cfg.data.options)
+  if cfg.data.manual_dir:
+    options["manual_dir"] = cfg.data.manual_dir
+  builder = get_builder(cfg.data.name, data_dir=cfg.data.data_dir or None, **options)
+  if num_classes(builder) != cfg.model.num_classes:
+    raise ConfigError(f"dataset {cfg.data.name} has {num_classes(builder)} classes but "
+                      f"model.num_classes is {cfg.model.num_classes}; set "
+                      f"--config.model.num_classes={num_classes(builder)}")
   return builder
 
 

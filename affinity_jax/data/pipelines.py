@@ -1,6 +1,6 @@
 """tf.data input pipelines of the three trainings and of inference, yielding numpy batches.
 
-Each host reads its own part of a split (`tfds.even_splits(split, process_count)[index]`).
+Each host reads its own part of a split (data/records.py: `tfds.even_splits`).
 Training: per-epoch seeded shuffle of the encoded records -> decode + augment (parallel,
 order-preserving) -> batch(drop_remainder) -> prefetch, endless. Every random op is stateless and
 seeded from (seed, host, example counter), so two runs with one seed give identical batches, and
@@ -16,62 +16,19 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from typing import Iterator, Sequence
 
 import numpy as np
 import tensorflow as tf
-import tensorflow_datasets as tfds
 
-from affinity_jax.data import transforms
+from affinity_jax import artifacts
+from affinity_jax.constants import IGNORE_LABEL as IGNORE
+from affinity_jax.constants import STRIDE
+from affinity_jax.data import records, transforms
 from affinity_jax.errors import UserError
 
 AUTOTUNE = tf.data.AUTOTUNE
-IGNORE = 255
-STRIDE = 8
-# Errors raised inside tf.data come back as tf.errors.OpError; this marker lets us recover ours.
-_MARK = "[affinity_jax.data]"
-
-Batch = dict[str, np.ndarray]
-
-
-def _host(process_index: int | None, process_count: int | None) -> tuple[int, int]:
-  if process_index is None or process_count is None:
-    import jax  # pylint: disable=g-import-not-at-top
-    process_index = jax.process_index() if process_index is None else process_index
-    process_count = jax.process_count() if process_count is None else process_count
-  if not 0 <= process_index < process_count:
-    raise UserError(f"process_index {process_index} is not in [0, {process_count})")
-  return process_index, process_count
-
-
-def host_split(builder, split: str, process_index: int, process_count: int):
-  """This host's part of `split`: the whole split on one host, else an even share."""
-  if split.split("[")[0] not in builder.info.splits:
-    raise UserError(f"dataset {builder.name} has no split {split!r}; it has "
-                    f"{sorted(builder.info.splits)}")
-  if process_count == 1:
-    return split
-  return tfds.even_splits(split, n=process_count)[process_index]
-
-
-def _records(builder, split) -> tf.data.Dataset:
-  """Encoded examples in stored order; decoding happens later, in the parallel map."""
-  return builder.as_dataset(split=split, shuffle_files=False, decoders={
-      "image": tfds.decode.SkipDecoding(), "mask": tfds.decode.SkipDecoding()})
-
-
-def _decode(example: dict) -> dict:
-  out = dict(example)
-  out["image"] = tf.ensure_shape(
-      tf.io.decode_image(example["image"], channels=3, expand_animations=False), [None, None, 3])
-  out["mask"] = tf.ensure_shape(
-      tf.io.decode_png(example["mask"], channels=1), [None, None, 1])
-  return out
-
-
-def _num_examples(builder, split) -> int:
-  return builder.info.splits[split].num_examples
+Batch = records.Batch
 
 
 def _train_stream(builder, split, *, seed: int, start_step: int, batch_size: int,
@@ -81,21 +38,21 @@ def _train_stream(builder, split, *, seed: int, start_step: int, batch_size: int
 
   Images named in `exclude` (those an earlier stage skipped) are left out before shuffling.
   """
-  part = host_split(builder, split, process_index, process_count)
-  count = _num_examples(builder, part)
-  records = _records(builder, part)
+  part = records.host_split(builder, split, process_index, process_count)
+  count = records.num_examples(builder, part)
+  examples = records.encoded(builder, part)
   if exclude:
     from affinity_jax.data import split_names  # pylint: disable=g-import-not-at-top
     count = sum(n not in exclude for n in split_names(builder, part))
     left_out = tf.constant(sorted(exclude))
-    records = records.filter(
+    examples = examples.filter(
         lambda ex: tf.logical_not(tf.reduce_any(tf.equal(ex["name"], left_out))))
   if count == 0:
     raise UserError(f"host {process_index} of {process_count} gets no example of {split!r}")
   first = start_step * batch_size
   # Epoch e is shuffled with its own seed, so resuming can start at any epoch directly.
   epochs = tf.data.Dataset.counter(start=first // count)
-  stream = epochs.flat_map(lambda e: records.shuffle(
+  stream = epochs.flat_map(lambda e: examples.shuffle(
       max(1, min(shuffle_buffer, count)), seed=_shuffle_seed(seed, process_index, e),
       reshuffle_each_iteration=False))
   stream = stream.skip(first % count)
@@ -112,27 +69,7 @@ def _shuffle_seed(seed: int, process_index: int, epoch: tf.Tensor) -> tf.Tensor:
 
 def _finish_train(ds: tf.data.Dataset, batch_size: int) -> Iterator[Batch]:
   ds = ds.batch(batch_size, drop_remainder=True).prefetch(AUTOTUNE)
-  return _numpy(ds)
-
-
-def _numpy(ds: tf.data.Dataset) -> Iterator[Batch]:
-  """Numpy batches; our own errors raised inside tf.data come out as UserError."""
-  it = iter(tfds.as_numpy(ds))
-  while True:
-    try:
-      batch = next(it)
-    except StopIteration:
-      return
-    except tf.errors.OpError as e:
-      found = re.search(re.escape(_MARK) + r" (.*?)" + re.escape(_MARK), e.message, re.S)
-      if found:
-        raise UserError(found.group(1)) from None
-      raise
-    yield batch
-
-
-def _fail(message: str):
-  raise UserError(f"{_MARK} {message}{_MARK}")
+  return records.numpy_batches(ds)
 
 
 def _check_crop(crop_size: int) -> None:
@@ -140,30 +77,11 @@ def _check_crop(crop_size: int) -> None:
     raise UserError(f"crop_size must be a positive multiple of {STRIDE}, got {crop_size}")
 
 
-def _check_batch(batch_size: int) -> None:
-  if batch_size <= 0:
-    raise UserError(f"batch_size must be positive, got {batch_size}")
-
-
 def _jitter(image, seed, color_jitter: Sequence[float] | None):
   if not color_jitter:
     return image
   b, c, s, h = color_jitter
   return transforms.color_jitter(image, seed, brightness=b, contrast=c, saturation=s, hue=h)
-
-
-def check_files(builder, split, folder: str, suffix: str,
-                exclude: frozenset[str] = frozenset()) -> None:
-  """Raises, naming them, if files `{folder}/{name}{suffix}` of the split's images are missing
-  (images in `exclude` need none)."""
-  from affinity_jax.data import split_names  # pylint: disable=g-import-not-at-top
-  if not os.path.isdir(folder):
-    raise UserError(f"folder {folder} does not exist (run the stage that writes it first)")
-  missing = [os.path.join(folder, n + suffix) for n in split_names(builder, split)
-             if n not in exclude and not os.path.isfile(os.path.join(folder, n + suffix))]
-  if missing:
-    raise UserError(f"{len(missing)} file(s) missing, e.g. {missing[0]}" +
-                    (f" and {missing[1]}" if len(missing) > 1 else ""))
 
 
 def cls_train(builder, split: str, *, batch_size: int, crop_size: int,
@@ -182,8 +100,8 @@ def cls_train(builder, split: str, *, batch_size: int, crop_size: int,
     {"image": float32 [B, S, S, 3], "label": float32 [B, C]} with S = crop_size.
   """
   _check_crop(crop_size)
-  _check_batch(batch_size)
-  index, count = _host(process_index, process_count)
+  records.check_batch(batch_size)
+  index, count = records.host(process_index, process_count)
   stream, _ = _train_stream(builder, split, seed=seed, start_step=start_step,
                             batch_size=batch_size, shuffle_buffer=shuffle_buffer,
                             process_index=index, process_count=count)
@@ -191,7 +109,7 @@ def cls_train(builder, split: str, *, batch_size: int, crop_size: int,
 
   def preprocess(example, seed):
     s_resize, s_flip, s_jitter, s_crop = transforms.split_seed(seed, 4)
-    image = tf.cast(_decode(example)["image"], tf.float32)
+    image = tf.cast(records.decode(example)["image"], tf.float32)
     [image] = transforms.random_resize_long([image], ["bilinear"], low, high, s_resize)
     [image] = transforms.random_flip([image], s_flip)
     image = _jitter(image, s_jitter, color_jitter)
@@ -204,20 +122,10 @@ def cls_train(builder, split: str, *, batch_size: int, crop_size: int,
 
 
 def _load_scores(path: bytes, height, width, channels):
-  path = path.decode()
-  if not os.path.isfile(path):
-    _fail(f"score file {path} is missing (run the aff_labels stage first)")
   try:
-    with np.load(path) as f:
-      la, ha = f["la"], f["ha"]
-  except Exception as e:  # A truncated or foreign file: name it.
-    _fail(f"cannot read keys 'la' and 'ha' from {path}: {e}")
-  if la.ndim != 3 or la.shape != ha.shape or la.shape[:2] != (height, width):
-    _fail(f"{path}: la {la.shape} and ha {ha.shape} must both be [H, W, K+1] with the image's "
-          f"H, W = {height}, {width}")
-  if la.shape[2] > channels:
-    _fail(f"{path}: {la.shape[2]} score channels, more than 1 + {channels - 1} classes")
-  return la.astype(np.float32), ha.astype(np.float32)
+    return artifacts.load_scores(path.decode(), (height, width), channels)
+  except UserError as e:  # It crosses tf.data as an OpError; `_numpy` recovers it.
+    records.fail(str(e))
 
 
 def aff_train(builder, split: str, score_dir: str, *, batch_size: int, crop_size: int,
@@ -242,12 +150,13 @@ def aff_train(builder, split: str, score_dir: str, *, batch_size: int, crop_size
   """
   from affinity_jax.geometry import affinity_labels_tf  # pylint: disable=g-import-not-at-top
   _check_crop(crop_size)
-  _check_batch(batch_size)
+  records.check_batch(batch_size)
   if not image_scale > 0:
     raise ValueError(f"aff_train: image_scale must be > 0, got {image_scale}")
-  index, count = _host(process_index, process_count)
+  index, count = records.host(process_index, process_count)
   if check:
-    check_files(builder, host_split(builder, split, index, count), score_dir, ".npz", exclude)
+    records.check_files(builder, records.host_split(builder, split, index, count), score_dir,
+                        ".npz", exclude)
   stream, _ = _train_stream(builder, split, seed=seed, start_step=start_step,
                             batch_size=batch_size, shuffle_buffer=shuffle_buffer,
                             process_index=index, process_count=count, exclude=exclude)
@@ -256,7 +165,7 @@ def aff_train(builder, split: str, score_dir: str, *, batch_size: int, crop_size
 
   def preprocess(example, seed):
     s_flip, s_jitter, s_crop = transforms.split_seed(seed, 3)
-    image = tf.cast(_decode(example)["image"], tf.float32)
+    image = tf.cast(records.decode(example)["image"], tf.float32)
     shape = tf.shape(image)
     path = tf.strings.join([score_dir, "/", example["name"], ".npz"])
     la, ha = tf.numpy_function(_load_scores, [path, shape[0], shape[1], channels],
@@ -285,18 +194,10 @@ def aff_train(builder, split: str, score_dir: str, *, batch_size: int, crop_size
 
 
 def _load_label(path: bytes, height, width):
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  path = path.decode()
-  if not os.path.isfile(path):
-    _fail(f"pseudo label {path} is missing (run the random_walk stage first)")
   try:
-    with Image.open(path) as im:
-      label = np.asarray(im)
-  except Exception as e:
-    _fail(f"cannot decode pseudo label {path}: {e}")
-  if label.ndim != 2 or label.shape != (height, width):
-    _fail(f"pseudo label {path} has shape {label.shape}, the image is {height}x{width}")
-  return label.astype(np.uint8)[..., None]
+    return artifacts.load_label(path.decode(), "random_walk", (height, width))[..., None]
+  except UserError as e:
+    records.fail(str(e))
 
 
 def seg_train(builder, split: str, label_dir: str | None, *, batch_size: int, crop_size: int,
@@ -318,17 +219,18 @@ def seg_train(builder, split: str, label_dir: str | None, *, batch_size: int, cr
     {"image": float32 [B, S, S, 3], "label": int32 [B, S, S]}.
   """
   _check_crop(crop_size)
-  _check_batch(batch_size)
-  index, count = _host(process_index, process_count)
+  records.check_batch(batch_size)
+  index, count = records.host(process_index, process_count)
   if check and label_dir is not None:
-    check_files(builder, host_split(builder, split, index, count), label_dir, ".png", exclude)
+    records.check_files(builder, records.host_split(builder, split, index, count), label_dir,
+                        ".png", exclude)
   stream, _ = _train_stream(builder, split, seed=seed, start_step=start_step,
                             batch_size=batch_size, shuffle_buffer=shuffle_buffer,
                             process_index=index, process_count=count, exclude=exclude)
 
   def preprocess(example, seed):
     s_scale, s_flip, s_jitter, s_crop = transforms.split_seed(seed, 4)
-    example = _decode(example)
+    example = records.decode(example)
     image = tf.cast(example["image"], tf.float32)
     if label_dir is None:
       label = example["mask"]
@@ -360,14 +262,14 @@ def canvas_for_scale(canvas: tuple[int, int], scale: float) -> tuple[int, int]:
 
 def inference_num_batches(builder, split: str, batch_size: int, process_count: int) -> int:
   """Batches every host runs: enough for the largest host share."""
-  parts = [host_split(builder, split, i, process_count) for i in range(process_count)]
-  most = max(_num_examples(builder, p) for p in parts)
+  parts = [records.host_split(builder, split, i, process_count) for i in range(process_count)]
+  most = max(records.num_examples(builder, p) for p in parts)
   return max(1, math.ceil(most / batch_size))
 
 
 def _check_canvas(name, height, width, canvas_h, canvas_w):
   if height > canvas_h or width > canvas_w:
-    _fail(f"image {name.decode()} is {height}x{width}, larger than the inference canvas "
+    records.fail(f"image {name.decode()} is {height}x{width}, larger than the inference canvas "
           f"{canvas_h}x{canvas_w}; raise the config key data.canvas")
   return np.int32(height)
 
@@ -389,14 +291,14 @@ def inference(builder, split: str, *, scales: Sequence[float] = (1.0, 0.5, 1.5, 
     name: bytes [B]; label: float32 [B, C]; mask: uint8 [B, Hc, Wc] (255 padded);
     valid: bool [B].
   """
-  _check_batch(batch_size)
-  index, count = _host(process_index, process_count)
+  records.check_batch(batch_size)
+  index, count = records.host(process_index, process_count)
   canvas_h, canvas_w = (int(c) for c in canvas)
-  part = host_split(builder, split, index, count)
+  part = records.host_split(builder, split, index, count)
   padded_count = inference_num_batches(builder, split, batch_size, count) * batch_size
 
   def preprocess(example):
-    example = _decode(example)
+    example = records.decode(example)
     image = example["image"]
     shape = tf.shape(image)
     height = tf.numpy_function(_check_canvas, [example["name"], shape[0], shape[1], canvas_h,
@@ -420,10 +322,34 @@ def inference(builder, split: str, *, scales: Sequence[float] = (1.0, 0.5, 1.5, 
     out["valid"] = tf.constant(True)
     return out
 
-  ds = _records(builder, part).map(preprocess, num_parallel_calls=AUTOTUNE, deterministic=True)
+  ds = records.encoded(builder, part).map(preprocess, num_parallel_calls=AUTOTUNE,
+                                          deterministic=True)
   dummy = tf.nest.map_structure(lambda spec: tf.zeros(spec.shape, spec.dtype), ds.element_spec)
   dummy["mask"] = tf.fill(ds.element_spec["mask"].shape, tf.constant(IGNORE, tf.uint8))
-  missing = padded_count - _num_examples(builder, part)
+  missing = padded_count - records.num_examples(builder, part)
   ds = ds.concatenate(tf.data.Dataset.from_tensors(dummy).repeat(missing))
   ds = ds.batch(batch_size, drop_remainder=True).prefetch(AUTOTUNE)
-  return _numpy(ds)
+  return records.numpy_batches(ds)
+
+
+def batch_names(batch: Batch) -> list[str]:
+  """The image names of an inference batch as str (dummy examples give "")."""
+  return [n.decode() if isinstance(n, bytes) else str(n) for n in batch["name"]]
+
+
+def pending(builder, splits: Sequence[str], out_dir: str, suffix: str, *, stage: str,
+            scales: Sequence[float], canvas: tuple[int, int], batch_size: int
+            ) -> Iterator[tuple[Batch, list[str], list[int]]]:
+  """This host's inference batches of the images of `splits` still without an output
+  `{out_dir}/{name}{suffix}`: (batch, names, keep), `keep` the indices of the real examples
+  whose output is missing. Splits with every output present are passed over with a note."""
+  from affinity_jax.data import split_names  # pylint: disable=g-import-not-at-top
+  for split in splits:
+    todo = set(artifacts.missing(split_names(builder, split), out_dir, suffix))
+    if not todo:
+      print(f"[{stage}] {split}: all outputs present in {out_dir}")
+      continue
+    for batch in inference(builder, split, scales=scales, canvas=tuple(canvas),
+                           batch_size=batch_size):
+      names = batch_names(batch)
+      yield batch, names, [i for i, n in enumerate(names) if batch["valid"][i] and n in todo]

@@ -51,10 +51,10 @@ import numpy as np
 import tensorflow_datasets as tfds
 from scipy import ndimage
 
+from affinity_jax.constants import IGNORE_LABEL as IGNORE
 from affinity_jax.data.base import LocalBuilder
 from affinity_jax.errors import UserError
 
-IGNORE = 255
 _COLOUR_NAMES = (
     "red", "orange", "yellow", "lime", "green", "spring", "cyan", "azure", "blue", "violet",
     "magenta", "rose", "amber", "chartreuse", "jade", "teal", "cobalt", "indigo", "purple",

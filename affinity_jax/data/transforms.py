@@ -12,9 +12,7 @@ from typing import Sequence
 
 import tensorflow as tf
 
-# ImageNet statistics of the backbone's pretraining (RGB, on x / 255).
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from affinity_jax.constants import IMAGENET_MEAN, IMAGENET_STD
 _GREY = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's colour jitter uses.
 
 

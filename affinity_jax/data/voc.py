@@ -44,6 +44,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from affinity_jax.constants import IGNORE_LABEL as IGNORE
 from affinity_jax.data.base import LocalBuilder
 from affinity_jax.errors import UserError
 
@@ -52,7 +53,6 @@ VOC_CLASSES = (
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
     "train", "tvmonitor")
 NUM_CLASSES = len(VOC_CLASSES)
-IGNORE = 255
 
 _VOC = os.path.join("VOCdevkit", "VOC2012")
 _SBD = os.path.join("benchmark_RELEASE", "dataset")

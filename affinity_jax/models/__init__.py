@@ -14,18 +14,20 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from affinity_jax.constants import IMAGENET_MEAN, IMAGENET_STD
+from affinity_jax.errors import ConfigError
 from affinity_jax.models.heads import AffinityNet, CAMNet, SegNet
 from affinity_jax.models.resnet38 import (BLOCKS, FrozenBatchNorm, ResNet38, BlockSpec,
-                                          scaled)
+                                          calibrate_batch_norm, scaled)
 
 __all__ = ["ResNet38", "CAMNet", "AffinityNet", "SegNet", "FrozenBatchNorm", "BlockSpec",
            "BLOCKS", "ARCHS", "IMAGENET_MEAN", "IMAGENET_STD", "FROZEN_MODULES", "NEW_MODULES",
-           "build", "init_variables", "normalize_images", "param_labels", "scaled"]
+           "build", "calibrate_batch_norm", "from_config", "init_variables",
+           "normalize_images", "param_labels", "scaled"]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-ARCHS = ("cam", "affinity", "seg")
+# Every architecture a checkpoint can hold: "backbone" is ResNet-38 alone (the ImageNet weights
+# that initialise the others), the rest are the networks of the pipeline.
+ARCHS = ("backbone", "cam", "affinity", "seg")
 
 # The original never trains the stem and the first stage (and no BN at all: those live in
 # 'batch_stats', outside params).
@@ -41,9 +43,12 @@ def normalize_images(images: Any) -> jax.Array:
 
 
 def build(arch: str, num_classes: int = 20, width: float = 1.0, dtype: Any = jnp.float32):
-  """The network for a pipeline stage: "cam" (CAMNet), "affinity" (AffinityNet), "seg" (SegNet)."""
+  """A network by name: "backbone" (ResNet38), "cam" (CAMNet), "affinity" (AffinityNet),
+  "seg" (SegNet)."""
   if not width > 0:
     raise ValueError(f"model width must be positive, got {width!r}")
+  if arch == "backbone":
+    return ResNet38(width=width, dtype=dtype)
   if arch == "cam":
     return CAMNet(num_classes=num_classes, width=width, dtype=dtype)
   if arch == "affinity":
@@ -51,6 +56,18 @@ def build(arch: str, num_classes: int = 20, width: float = 1.0, dtype: Any = jnp
   if arch == "seg":
     return SegNet(num_classes=num_classes, width=width, dtype=dtype)
   raise ValueError(f"unknown architecture {arch!r}: expected one of {', '.join(ARCHS)}")
+
+
+def from_config(cfg, arch: str):
+  """`build(arch)` with the sizes and dtype of the config's `model` section, checked."""
+  try:
+    dtype = jnp.dtype(cfg.model.dtype)
+  except TypeError:
+    raise ConfigError(f"config key model.dtype: unknown dtype {cfg.model.dtype!r} "
+                      "(use float32 or bfloat16)") from None
+  if not cfg.model.width > 0:
+    raise ConfigError(f"config key model.width must be > 0, got {cfg.model.width!r}")
+  return build(arch, num_classes=cfg.model.num_classes, width=cfg.model.width, dtype=dtype)
 
 
 def param_labels(params: Any) -> Any:

@@ -252,3 +252,28 @@ class ResNet38(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
     """x: [B, H, W, 3] normalised images -> taps, each [B, h, w, C] at stride 8."""
     return resnet38_taps(x, self.width, self.dtype, train)
+
+
+def calibrate_batch_norm(model, variables: dict, images) -> dict:
+  """Sets every FrozenBatchNorm's mean/var to the statistics of its input on `images`.
+
+  One forward pass in which each BatchNorm first records the per-channel mean and variance of
+  what reaches it and then normalises with them, so every later layer sees the already
+  calibrated earlier ones (sequential calibration in a single pass). Scale and bias stay as
+  initialised (1, 0). Used only for from-scratch training (the synthetic default).
+  """
+  def record_statistics(next_fun, args, kwargs, context):
+    if isinstance(context.module, FrozenBatchNorm) and context.method_name == "__call__":
+      x = args[0].astype(jnp.float32)
+      context.module.put_variable("batch_stats", "mean", x.mean(axis=(0, 1, 2)))
+      context.module.put_variable("batch_stats", "var", x.var(axis=(0, 1, 2)))
+    return next_fun(*args, **kwargs)
+
+  @jax.jit
+  def calibrate(variables, images):
+    with nn.intercept_methods(record_statistics):
+      _, updated = model.apply(variables, images, mutable=["batch_stats"])
+    return updated["batch_stats"]
+
+  return {"params": variables["params"],
+          "batch_stats": calibrate(variables, jnp.asarray(images, jnp.float32))}

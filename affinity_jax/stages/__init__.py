@@ -3,12 +3,13 @@
 train_cam -> infer_cam -> aff_labels -> train_aff -> random_walk -> train_seg -> infer_seg
 -> evaluate. A stage skips when its outputs are complete and otherwise redoes only what is
 missing, so rerunning a command after a crash or a pre-emption continues where it stopped.
+Stages share files (affinity_jax.artifacts), never code: no stage imports another.
+`training.py` is what the three training stages have in common.
 """
 
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import time
 
@@ -30,11 +31,12 @@ def parse_stages(text: str) -> list[str]:
 
 def run_stages(cfg, names: list[str]) -> dict[str, dict]:
   """Runs `names` in pipeline order; adds the wall-clock seconds to results.json."""
-  from affinity_jax import io
-  os.makedirs(cfg.workdir, exist_ok=True)
+  from affinity_jax import artifacts, io
+  workdir = artifacts.Workdir(cfg.workdir)
+  os.makedirs(workdir.root, exist_ok=True)
   # Temporaries of writers killed in an earlier run, in the folders no stage's `missing` sweeps.
-  for folder in ("", "reports", "panels"):
-    io.remove_stale_temporaries(os.path.join(cfg.workdir, folder))
+  for folder in ("", artifacts.REPORTS, artifacts.PANELS):
+    io.remove_stale_temporaries(workdir.path(folder))
   t0 = time.time()
   summaries = {}
   for name in names:
@@ -48,12 +50,7 @@ def run_stages(cfg, names: list[str]) -> dict[str, dict]:
     note = f"; skipped {skipped} image(s), see reports/{name}.json" if skipped else ""
     print(f"== {name} done in {summaries[name]['seconds']:.1f} s{note}", flush=True)
   total = time.time() - t0
-  results_path = os.path.join(cfg.workdir, "results.json")
-  if "evaluate" in names and os.path.exists(results_path):
-    with open(results_path) as f:
-      results = json.load(f)
-    results["seconds"] = round(total, 1)
-    results["stage_seconds"] = {k: v["seconds"] for k, v in summaries.items()}
-    io.save_json(results_path, results)
+  if "evaluate" in names and os.path.exists(workdir.path(artifacts.RESULTS_JSON)):
+    artifacts.add_stage_seconds(workdir, {k: v["seconds"] for k, v in summaries.items()}, total)
   print(f"== all stages done in {total:.1f} s; outputs in {cfg.workdir}", flush=True)
   return summaries

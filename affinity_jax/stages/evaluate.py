@@ -1,9 +1,9 @@
 """Stage evaluate: mIoU of CAM, CAM + random walk and segmentation, a table and pictures.
 
-Confusion matrices are accumulated over whole splits (255 ignored, PSA.md "Evaluation").
-Writes `{workdir}/results.json` (`cam_miou`, `rw_miou`, `seg_miou` as fractions of the first
-configured split, plus per-split and per-class details), `{workdir}/results.md` (the table) and
-PNG panels `{workdir}/panels/{name}.png`: image | CAM heat map | random-walk heat map |
+Confusion matrices are accumulated over whole splits (255 ignored, docs/method.md §9).
+Writes (artifacts.save_results) `{workdir}/results.json` (`cam_miou`, `rw_miou`, `seg_miou`
+as fractions of the first configured split, plus per-split and per-class details),
+`{workdir}/results.md` (the table) and PNG panels `{workdir}/panels/{name}.png`: image | CAM heat map | random-walk heat map |
 pseudo label | ground truth.
 """
 
@@ -13,10 +13,8 @@ import os
 
 import numpy as np
 
-from affinity_jax import cam as cam_lib
-from affinity_jax import io, metrics
-from affinity_jax.stages import common
-from affinity_jax.stages.infer_cam import load_cam
+from affinity_jax import artifacts, cam, data, io, metrics
+from affinity_jax.errors import UserError
 
 
 def palette(n: int = 256) -> np.ndarray:
@@ -53,64 +51,70 @@ def _panel(parts: list[np.ndarray]) -> np.ndarray:
 _PRODUCER = {"cam": "infer_cam", "rw": "random_walk", "seg": "infer_seg"}
 
 
-def _score(cfg, split: str, kinds: dict[str, tuple[str, str]], report) -> dict:
-  """{kind: ConfusionMatrix} over `split` for prediction folders given as (folder, suffix).
+def _prediction(kind: str, path: str, num_classes: int) -> np.ndarray:
+  if kind == "cam":
+    return cam.cam_prediction(artifacts.load_cam(path, num_classes))
+  return artifacts.load_label(path, _PRODUCER[kind])
+
+
+def _score(cfg, split: str, kinds: dict[str, str], report) -> dict:
+  """{kind: ConfusionMatrix} over `split` for prediction folders `kinds` {kind: folder}.
 
   An image that the producing stage skipped (listed in its report) is left out of that kind's
   score and listed in this stage's report.
   """
   import tensorflow_datasets as tfds
+  workdir = artifacts.Workdir(cfg.workdir)
   n = cfg.model.num_classes + 1
   conf = {k: metrics.ConfusionMatrix(n) for k in kinds}
   pal = palette()
   panels = int(cfg.eval.panels)
-  builder = common.builder(cfg)
-  excluded = {kind: common.skipped_by(cfg, _PRODUCER[kind]) for kind in kinds}
+  builder = data.from_config(cfg)
+  excluded = {kind: artifacts.skipped_by(workdir, _PRODUCER[kind]) for kind in kinds}
+  suffix = {"cam": ".npz", "rw": ".png", "seg": ".png"}
   for idx, ex in enumerate(tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False))):
     name = ex["name"].decode()
     if not ex["has_mask"]:
       continue
     gt = ex["mask"][..., 0]
     preds = {}
-    for kind, (folder, suffix) in kinds.items():
-      path = os.path.join(folder, name + suffix)
+    for kind, folder in kinds.items():
+      path = os.path.join(folder, name + suffix[kind])
       if name in excluded[kind] and not os.path.exists(path):
         report.skip(name, f"no {kind} prediction ({_PRODUCER[kind]} skipped it)")
         continue
-      if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} is missing: run the stage that writes {folder}")
-      if kind == "cam":
-        cam = load_cam(path, cfg.model.num_classes)
-        preds[kind] = np.asarray(cam_lib.cam_prediction(cam))
-      else:
-        preds[kind] = io.load_png(path)
+      artifacts.require(path, _PRODUCER[kind])
+      preds[kind] = _prediction(kind, path, cfg.model.num_classes)
       if preds[kind].shape != gt.shape:  # e.g. a stale CAM of another image: one image lost.
         report.skip(name, f"{path}: prediction is {preds[kind].shape[0]}x"
                     f"{preds[kind].shape[1]}, ground truth {gt.shape[0]}x{gt.shape[1]}")
         del preds[kind]
         continue
-      conf[kind].update(gt, preds[kind], name=name)
+      try:
+        conf[kind].update(gt, preds[kind], name=name)
+      except ValueError as e:  # labels out of range: a broken file or another dataset's.
+        raise UserError(f"{path}: {e}") from None
     if idx < panels and "cam" in preds and "rw" in preds:
-      cam = load_cam(os.path.join(kinds["cam"][0], name + ".npz"), cfg.model.num_classes)
-      rw_heat_path = os.path.join(common.path(cfg, common.PANELS), "rw_" + name + ".npz")
-      rw_heat = (io.load_npz(rw_heat_path)["heat"] if os.path.exists(rw_heat_path)
-                 else np.zeros(gt.shape, np.float32))
-      io.save_png(os.path.join(common.path(cfg, common.PANELS), name + ".png"), _panel([
-          ex["image"], heat(cam.max(-1)), heat(rw_heat), pal[preds["rw"]], pal[gt]]))
+      cam_map = artifacts.load_cam(workdir.cam(name), cfg.model.num_classes)
+      rw_heat = artifacts.load_walk_heat(workdir.walk_heat(name), gt.shape)
+      io.save_png(workdir.panel(name), _panel([
+          ex["image"], heat(cam_map.max(-1)), heat(rw_heat), pal[preds["rw"]], pal[gt]]))
   return conf
 
 
 def run(cfg) -> dict:
+  import jax
+  workdir = artifacts.Workdir(cfg.workdir)
   results = {"splits": {}}
-  report = common.SkipReport(cfg, "evaluate")
+  report = artifacts.SkipReport(workdir, "evaluate", jax.process_index() == 0)
   rows = []
   labels = {"cam": "CAM", "rw": "CAM + RW", "seg": "Segmentation"}
   plan = {}
   for split in cfg.eval.cam_splits:
-    plan.setdefault(split, {})["cam"] = (common.path(cfg, common.CAMS), ".npz")
-    plan[split]["rw"] = (common.path(cfg, common.PSEUDO_LABELS), ".png")
+    plan.setdefault(split, {})["cam"] = workdir.path(artifacts.CAMS)
+    plan[split]["rw"] = workdir.path(artifacts.PSEUDO_LABELS)
   for split in cfg.eval.seg_splits:
-    plan.setdefault(split, {})["seg"] = (common.path(cfg, common.SEG_PRED), ".png")
+    plan.setdefault(split, {})["seg"] = workdir.path(artifacts.SEG_PRED)
   for split, kinds in plan.items():
     conf = _score(cfg, split, kinds, report)
     results["splits"][split] = {}
@@ -124,7 +128,7 @@ def run(cfg) -> dict:
   table = ["| stage | split | mIoU (%) |", "|---|---|---|"]
   table += [f"| {what} | {split} | {100 * m:.1f} |" for what, split, m in rows]
   text = "\n".join(table)
-  io.save_json(common.path(cfg, "results.json"), results)
-  io.save_text(common.path(cfg, "results.md"), text + "\n")
+  if jax.process_index() == 0:
+    artifacts.save_results(workdir, results, text)
   print(text)
   return report.finish({k: v for k, v in results.items() if k.endswith("_miou")})

@@ -1,8 +1,32 @@
-"""Stage train_cam: trains the cam network (see stages/training.py)."""
+"""Stage train_cam: the classification network whose classifier gives the CAMs (method §2, §8).
 
-from affinity_jax.stages import common
-from affinity_jax.stages.training import run_training
+Trained on image-level labels with the multilabel soft margin loss, on `cls_train` batches
+(random long-side resize, flip, colour jitter, crop). Writes `{workdir}/cam_net/final`.
+"""
+
+from __future__ import annotations
+
+from affinity_jax import artifacts, losses
+from affinity_jax.data import pipelines
+from affinity_jax.stages.training import TrainingSpec, run_training
+
+
+def loss(logits, batch):
+  """Multilabel soft margin on image-level labels."""
+  return losses.multilabel_soft_margin_loss(logits, batch["label"]), {}
+
+
+def batches(cfg, builder, start, batch_size, process_index, process_count):
+  c = cfg.cam
+  return pipelines.cls_train(
+      builder, cfg.data.train_split, batch_size=batch_size, crop_size=c.crop_size,
+      resize_long=tuple(c.resize_long), color_jitter=tuple(c.color_jitter), seed=cfg.seed,
+      start_step=start, shuffle_buffer=cfg.data.shuffle_buffer, process_index=process_index,
+      process_count=process_count)
+
+
+SPEC = TrainingSpec(network=artifacts.CAM_NET, loss=lambda cfg: loss, batches=batches)
 
 
 def run(cfg) -> dict:
-  return run_training(cfg, common.CAM_NET)
+  return run_training(cfg, SPEC)

@@ -1,8 +1,42 @@
-"""Stage train_seg: trains the seg network (see stages/training.py)."""
+"""Stage train_seg: the segmentation network on the random walk's pseudo labels (method §7).
 
-from affinity_jax.stages import common
-from affinity_jax.stages.training import run_training
+Batches of `seg_train` (image and pseudo label scaled, flipped and cropped together; 255
+ignored); cross-entropy of the stride-8 logits upsampled to the label. Writes
+`{workdir}/seg_net/final`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from affinity_jax import artifacts, losses
+from affinity_jax.data import pipelines
+from affinity_jax.stages.training import TrainingSpec, run_training
+
+
+def loss(logits, batch):
+  """Cross-entropy of the stride-8 logits upsampled (bilinear) to the label, 255 ignored."""
+  labels = batch["label"]
+  b, h, w = labels.shape
+  logits = jax.image.resize(logits.astype(jnp.float32), (b, h, w, logits.shape[-1]), "bilinear")
+  return losses.segmentation_loss(logits, labels), {}
+
+
+def batches(cfg, builder, start, batch_size, process_index, process_count):
+  c = cfg.seg
+  workdir = artifacts.Workdir(cfg.workdir)
+  return pipelines.seg_train(
+      builder, cfg.data.train_split, workdir.path(artifacts.PSEUDO_LABELS),
+      batch_size=batch_size, crop_size=c.crop_size, scale_range=tuple(c.scale_range),
+      seed=cfg.seed, start_step=start, shuffle_buffer=cfg.data.shuffle_buffer,
+      exclude=artifacts.skipped_by(workdir, "random_walk"), process_index=process_index,
+      process_count=process_count)
+
+
+SPEC = TrainingSpec(network=artifacts.SEG_NET, loss=lambda cfg: loss, batches=batches,
+                    backbone_from_cam_net=True)
 
 
 def run(cfg) -> dict:
-  return run_training(cfg, common.SEG_NET)
+  return run_training(cfg, SPEC)

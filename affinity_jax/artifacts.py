@@ -1,0 +1,282 @@
+"""Every file the stages hand each other: the workdir layout and one save/load pair per output.
+
+  {workdir}/cam_net/, aff_net/, seg_net/   trained networks (`final/`: orbax variables + metadata)
+  {workdir}/cams/{name}.npz                infer_cam:   CAMs of the present classes
+  {workdir}/aff_labels/{name}.npz          aff_labels:  la / ha dCRF score maps
+  {workdir}/pseudo_labels/{name}.png       random_walk: pseudo labels
+  {workdir}/seg_pred/{name}.png            infer_seg:   predictions
+  {workdir}/panels/                        random_walk (rw_{name}.npz heat) and evaluate (PNGs)
+  {workdir}/reports/{stage}.json           every per-image stage: the images it skipped
+  {workdir}/results.json, results.md       evaluate (scores), then the runner (stage seconds)
+
+Each load validates what it reads and raises a `UserError` naming the file and the stage to
+rerun. Writes go through `io` (temporary file, then rename), so a killed stage leaves only whole
+files. This module imports no JAX: the dCRF worker processes use it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Iterable, Mapping
+
+import numpy as np
+
+from affinity_jax import io
+from affinity_jax.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class Network:
+  """A trained network of the pipeline and its names in each place it appears."""
+  folder: str   # under the workdir, and its log name: "aff_net"
+  arch: str     # models.build's and the checkpoint metadata's name: "affinity"
+  section: str  # the config section of its training: "aff"
+  stage: str    # the stage that trains it: "train_aff"
+
+
+CAM_NET = Network("cam_net", "cam", "cam", "train_cam")
+AFF_NET = Network("aff_net", "affinity", "aff", "train_aff")
+SEG_NET = Network("seg_net", "seg", "seg", "train_seg")
+NETWORKS = (CAM_NET, AFF_NET, SEG_NET)
+
+CAMS, AFF_LABELS, PSEUDO_LABELS, SEG_PRED, PANELS, REPORTS = (
+    "cams", "aff_labels", "pseudo_labels", "seg_pred", "panels", "reports")
+RESULTS_JSON, RESULTS_MD = "results.json", "results.md"
+
+NO_POSITIVE_CLASS = "no positive class in its image-level label"
+
+
+class Workdir:
+  """Paths of one run's outputs."""
+
+  def __init__(self, root: str | os.PathLike):
+    self.root = os.fspath(root)
+
+  def path(self, *parts: str) -> str:
+    return os.path.join(self.root, *parts)
+
+  def network_dir(self, net: Network) -> str:
+    """Checkpoints and logs of `net`'s training."""
+    return self.path(net.folder)
+
+  def network(self, net: Network) -> str:
+    """The trained network's variables (orbax), written once its training has finished."""
+    return self.path(net.folder, "final")
+
+  def cam(self, name: str) -> str:
+    return self.path(CAMS, name + ".npz")
+
+  def scores(self, name: str) -> str:
+    return self.path(AFF_LABELS, name + ".npz")
+
+  def pseudo_label(self, name: str) -> str:
+    return self.path(PSEUDO_LABELS, name + ".png")
+
+  def prediction(self, name: str) -> str:
+    return self.path(SEG_PRED, name + ".png")
+
+  def walk_heat(self, name: str) -> str:
+    return self.path(PANELS, "rw_" + name + ".npz")
+
+  def panel(self, name: str) -> str:
+    return self.path(PANELS, name + ".png")
+
+  def report(self, stage: str) -> str:
+    return self.path(REPORTS, stage + ".json")
+
+
+def missing(names: Iterable[str], folder: str, suffix: str) -> list[str]:
+  """Names whose output file `{folder}/{name}{suffix}` does not exist yet (temporaries of a
+  killed writer in `folder` are removed first)."""
+  io.remove_stale_temporaries(folder)
+  return [n for n in names if not os.path.exists(os.path.join(folder, n + suffix))]
+
+
+def require(path: str, stage: str) -> None:
+  """A user error naming `path` and the stage that writes it, unless the file exists."""
+  if not os.path.exists(path):
+    raise UserError(f"{path} is missing: run the {stage} stage first (--stages {stage})")
+
+
+# ---------------------------------------------------------------------------------------------
+# CAMs (infer_cam): `cam` float32 [H, W, P], the present classes each divided by its maximum,
+# and `class_ids` int32 [P].
+
+
+def save_cam(path: str, cam: np.ndarray, class_ids: np.ndarray) -> None:
+  io.save_npz(path, cam=np.asarray(cam, np.float32), class_ids=np.asarray(class_ids, np.int32))
+
+
+def load_cam_present(path: str) -> tuple[np.ndarray, np.ndarray]:
+  """(cam [H, W, P] float32, class_ids [P] int) of a CAM file, checked."""
+  z = _load_npz(path, "infer_cam")
+  if "cam" not in z or "class_ids" not in z:
+    raise UserError(f"{path}: not a CAM file (keys {sorted(z)}); delete it and rerun infer_cam")
+  cam, ids = z["cam"], z["class_ids"]
+  if (cam.ndim != 3 or ids.ndim != 1 or cam.shape[-1] != len(ids)
+      or not np.issubdtype(cam.dtype, np.floating) or not np.issubdtype(ids.dtype, np.integer)):
+    raise UserError(f"{path}: a CAM of shape {cam.shape} ({cam.dtype}) with class ids of shape "
+                    f"{ids.shape} ({ids.dtype}) is not [H, W, P] float with P ids; delete it "
+                    "and rerun infer_cam")
+  return cam.astype(np.float32), ids
+
+
+def load_cam(path: str, num_classes: int) -> np.ndarray:
+  """[H, W, num_classes] CAM (absent classes zero) of a CAM file, checked."""
+  cam, ids = load_cam_present(path)
+  if len(ids) and (ids.min() < 0 or ids.max() >= num_classes):
+    raise UserError(f"{path}: CAM of shape {cam.shape} with classes {ids.tolist()} does not fit "
+                    f"{num_classes} classes; delete it and rerun infer_cam")
+  full = np.zeros(cam.shape[:2] + (num_classes,), np.float32)
+  full[..., ids] = cam
+  return full
+
+
+def cam_size_mismatch(path: str, cam_hw, image_hw) -> str | None:
+  """Why a CAM of size `cam_hw` cannot serve an image of size `image_hw` (None if it can)."""
+  if tuple(cam_hw) == tuple(image_hw):
+    return None
+  return (f"{path}: CAM is {cam_hw[0]}x{cam_hw[1]} but the image is {image_hw[0]}x"
+          f"{image_hw[1]} (a CAM of another image or dataset; delete it and rerun infer_cam)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Score maps (aff_labels): `la`, `ha` float32 [H, W, P + 1], channel 0 the background.
+
+
+def save_scores(path: str, la: np.ndarray, ha: np.ndarray) -> None:
+  io.save_npz(path, la=np.asarray(la, np.float32), ha=np.asarray(ha, np.float32))
+
+
+def load_scores(path: str, image_hw, max_channels: int) -> tuple[np.ndarray, np.ndarray]:
+  """(la, ha) float32 [H, W, K + 1] of a score file, for an image of `image_hw`, checked."""
+  require(path, "aff_labels")
+  z = _load_npz(path, "aff_labels")
+  if "la" not in z or "ha" not in z:
+    raise UserError(f"{path}: not a score file (keys {sorted(z)}); delete it and rerun "
+                    "aff_labels")
+  la, ha = z["la"], z["ha"]
+  if la.ndim != 3 or la.shape != ha.shape or la.shape[:2] != tuple(image_hw):
+    raise UserError(f"{path}: la {la.shape} and ha {ha.shape} must both be [H, W, K+1] with the "
+                    f"image's H, W = {image_hw[0]}, {image_hw[1]}")
+  if la.shape[2] > max_channels:
+    raise UserError(f"{path}: {la.shape[2]} score channels, more than 1 + {max_channels - 1} "
+                    "classes")
+  return la.astype(np.float32), ha.astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Label maps (random_walk's pseudo labels, infer_seg's predictions): uint8 PNG [H, W],
+# 0 background, c + 1 class c.
+
+
+def save_label(path: str, label: np.ndarray) -> None:
+  io.save_png(path, np.asarray(label, np.uint8))
+
+
+def load_label(path: str, stage: str, image_hw=None) -> np.ndarray:
+  """uint8 [H, W] label map written by `stage`; with `image_hw`, it must have that size."""
+  require(path, stage)
+  label = io.load_png(path)
+  if label.ndim != 2:
+    raise UserError(f"{path}: a label map must be a one-channel PNG, got shape {label.shape}")
+  if image_hw is not None and label.shape != tuple(image_hw):
+    raise UserError(f"{path}: label map is {label.shape[0]}x{label.shape[1]}, the image is "
+                    f"{image_hw[0]}x{image_hw[1]}; delete it and rerun {stage}")
+  return label.astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# The walk's foreground heat map of a few images, for the evaluate stage's panels.
+
+
+def save_walk_heat(path: str, heat: np.ndarray) -> None:
+  io.save_npz(path, heat=np.asarray(heat, np.float16))
+
+
+def load_walk_heat(path: str, image_hw) -> np.ndarray:
+  """[H, W] float heat of `path`, or zeros when the walk saved none for this image."""
+  if not os.path.exists(path):
+    return np.zeros(tuple(image_hw), np.float32)
+  z = _load_npz(path, "random_walk")
+  if "heat" not in z or z["heat"].shape != tuple(image_hw):
+    raise UserError(f"{path}: not a walk heat map of a {image_hw[0]}x{image_hw[1]} image; "
+                    "delete it and rerun random_walk")
+  return z["heat"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Skip reports: {"stage", "count", "skipped": {name: reason}} per stage.
+
+
+class SkipReport:
+  """The images a stage passes over, each with its reason (a bad image costs one image, not a run).
+
+  `skip(name, reason)` records and prints one; `finish(summary)` writes
+  `{workdir}/reports/{stage}.json` atomically (on the main process) and puts the count in the
+  stage's summary. A skipped image has no output, so a rerun examines it again: the report
+  always lists what the latest run of the stage could not do.
+  """
+
+  def __init__(self, workdir: Workdir, stage: str, main_process: bool = True):
+    self.stage = stage
+    self.path = workdir.report(stage)
+    self.main_process = main_process
+    self.skipped: dict[str, str] = {}
+
+  def skip(self, name: str, reason: str) -> None:
+    old = self.skipped.get(name)
+    self.skipped[name] = reason if old in (None, reason) else f"{old}; {reason}"
+    print(f"[{self.stage}] skipping {name}: {reason}", flush=True)
+
+  def finish(self, summary: dict) -> dict:
+    if self.main_process:
+      io.save_json(self.path, {"stage": self.stage, "count": len(self.skipped),
+                               "skipped": dict(sorted(self.skipped.items()))})
+    if self.skipped:
+      print(f"[{self.stage}] skipped {len(self.skipped)} image(s); see {self.path}", flush=True)
+    return {**summary, "skipped": len(self.skipped)}
+
+
+def skipped_by(workdir: Workdir, stage: str) -> frozenset[str]:
+  """Names that `stage` listed in its report (empty if it wrote none)."""
+  p = workdir.report(stage)
+  if not os.path.exists(p):
+    return frozenset()
+  try:
+    with open(p) as f:
+      return frozenset(json.load(f)["skipped"])
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise UserError(f"{p}: unreadable stage report ({e}); delete it and rerun {stage}") from None
+
+
+def has_positive_class(label) -> bool:
+  return bool(np.any(np.asarray(label) > 0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Results: results.json (scores, then the stages' seconds) and results.md (the table).
+
+
+def save_results(workdir: Workdir, results: Mapping, table: str) -> None:
+  """The evaluate stage's scores and table; replaces an earlier run's."""
+  io.save_json(workdir.path(RESULTS_JSON), dict(results))
+  io.save_text(workdir.path(RESULTS_MD), table + "\n")
+
+
+def add_stage_seconds(workdir: Workdir, stage_seconds: Mapping[str, float],
+                      total: float) -> None:
+  """Adds the run's wall-clock seconds (per stage and in all) to results.json."""
+  path = workdir.path(RESULTS_JSON)
+  with open(path) as f:
+    results = json.load(f)
+  results["seconds"] = round(total, 1)
+  results["stage_seconds"] = dict(stage_seconds)
+  io.save_json(path, results)
+
+
+def _load_npz(path: str, stage: str) -> dict[str, np.ndarray]:
+  require(path, stage)
+  return io.load_npz(path)

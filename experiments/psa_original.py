@@ -1,0 +1,224 @@
+"""The PyTorch original (github jiwoon-ahn/psa) as the experiments run it, beside affinity_jax.
+
+Shared by compare_pytorch.py (parity) and benchmark_models.py (speed), which import it as a
+sibling module (`python experiments/x.py` puts experiments/ first on sys.path):
+- the checkout: `check_psa_root` (REQUIRED_FILES), `load_original` (imports its modules from
+  the checkout, files not edited; on the CPU `torch.Tensor.cuda` becomes the identity in this
+  process only, because AffinityNet.forward moves its pair indices with `.cuda()`);
+- its networks: `build_torch_net` with the released weights or `random_state_dict` (seeded, with
+  non-trivial BatchNorm statistics), `to_torch`, and one step of its train_aff.py
+  (`torch_train_step_fn`);
+- inputs and measures: `parse_size`, `synthetic_image`, `normalise`, `diff`,
+  `interleaved_median`.
+Nothing here imports torch or JAX at module level, so argument checks run without them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+import types
+import warnings
+
+import numpy as np
+
+REQUIRED_FILES = ("network/resnet38d.py", "network/resnet38_cls.py", "network/resnet38_aff.py",
+                  "tool/pyutils.py", "tool/torchutils.py", "voc12/data.py")
+# The original's infer_aff.py / train_aff.py settings.
+RADIUS, BETA, LOGT, RW_ALPHA = 5, 8, 8, 16
+NUM_CLASSES = 20
+TRAIN_LR, WEIGHT_DECAY = 0.01, 5e-4
+
+
+def check_psa_root(path: str) -> str:
+  """The checkout of the original, or ValueError naming the folder and what is missing."""
+  if not os.path.isdir(path):
+    raise ValueError(f"--psa-root {path!r}: no such folder (expected a checkout of "
+                     "github.com/jiwoon-ahn/psa)")
+  missing = [f for f in REQUIRED_FILES if not os.path.isfile(os.path.join(path, f))]
+  if missing:
+    raise ValueError(f"--psa-root {path!r} is not a checkout of jiwoon-ahn/psa: missing "
+                     f"{', '.join(missing)}")
+  return os.path.abspath(path)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+  """"HxW" -> (H, W); an argparse type."""
+  try:
+    h, w = (int(v) for v in text.lower().split("x"))
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"size {text!r}: expected HxW, e.g. 375x500") from None
+  # The original's psa pair set needs a grid of at least 5 x 9 (radius 5).
+  if h < 33 or w < 65:
+    raise argparse.ArgumentTypeError(f"size {text!r}: the psa pair set needs H >= 33, W >= 65")
+  return h, w
+
+
+def load_original(psa_root: str, device: str = "cpu",
+                  threads: int | None = None) -> types.SimpleNamespace:
+  """Imports the original's modules from its checkout; returns them with torch.
+
+  threads: torch's intra-op threads; default os.cpu_count(), the size of XLA:CPU's pool.
+  """
+  import torch
+  if device == "cuda" and not torch.cuda.is_available():
+    raise SystemExit("--device cuda: torch sees no CUDA device")
+  if device == "cpu":
+    # AffinityNet.forward calls .cuda() on its index tensors; make that a no-op in this process
+    # so that the original runs unmodified on the CPU.
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+  torch.set_num_threads(threads or os.cpu_count() or 1)
+  # The original builds its dense matrix with the legacy sparse.FloatTensor constructor.
+  warnings.filterwarnings("ignore", message=r"torch\.sparse\.SparseTensor")
+  warnings.filterwarnings("ignore", message=r"Sparse invariant checks")
+  sys.path.insert(0, psa_root)
+  import network.resnet38_aff
+  import network.resnet38_cls
+  import network.resnet38d
+  import tool.pyutils
+  import tool.torchutils
+  import voc12.data
+  return types.SimpleNamespace(torch=torch, cls=network.resnet38_cls, aff=network.resnet38_aff,
+                               backbone=network.resnet38d, pyutils=tool.pyutils,
+                               torchutils=tool.torchutils, data=voc12.data)
+
+
+def random_state_dict(net, seed: int) -> dict:
+  """A seeded state dict for `net` with non-trivial BatchNorm statistics.
+
+  Convolutions: normal with std sqrt(1 / fan_in) (activations stay O(1) through the 17 residual
+  blocks); BN: weight U(0.5, 1.5), bias N(0, 0.1), running_mean N(0, 0.1), running_var U(0.5, 2).
+  """
+  torch = sys.modules["torch"]
+  gen = torch.Generator().manual_seed(seed)
+  out = {}
+  for name, ref in net.state_dict().items():
+    if name.endswith("num_batches_tracked"):
+      out[name] = ref.clone()
+      continue
+    shape = ref.shape
+    if ref.ndim == 4:
+      fan_in = shape[1] * shape[2] * shape[3]
+      value = torch.randn(shape, generator=gen) * (1.0 / fan_in) ** 0.5
+    elif name.endswith("running_var"):
+      value = 0.5 + 1.5 * torch.rand(shape, generator=gen)
+    elif name.endswith("weight"):
+      value = 0.5 + torch.rand(shape, generator=gen)
+    else:  # BN bias and running_mean
+      value = 0.1 * torch.randn(shape, generator=gen)
+    out[name] = value.to(ref.dtype)
+  return out
+
+
+def build_torch_net(orig, kind: str, weights: str | None, seed: int, device: str = "cpu"):
+  """The original's Net ("cam" or "affinity"), weights loaded strictly, in eval mode.
+
+  Returns (net, its state dict as numpy arrays, a description of the weights' source).
+  """
+  torch = orig.torch
+  net = (orig.cls if kind == "cam" else orig.aff).Net()
+  if weights:
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    # Files saved by PyTorch 0.4 lack BN's num_batches_tracked (unused in eval mode).
+    state = {**{k: v for k, v in net.state_dict().items() if k.endswith("num_batches_tracked")},
+             **state}
+    source = weights
+  else:
+    state = random_state_dict(net, seed)
+    source = f"random state dict (seed {seed})"
+  net.load_state_dict(state, strict=True)
+  net.eval()  # The original's train() returns None: no chaining.
+  net.to(device)
+  return net, {k: v.detach().cpu().numpy() for k, v in state.items()}, source
+
+
+def to_torch(orig, images_nhwc: np.ndarray, device: str = "cpu"):
+  """[B, H, W, 3] numpy -> [B, 3, H, W] torch tensor on `device`."""
+  return orig.torch.from_numpy(np.ascontiguousarray(images_nhwc.transpose(0, 3, 1, 2))).to(device)
+
+
+def torch_train_step_fn(orig, aff_net, images: np.ndarray, label_grids: np.ndarray,
+                        device: str = "cpu"):
+  """One step of the original's train_aff.py on a fixed batch: forward, its loss, backward, its
+  PolyOptimizer with the four learning-rate groups.
+
+  images: [B, S, S, 3] normalised float32; label_grids: [B, g, g] affinity labels at stride 8
+  (0 background, classes, 255 unconfident). Puts `aff_net` in its train() mode (BN stays frozen,
+  conv1a / b2* get no gradients). Returns step() -> loss (float).
+  """
+  torch = orig.torch
+  aff_net.train()
+  groups = aff_net.get_parameter_groups()
+  optimizer = orig.torchutils.PolyOptimizer([
+      {"params": groups[0], "lr": TRAIN_LR, "weight_decay": WEIGHT_DECAY},
+      {"params": groups[1], "lr": 2 * TRAIN_LR, "weight_decay": 0},
+      {"params": groups[2], "lr": 10 * TRAIN_LR, "weight_decay": WEIGHT_DECAY},
+      {"params": groups[3], "lr": 20 * TRAIN_LR, "weight_decay": 0},
+  ], lr=TRAIN_LR, weight_decay=WEIGHT_DECAY, max_step=1000)
+  extract = orig.data.ExtractAffinityLabelInRadius(cropsize=label_grids.shape[1], radius=RADIUS)
+  bg, fg, neg = (torch.stack(t).to(device) for t in zip(*(extract(g) for g in label_grids)))
+  x = to_torch(orig, images, device)
+
+  def step():
+    aff = aff_net(x)
+    bg_loss = torch.sum(-bg * torch.log(aff + 1e-5)) / (torch.sum(bg) + 1e-5)
+    fg_loss = torch.sum(-fg * torch.log(aff + 1e-5)) / (torch.sum(fg) + 1e-5)
+    neg_loss = torch.sum(-neg * torch.log(1. + 1e-5 - aff)) / (torch.sum(neg) + 1e-5)
+    loss = bg_loss / 4 + fg_loss / 4 + neg_loss / 2
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss.item()  # .item() waits for the step, also on a GPU.
+  return step
+
+
+def synthetic_image(h: int, w: int, seed: int) -> np.ndarray:
+  """[h, w, 3] uint8: a colour gradient with a few coloured ellipses and noise (regions that
+  give the affinity features some structure)."""
+  rng = np.random.default_rng(seed)
+  yy, xx = np.mgrid[:h, :w] / np.array([h, w]).reshape(2, 1, 1)
+  c0, c1 = rng.uniform(0, 255, (2, 3))
+  img = c0 * (1 - xx[..., None]) + c1 * xx[..., None]
+  for _ in range(5):
+    cy, cx = rng.uniform(0.1, 0.9, 2)
+    ry, rx = rng.uniform(0.1, 0.35, 2)
+    inside = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < 1
+    img[inside] = rng.uniform(0, 255, 3)
+  img += rng.normal(0, 8, img.shape)
+  return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def normalise(orig, img_uint8: np.ndarray) -> np.ndarray:
+  """[H, W, 3] uint8 -> [1, H, W, 3] float32 with the original's Normalize."""
+  return orig.backbone.Normalize()(img_uint8)[None].astype(np.float32)
+
+
+def diff(ours, reference) -> tuple[float, float]:
+  """(max |ours - reference|, that / max |reference|)."""
+  ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
+  if ours.shape != reference.shape:
+    raise ValueError(f"shape mismatch: {ours.shape} vs {reference.shape}")
+  err = float(np.max(np.abs(ours - reference)))
+  return err, err / max(float(np.max(np.abs(reference))), 1e-30)
+
+
+def interleaved_median(fn_torch, fn_jax, repeats: int, warmup: int = 1,
+                       reduce=statistics.median) -> tuple[float, float]:
+  """Median (or `reduce`) seconds per call of each, after `warmup` untimed calls of each; runs
+  alternated so that load changes on a shared machine hit both alike. Each fn must return only
+  once its work is done (block_until_ready, .item(), a CUDA synchronize)."""
+  for _ in range(warmup):
+    fn_torch()
+    fn_jax()
+  times_t, times_j = [], []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn_torch()
+    times_t.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    fn_jax()
+    times_j.append(time.perf_counter() - t0)
+  return reduce(times_t), reduce(times_j)
