@@ -8,6 +8,8 @@
   {workdir}/panels/                        random_walk (rw_{name}.npz heat) and evaluate (PNGs)
   {workdir}/reports/{stage}.json           every per-image stage: the images it skipped
   {workdir}/results.json, results.md       evaluate (scores), then the runner (stage seconds)
+  {workdir}/fingerprints/{stage}.json      the runner: what each stage's outputs were made from
+  {workdir}/.lock                          the runner: the run that holds the workdir
 
 Each load validates what it reads and raises a `UserError` naming the file and the stage to
 rerun. Writes go through `io` (temporary file, then rename), so a killed stage leaves only whole
@@ -17,8 +19,10 @@ files. This module imports no JAX: the dCRF worker processes use it.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
+import shutil
 from typing import Iterable, Mapping
 
 import numpy as np
@@ -41,9 +45,17 @@ AFF_NET = Network("aff_net", "affinity", "aff", "train_aff")
 SEG_NET = Network("seg_net", "seg", "seg", "train_seg")
 NETWORKS = (CAM_NET, AFF_NET, SEG_NET)
 
-CAMS, AFF_LABELS, PSEUDO_LABELS, SEG_PRED, PANELS, REPORTS = (
-    "cams", "aff_labels", "pseudo_labels", "seg_pred", "panels", "reports")
+CAMS, AFF_LABELS, PSEUDO_LABELS, SEG_PRED, PANELS, REPORTS, FINGERPRINTS = (
+    "cams", "aff_labels", "pseudo_labels", "seg_pred", "panels", "reports", "fingerprints")
 RESULTS_JSON, RESULTS_MD = "results.json", "results.md"
+
+# What each stage writes (glob patterns under the workdir), besides reports/{stage}.json.
+STAGE_OUTPUTS = {
+    "train_cam": (CAM_NET.folder,), "infer_cam": (CAMS,), "aff_labels": (AFF_LABELS,),
+    "train_aff": (AFF_NET.folder,), "random_walk": (PSEUDO_LABELS, PANELS + "/rw_*.npz"),
+    "train_seg": (SEG_NET.folder,), "infer_seg": (SEG_PRED,),
+    "evaluate": (PANELS + "/*.png", RESULTS_JSON, RESULTS_MD),
+}
 
 NO_POSITIVE_CLASS = "no positive class in its image-level label"
 
@@ -86,12 +98,53 @@ class Workdir:
   def report(self, stage: str) -> str:
     return self.path(REPORTS, stage + ".json")
 
+  def fingerprint(self, stage: str) -> str:
+    return self.path(FINGERPRINTS, stage + ".json")
+
+  def stage_outputs(self, stage: str) -> list[str]:
+    """The paths of `stage`'s outputs that exist (its report excluded)."""
+    return sorted(p for pattern in STAGE_OUTPUTS[stage]
+                  for p in glob.glob(self.path(pattern)))
+
+  def remove_stage_outputs(self, stage: str) -> None:
+    """Deletes `stage`'s outputs, its report and its fingerprint record."""
+    for p in self.stage_outputs(stage) + [self.report(stage), self.fingerprint(stage)]:
+      if os.path.isdir(p):
+        shutil.rmtree(p)
+      elif os.path.exists(p):
+        os.remove(p)
+
 
 def missing(names: Iterable[str], folder: str, suffix: str) -> list[str]:
-  """Names whose output file `{folder}/{name}{suffix}` does not exist yet (temporaries of a
-  killed writer in `folder` are removed first)."""
+  """Names whose output file `{folder}/{name}{suffix}` does not exist yet, or is cut short
+  (deleted with a note, so that it is made again). Temporaries of a killed writer in `folder`
+  are removed first."""
   io.remove_stale_temporaries(folder)
-  return [n for n in names if not os.path.exists(os.path.join(folder, n + suffix))]
+  todo = []
+  for n in names:
+    path = os.path.join(folder, n + suffix)
+    if os.path.exists(path) and not looks_whole(path):
+      print(f"{path} is damaged (cut short); making it again", flush=True)
+      os.remove(path)
+    if not os.path.exists(path):
+      todo.append(n)
+  return todo
+
+
+# How a whole file of each kind ends: a zip's end-of-central-directory record (within its
+# comment's 64 KiB), a PNG's IEND chunk. A file cut short lacks it; checking reads a few bytes.
+_ZIP_END, _PNG_END = b"PK\x05\x06", b"\x00\x00\x00\x00IEND\xaeB`\x82"
+
+
+def looks_whole(path: str) -> bool:
+  """False for an .npz or .png file that does not end as a whole one does."""
+  if not path.endswith((".npz", ".png")):
+    return True
+  with open(path, "rb") as f:
+    size = f.seek(0, os.SEEK_END)
+    f.seek(max(0, size - (22 + 65535 if path.endswith(".npz") else len(_PNG_END))))
+    tail = f.read()
+  return _ZIP_END in tail if path.endswith(".npz") else tail == _PNG_END
 
 
 def require(path: str, stage: str) -> None:
@@ -180,12 +233,13 @@ def load_label(path: str, stage: str, image_hw=None) -> np.ndarray:
   """uint8 [H, W] label map written by `stage`; with `image_hw`, it must have that size."""
   require(path, stage)
   label = io.load_png(path)
-  if label.ndim != 2:
-    raise UserError(f"{path}: a label map must be a one-channel PNG, got shape {label.shape}")
+  if label.ndim != 2 or label.dtype != np.uint8:
+    raise UserError(f"{path}: a label map must be a one-channel 8-bit PNG, got shape "
+                    f"{label.shape} of {label.dtype}")
   if image_hw is not None and label.shape != tuple(image_hw):
     raise UserError(f"{path}: label map is {label.shape[0]}x{label.shape[1]}, the image is "
                     f"{image_hw[0]}x{image_hw[1]}; delete it and rerun {stage}")
-  return label.astype(np.uint8)
+  return label
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,14 +320,19 @@ def save_results(workdir: Workdir, results: Mapping, table: str) -> None:
   io.save_text(workdir.path(RESULTS_MD), table + "\n")
 
 
-def add_stage_seconds(workdir: Workdir, stage_seconds: Mapping[str, float],
-                      total: float) -> None:
-  """Adds the run's wall-clock seconds (per stage and in all) to results.json."""
+def add_provenance(workdir: Workdir, stage_seconds: Mapping[str, float],
+                   fingerprints: Mapping[str, str | None]) -> None:
+  """Adds to results.json what it scored: every stage's fingerprint and the seconds its last
+  complete run took (in all: their sum), whichever run of the command made them."""
   path = workdir.path(RESULTS_JSON)
-  with open(path) as f:
-    results = json.load(f)
-  results["seconds"] = round(total, 1)
+  try:
+    with open(path) as f:
+      results = json.load(f)
+  except (OSError, ValueError) as e:
+    raise UserError(f"{path}: unreadable results ({e}); rerun the evaluate stage") from None
   results["stage_seconds"] = dict(stage_seconds)
+  results["seconds"] = round(sum(stage_seconds.values()), 1)
+  results["fingerprints"] = dict(fingerprints)
   io.save_json(path, results)
 
 

@@ -2,7 +2,7 @@
 
 Layout of a checkpoint folder `path/`:
   path/variables/      orbax (StandardCheckpointer) tree {"params": ..., "batch_stats": ...}
-  path/metadata.json   {"arch", "width", "num_classes", "source", ...}
+  path/metadata.json   {"arch", "backbone" (absent: resnet38), "width", "num_classes", ...}
 
 `save_variables` writes everything into a temporary sibling folder and renames it into place,
 so a crash never leaves a half-written checkpoint under `path`. The metadata lets a loader
@@ -25,9 +25,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from affinity_jax import artifacts, models
+from affinity_jax import artifacts, io, models
 from affinity_jax.errors import UserError
-from affinity_jax.models import ARCHS
+from affinity_jax.constants import ARCHS
 
 METADATA_FILE = "metadata.json"
 VARIABLES_DIR = "variables"
@@ -61,16 +61,23 @@ def save_variables(path: str, variables: Mapping[str, Any], *, metadata: Mapping
     raise CheckpointError(f"{path} exists and is not an affinity_jax checkpoint; refusing to "
                           "overwrite it")
   parent = os.path.dirname(path)
-  os.makedirs(parent, exist_ok=True)
+  io.make_dirs(parent)
   tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
   try:
     tree = jax.tree.map(np.asarray, dict(variables))
     ckptr = ocp.StandardCheckpointer()
-    ckptr.save(os.path.join(tmp, VARIABLES_DIR), tree)
-    ckptr.wait_until_finished()
-    ckptr.close()
-    with open(os.path.join(tmp, METADATA_FILE), "w") as f:
-      f.write(text)
+    try:
+      ckptr.save(os.path.join(tmp, VARIABLES_DIR), tree)
+      ckptr.wait_until_finished()
+      with open(os.path.join(tmp, METADATA_FILE), "w") as f:
+        f.write(text)
+    except (OSError, ValueError) as e:  # a full or read-only disk; the temporary goes below.
+      refused = io.disk_error(path, e)
+      if refused is None:
+        raise
+      raise refused from None
+    finally:
+      ckptr.close()
     if os.path.exists(path):
       old = tmp + "-old"
       os.rename(path, old)
@@ -117,18 +124,25 @@ def load_variables(path: str) -> tuple[dict, dict]:
 
 
 def check_compatible(metadata: Mapping[str, Any], *, arch: str, width: float | None = None,
-                     num_classes: int | None = None, path: str = "checkpoint") -> None:
+                     num_classes: int | None = None, path: str = "checkpoint",
+                     backbone: str | None = None) -> None:
   """Raises CheckpointError unless the checkpoint fits the model about to use it.
 
   arch: the architecture wanted ("backbone", "cam", "affinity", "seg"), matched exactly.
   width / num_classes are checked when given (num_classes only where both sides have classes).
+  backbone ("resnet38", "vgg16") is checked when given; checkpoints that record none predate
+  VGG-16 and hold ResNet-38.
   """
   have = metadata.get("arch")
   if have != arch:
-    hint = (" (convert the ImageNet weights with `affinity-jax convert mxnet`)"
-            if arch == "backbone" else "")
+    hint = (" (convert the ImageNet weights with `affinity-jax convert mxnet`, or `convert "
+            "caffe` for VGG-16)" if arch == "backbone" else "")
     raise CheckpointError(f"{path}: holds a {have!r} network, but a {arch!r} network is "
                           f"needed{hint}")
+  have_backbone = metadata.get("backbone", models.DEFAULT_BACKBONE)
+  if backbone is not None and have_backbone != backbone:
+    raise CheckpointError(f"{path}: holds a {have_backbone} network, but the config's "
+                          f"model.backbone is {backbone}")
   if width is not None and not np.isclose(float(metadata.get("width", np.nan)), float(width)):
     raise CheckpointError(f"{path}: was saved at model width {metadata.get('width')}, but the "
                           f"model has width {width} (set model.width to match)")
@@ -167,12 +181,13 @@ def load_network(cfg, net: artifacts.Network) -> tuple[object, dict]:
                     f"(--stages {net.stage})")
   variables, meta = load_variables(path)
   check_compatible(meta, arch=net.arch, width=cfg.model.width,
-                   num_classes=cfg.model.num_classes, path=path)
+                   num_classes=cfg.model.num_classes, path=path,
+                   backbone=models.backbone_name(cfg))
   return models.from_config(cfg, net.arch), variables
 
 
 def save_network(cfg, net: artifacts.Network, variables: dict) -> None:
   """Writes the trained `net` into the config's workdir."""
   save_variables(artifacts.Workdir(cfg.workdir).network(net), variables, metadata=dict(
-      arch=net.arch, width=cfg.model.width, num_classes=cfg.model.num_classes,
-      source=f"affinity_jax {net.folder}"))
+      arch=net.arch, backbone=models.backbone_name(cfg), width=cfg.model.width,
+      num_classes=cfg.model.num_classes, source=f"affinity_jax {net.folder}"))

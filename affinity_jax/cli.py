@@ -3,8 +3,9 @@
   affinity-jax run --config configs/synthetic.py[:variant] [--stages train_cam,infer_cam,...]
                    [--workdir DIR] [--config.key=value ...] [--debug]
   affinity-jax demo [--workdir DIR]        # all stages on the synthetic default + results table
-  affinity-jax convert psa-pytorch IN.pth OUT_DIR --arch cam|affinity
+  affinity-jax convert psa-pytorch IN.pth OUT_DIR --arch cam|affinity [--backbone vgg16]
   affinity-jax convert mxnet IN.params OUT_DIR
+  affinity-jax convert caffe vgg16_20M.caffemodel OUT_DIR
 
 User errors (a bad file, config key or dataset) print one message and exit with status 2; so
 does a diverged run (NaN/Inf loss or network outputs: the message names the step and the last
@@ -19,6 +20,8 @@ import argparse
 import os
 import sys
 import traceback
+
+from affinity_jax.constants import BACKBONES, ORIGINAL_ARCHS
 
 DEMO_CONFIG = "configs/synthetic.py"
 
@@ -42,15 +45,20 @@ def _parser() -> argparse.ArgumentParser:
   conv = sub.add_parser("convert", help="convert the original's checkpoints")
   conv.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
   csub = conv.add_subparsers(dest="source", required=True)
-  pt = csub.add_parser("psa-pytorch", help="a PSA .pth (resnet38_cls or resnet38_aff)")
+  pt = csub.add_parser("psa-pytorch", help="a PSA .pth (resnet38_cls / _aff, vgg16_cls / _aff)")
   pt.add_argument("input")
   pt.add_argument("output")
-  pt.add_argument("--arch", required=True, choices=("cam", "affinity", "backbone"),
-                  help="the original's network in the file (resnet38_cls, resnet38_aff, "
-                       "resnet38d)")
+  pt.add_argument("--arch", required=True, choices=ORIGINAL_ARCHS,
+                  help="the original's network in the file (resnet38_cls / vgg16_cls, "
+                       "resnet38_aff / vgg16_aff, resnet38d / vgg16d)")
+  pt.add_argument("--backbone", choices=tuple(BACKBONES), default=None,
+                  help="default: read from the file (conv1a: resnet38, conv1_1: vgg16)")
   mx = csub.add_parser("mxnet", help="the ImageNet ResNet-38 .params of ademxapp")
   mx.add_argument("input")
   mx.add_argument("output")
+  cf = csub.add_parser("caffe", help="DeepLab's VGG-16 .caffemodel (vgg16_20M), without Caffe")
+  cf.add_argument("input")
+  cf.add_argument("output")
   return p
 
 
@@ -85,7 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "convert":
       from affinity_jax import convert
       if args.source == "psa-pytorch":
-        convert.convert_psa_pytorch(args.input, args.output, args.arch)
+        convert.convert_psa_pytorch(args.input, args.output, args.arch, args.backbone)
+      elif args.source == "caffe":
+        dropped = convert.convert_caffe(args.input, args.output)["dropped"]
+        if dropped:
+          print(f"left out layers outside the VGG-16 trunk: {', '.join(dropped)}")
       else:
         convert.convert_mxnet(args.input, args.output)
       print(f"wrote {args.output}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import difflib
 import importlib.util
+import math
 import os
 from typing import Any, Iterable
 
@@ -66,12 +67,33 @@ def _parse_value(text: str, old: Any, key: str) -> Any:
     value = ast.literal_eval(text)
   except (ValueError, SyntaxError):
     raise ConfigError(f"--config.{key}: cannot parse {text!r} as {type(old).__name__}") from None
-  if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
-    value = float(value)
   if isinstance(old, (tuple, list)) and isinstance(value, (tuple, list)):
+    # Elements take the type the default's elements share (canvas: ints, scales: floats);
+    # a default of mixed or no elements says nothing.
+    kinds = {type(v) for v in old}
+    if len(kinds) == 1 and kinds <= {int, float, str}:
+      kind = kinds.pop()
+      try:
+        value = [_same_type(v, kind) for v in value]
+      except TypeError:
+        raise ConfigError(f"--config.{key}: expected a {type(old).__name__} of "
+                          f"{kind.__name__}, got {text!r}") from None
     return type(old)(value)
-  if not isinstance(value, type(old)):
-    raise ConfigError(f"--config.{key}: expected {type(old).__name__}, got {text!r}")
+  try:
+    return _same_type(value, type(old))
+  except TypeError:
+    want = "a finite float" if isinstance(old, float) else type(old).__name__
+    raise ConfigError(f"--config.{key}: expected {want}, got {text!r}") from None
+
+
+def _same_type(value: Any, kind: type) -> Any:
+  """`value` as a `kind` (ints widen to floats; bools are not numbers here), else TypeError."""
+  if kind is float and type(value) is int:
+    value = float(value)
+  if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+    raise TypeError(value)
+  if kind is float and not math.isfinite(value):  # 1e400 parses as inf
+    raise TypeError(value)
   return value
 
 
@@ -100,3 +122,38 @@ def aff_image_scale(cfg) -> float:
   if not scale > 0:
     raise ConfigError(f"config key aff.image_scale must be > 0, got {scale}")
   return scale
+
+
+def _check(ok: bool, key: str, want: str, value) -> None:
+  if not ok:
+    raise ConfigError(f"config key {key} must be {want}, got {value!r}")
+
+
+def validate(cfg) -> None:
+  """Checks the keys the library would otherwise reject deep inside a stage (as a bug would:
+  with a traceback), so that a bad value is one message naming its key, before any work."""
+  # Imported here: config.py is loaded before JAX is needed.
+  from affinity_jax.geometry import SCHEMES
+  from affinity_jax.train import OPTIMIZERS
+  for section in ("cam", "aff", "seg"):
+    net = cfg[section]
+    _check(net.optimizer in OPTIMIZERS, f"{section}.optimizer", f"one of {OPTIMIZERS}",
+           net.optimizer)
+    _check(int(net.batch_size) > 0, f"{section}.batch_size", "> 0", net.batch_size)
+    _check(float(net.lr) > 0, f"{section}.lr", "> 0", net.lr)
+    jitter = net.get("color_jitter")
+    _check(not jitter or len(jitter) == 4, f"{section}.color_jitter",
+           "4 numbers (brightness, contrast, saturation, hue) or empty", jitter)
+  for section in ("aff", "random_walk"):
+    _check(cfg[section].scheme in SCHEMES, f"{section}.scheme", f"one of {SCHEMES}",
+           cfg[section].scheme)
+    radius = cfg[section].radius
+    _check(int(radius) == radius and radius >= 2, f"{section}.radius", "an integer >= 2",
+           radius)
+  logt = cfg.random_walk.logt
+  _check(int(logt) == logt and logt >= 0, "random_walk.logt", "an integer >= 0", logt)
+  _check(float(cfg.model.width) > 0, "model.width", "> 0", cfg.model.width)
+  canvas = cfg.data.canvas
+  _check(len(canvas) == 2 and all(int(c) == c and c > 0 for c in canvas), "data.canvas",
+         "(height, width) in positive pixels", canvas)
+  aff_image_scale(cfg)

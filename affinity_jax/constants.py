@@ -7,3 +7,18 @@ IGNORE_LABEL = 255
 # ImageNet statistics of the backbone's pretraining (RGB, on x / 255).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Caffe's VGG-16 (DeepLab's vgg16_20M.caffemodel) was trained on BGR images in 0..255 minus this
+# mean pixel and no division; given in RGB order, as the original's network/vgg16d.py does.
+CAFFE_MEAN_RGB = (122.675, 116.669, 104.008)
+# The input conventions of `data.transforms.normalize` / `models.normalize_images`:
+# "imagenet" = RGB, (x / 255 - IMAGENET_MEAN) / IMAGENET_STD (ResNet-38);
+# "caffe_bgr" = BGR, x - CAFFE_MEAN (VGG-16).
+INPUT_CONVENTIONS = ("imagenet", "caffe_bgr")
+# Every architecture a checkpoint can hold: "backbone" is the trunk alone (the ImageNet weights
+# that initialise the others), the rest are the networks of the pipeline; either backbone.
+ARCHS = ("backbone", "cam", "affinity", "seg")
+# Those the original repository has (it has no segmentation network).
+ORIGINAL_ARCHS = tuple(a for a in ARCHS if a != "seg")
+# The original's two backbones (config key model.backbone) -> the input convention of their
+# pretrained weights (data.transforms.normalize).
+BACKBONES = {"resnet38": "imagenet", "vgg16": "caffe_bgr"}

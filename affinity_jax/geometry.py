@@ -231,7 +231,7 @@ def neighbourhood_affinities(features: jax.Array, *, radius: int = 5, scheme: st
 # Affinity labels (docs/method.md §3).
 
 
-def _check_score_maps(la, ha, name="affinity_labels"):
+def _check_score_maps(la, ha, name):
   if la.ndim != 3 or ha.ndim != 3:
     raise ValueError(f"{name}: la and ha must be [H, W, C+1] score maps "
                      f"(got {tuple(la.shape)} and {tuple(ha.shape)}).")

@@ -5,14 +5,20 @@ the destination folder, are flushed to disk, and are renamed into place. A stage
 point therefore leaves only complete files, and a rerun can trust that a file which exists is
 whole (it only has to redo what is missing). What each stage writes, and where, is
 artifacts.py's business; this module only knows bytes, arrays and images.
+
+A write that the disk refuses (full, over a quota or a file-size limit, read-only, not ours)
+is the user's to fix: it becomes a `UserError` naming the file (`disk_error`), and the
+temporary file is removed, so nothing half-written is left.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
+import re
 import tempfile
 from typing import Any, Iterator, Mapping
 
@@ -22,23 +28,78 @@ from affinity_jax.errors import UserError
 
 _TMP_PREFIX = ".tmp-"
 
+_FULL = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+         errno.EFBIG: "a file-size limit, ulimit -f, is reached"}
+_REFUSED = {errno.EROFS: "it is mounted read-only", errno.EACCES: "not writable for this user",
+            errno.EPERM: "not writable for this user"}
+# How tensorstore (orbax's writer) reports the OS error under its own ValueError.
+_TENSORSTORE_ERRNO = re.compile(r"os_error_code='(\d+)'")
+
+
+def disk_error(path: str, e: BaseException) -> UserError | None:
+  """The UserError naming `path` for a write the disk refused, or None for any other error.
+
+  `e` is an OSError, or the ValueError of tensorstore that carries one as `os_error_code`.
+  """
+  code = e.errno if isinstance(e, OSError) else None
+  if isinstance(e, ValueError):
+    found = _TENSORSTORE_ERRNO.search(str(e))
+    code = int(found.group(1)) if found else None
+  if code in _FULL:
+    return UserError(f"cannot write {path}: {os.strerror(code)} ({_FULL[code]}); nothing "
+                     "half-written was left. Make room and rerun the same command")
+  if code in _REFUSED:
+    return UserError(f"cannot write {path}: {os.strerror(code)} ({_REFUSED[code]}); write "
+                     "to a writable folder instead (--workdir, for a run)")
+  return None
+
+
+def make_dirs(folder: str | os.PathLike) -> None:
+  """os.makedirs(exist_ok=True), with a UserError naming the folder when the disk refuses or a
+  file stands where a folder should be."""
+  folder = os.fspath(folder)
+  try:
+    os.makedirs(folder, exist_ok=True)
+  except (FileExistsError, NotADirectoryError):
+    raise UserError(f"cannot create the folder {folder}: a file of that name, or of one of "
+                    "its parents, is in the way") from None
+  except OSError as e:
+    raise (disk_error(folder, e) or e) from None
+
+
+def check_writable_dir(folder: str | os.PathLike) -> None:
+  """Creates `folder` if needed and writes (then removes) a file in it, so that a run whose
+  outputs could not be saved stops before any work, with a message naming the folder."""
+  make_dirs(folder)
+  try:
+    fd, probe = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=os.fspath(folder))
+  except OSError as e:
+    raise (disk_error(os.fspath(folder), e) or e) from None
+  os.close(fd)
+  os.unlink(probe)
+
 
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
   """Opens a temporary file beside `path`; renames it to `path` only if the block succeeds."""
   path = os.fspath(path)
-  folder = os.path.dirname(path) or "."
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=folder)
+  make_dirs(os.path.dirname(path) or ".")
+  try:
+    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=os.path.dirname(path) or ".")
+  except OSError as e:
+    raise (disk_error(path, e) or e) from None
   try:
     with os.fdopen(fd, mode) as f:
       yield f
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
-  except BaseException:
+  except BaseException as e:
     with contextlib.suppress(FileNotFoundError):
       os.unlink(tmp)
+    refused = disk_error(path, e) if isinstance(e, OSError) else None
+    if refused is not None:
+      raise refused from None
     raise
 
 

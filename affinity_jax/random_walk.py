@@ -16,7 +16,7 @@ Padding of a canvas (valid = False) is cut out of the graph: no pair touches it,
 0, so no mass flows in or out, and its output is 0.
 
 Public API:
-  neighbourhood_affinities (re-exported from geometry): features -> [B, h, w, 2K+1].
+  (geometry.neighbourhood_affinities: features -> the [B, h, w, 2K+1] affinities it takes.)
   transition_weights(aff_sym, beta) -> P [B, h, w, 2K+1].
   propagate(aff_sym, cam, radius=5, beta=8, t=256, valid=None, tol=None) -> [B, h, w, C].
   random_walk(features, cam, radius=5, beta=8, t=256, scheme="full", valid=None, tol=None).
@@ -36,7 +36,6 @@ import jax.numpy as jnp
 from affinity_jax import geometry
 from affinity_jax.cam import background_stack
 from affinity_jax.constants import STRIDE
-from affinity_jax.geometry import neighbourhood_affinities  # noqa: F401  (part of this API)
 
 
 def transition_weights(aff_sym: jax.Array, *, beta: float = 8.0) -> jax.Array:
@@ -125,7 +124,7 @@ def propagate(aff_sym: jax.Array, cam: jax.Array, *, radius: int = 5, beta: floa
   """Random walk of score maps over precomputed symmetric affinities: vec(v) T^t.
 
   Args:
-    aff_sym: [B, h, w, 2K+1] from `neighbourhood_affinities(features, radius=radius, ...)`.
+    aff_sym: [B, h, w, 2K+1] from `geometry.neighbourhood_affinities(features, radius, ...)`.
     cam: [B, h, w, C] non-negative score maps on the same grid (C includes the background).
     radius: the radius `aff_sym` was built with.
     beta: Hadamard power (8 in PSA).
@@ -173,7 +172,8 @@ def random_walk(features: jax.Array, cam: jax.Array, *, radius: int = 5, beta: f
   Affinities W_ij = exp(-mean_c |f_i - f_j|) over the `scheme`'s pairs within `radius`
   (see geometry.py); other arguments as in `propagate`.
   """
-  aff_sym = neighbourhood_affinities(features, radius=radius, scheme=scheme, valid=valid)
+  aff_sym = geometry.neighbourhood_affinities(features, radius=radius, scheme=scheme,
+                                              valid=valid)
   return propagate(aff_sym, cam, radius=radius, beta=beta, t=t, valid=valid, tol=tol,
                    return_steps=return_steps, channel_chunks=channel_chunks)
 

@@ -30,6 +30,7 @@ from flax import traverse_util
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from affinity_jax import io
 from affinity_jax.errors import NonFiniteLossError, TrainingInterrupted, UserError
 
 PyTree = Any
@@ -43,6 +44,9 @@ GROUP_MULTIPLIERS = {  # label -> (lr multiplier, weight decay applies)
     "new_weight": (10.0, True),
     "new_bias": (20.0, False),
 }
+
+
+OPTIMIZERS = ("sgd", "adam")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +83,7 @@ def make_optimizer(cfg: OptimConfig, labels: PyTree) -> optax.GradientTransforma
   `labels` must not contain "frozen" leaves: frozen parameters are split off before
   differentiation (see `split_frozen`).
   """
-  if cfg.optimizer not in ("sgd", "adam"):
+  if cfg.optimizer not in OPTIMIZERS:
     raise ValueError(f"unknown optimizer {cfg.optimizer!r} (sgd or adam)")
   momentum = cfg.effective_momentum or None
   transforms = {}
@@ -220,6 +224,56 @@ def make_train_step(model, loss_fn: LossFn, tx: optax.GradientTransformation,
   return jax.jit(train_step, out_shardings=(replicated, replicated), donate_argnums=(0,))
 
 
+def _checkpoint_manager(ckpt_dir: str, max_to_keep: int) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(
+      ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+
+
+def _resume(name: str, ckpt_dir: str, state: dict, max_to_keep: int
+            ) -> tuple[ocp.CheckpointManager, dict, int]:
+  """(manager, state, step) of the newest checkpoint in `ckpt_dir` that restores, else of the
+  initial `state` at step 0.
+
+  A step that does not restore (truncated or damaged files) is moved to
+  `{ckpt_dir}.damaged/` with a warning and the one before it is tried: losing a few steps
+  beats losing the run, and the files stay for a look.
+  """
+  manager = _checkpoint_manager(ckpt_dir, max_to_keep)
+  damaged = []
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      restored = manager.restore(step, args=ocp.args.StandardRestore(state))
+    except (ValueError, OSError) as e:  # what orbax and tensorstore raise for damaged files
+      damaged.append(step)
+      reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+      print(f"[{name}] warning: checkpoint step {step} in {ckpt_dir} cannot be read "
+            f"({type(e).__name__}: {reason}); trying the one before", flush=True)
+      continue
+    if jax.process_index() == 0:
+      print(f"[{name}] resuming from step {step} ({ckpt_dir})", flush=True)
+    start, state = step, restored
+    break
+  else:
+    start = 0
+    if damaged:
+      print(f"[{name}] warning: no checkpoint in {ckpt_dir} can be read; starting from step 0",
+            flush=True)
+  if damaged:
+    manager.close()
+    if jax.process_index() == 0:
+      aside = ckpt_dir + ".damaged"
+      os.makedirs(aside, exist_ok=True)
+      for step in damaged:
+        target = os.path.join(aside, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+        os.replace(os.path.join(ckpt_dir, str(step)), target)
+        print(f"[{name}] moved the unreadable step {step} to {target}", flush=True)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices("damaged checkpoints moved aside")
+    manager = _checkpoint_manager(ckpt_dir, max_to_keep)
+  return manager, state, int(start)
+
+
 def train(*, name: str, model, variables: Mapping[str, PyTree], labels: PyTree,
           loss_fn: LossFn, batches: Callable[[int], Iterator[Batch]], optim: OptimConfig,
           workdir: str, batch_size: int, seed: int = 0, checkpoint_every: int = 100,
@@ -248,14 +302,7 @@ def train(*, name: str, model, variables: Mapping[str, PyTree], labels: PyTree,
   step_fn = make_train_step(model, loss_fn, tx, optim, seed=seed, mesh=mesh)
 
   ckpt_dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
-  manager = ocp.CheckpointManager(
-      ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
-  start = manager.latest_step()
-  if start is not None:
-    state = manager.restore(start, args=ocp.args.StandardRestore(state))
-    if jax.process_index() == 0:
-      print(f"[{name}] resuming from step {start} ({ckpt_dir})", flush=True)
-  start = int(start or 0)
+  manager, state, start = _resume(name, ckpt_dir, state, max_to_keep)
 
   stop = {"signal": None}
   def on_signal(signum, frame):
@@ -284,7 +331,13 @@ def train(*, name: str, model, variables: Mapping[str, PyTree], labels: PyTree,
       if done % log_every == 0 or done == optim.total_steps or done == start + 1:
         progress.log(done, {k: float(v) for k, v in metrics.items()})
       if done % checkpoint_every == 0 or done == optim.total_steps or stop["signal"]:
-        manager.save(done, args=ocp.args.StandardSave(state), force=True)
+        try:
+          manager.save(done, args=ocp.args.StandardSave(state), force=True)
+        except (OSError, ValueError) as e:  # a full disk is the user's to fix, not a bug.
+          refused = io.disk_error(ckpt_dir, e)
+          if refused is None:
+            raise
+          raise refused from e
         last_saved = done
       if stop["signal"] and done < optim.total_steps:
         manager.wait_until_finished()

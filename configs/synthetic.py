@@ -36,7 +36,7 @@ def get_config(arg=None):
   c.model.num_classes = 5
   c.model.width = 0.0625
   # No ImageNet weights here: everything trains from scratch, so the stem is trained too, the
-  # frozen BatchNorm statistics are calibrated on a training batch (stages/common.py), Adam
+  # frozen BatchNorm statistics are calibrated on a training batch (models.calibrate_batch_norm), Adam
   # replaces the original's SGD (which barely moves a from-scratch ResNet-38 with frozen
   # BatchNorm in this budget), and AffinityNet / SegNet start from the CAM network's backbone.
   c.init.freeze_stem = False

@@ -18,6 +18,11 @@ def get_config(arg=None):
   c.workdir = "runs/voc_resnet38"
   c.distributed = False  # True: jax.distributed.initialize() before anything else (multi-host).
   c.debug_nans = False
+  # When a stage's inputs (the config keys it reads, the dataset, the stages it consumes)
+  # differ from those its existing outputs were made from: "error" stops with the changed keys,
+  # "redo" deletes those outputs and everything made from them and redoes the stage, "keep"
+  # adopts them as they are (e.g. to continue a training with a changed learning rate).
+  c.on_change = "error"
 
   c.data = ml_collections.ConfigDict(dict(
       name="voc2012_aug",

@@ -1,6 +1,8 @@
 """Speed of affinity_jax against the PyTorch original, side by side on CPU.
 
-Measures, in one process and on the same weights and inputs (`--parts`, default all three):
+Measures, in one process and on the same weights and inputs (`--parts`, default all three), on
+the ResNet-38 networks or, with `--backbone vgg16`, the VGG-16 ones (network/vgg16_cls.py,
+vgg16_aff.py against VGG16CAMNet, VGG16AffinityNet; inputs normalised by vgg16d.py's Normalize):
 - cam: CAM inference, batch 1, at each of `--cam-sizes` (default 448x448 and 320x320), width
   1.0: the jitted `model.apply(v, x, method="cam")` that the pipeline's multi-scale CAM sum
   (affinity_jax.cam.multiscale_flip_sum) calls, vs the original's resnet38_cls.Net.forward_cam
@@ -29,7 +31,8 @@ size of XLA:CPU's intra-op thread pool. XLA_FLAGS from the environment apply to 
 are printed. Ratios are PyTorch time / JAX time (> 1: JAX faster). The last line is JSON.
 
 Usage:
-  python experiments/benchmark_models.py --psa-root /tmp/psa [--parts cam,train,rw]
+  python experiments/benchmark_models.py --psa-root /tmp/psa [--backbone resnet38|vgg16]
+      [--parts cam,train,rw]
       [--cam-sizes 448x448,320x320] [--train-batch 8 --train-crop 448] [--repeats 5]
 """
 
@@ -54,6 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--psa-root", required=True, help="checkout of github.com/jiwoon-ahn/psa")
+  p.add_argument("--backbone", choices=po.BACKBONES, default="resnet38",
+                 help="the networks of cam and train: resnet38 (default) or vgg16")
   p.add_argument("--parts", default=",".join(PARTS),
                  help="what to time, comma separated: cam (CAM inference), train (AffinityNet "
                       "training step), rw (random walk of one grid); default all")
@@ -69,7 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args(argv)
   try:
-    args.psa_root = po.check_psa_root(args.psa_root)
+    args.psa_root = po.check_psa_root(args.psa_root, args.backbone)
   except ValueError as e:
     p.error(str(e))
   if not set(args.parts.split(",")) <= set(PARTS):
@@ -100,8 +105,8 @@ def time_cam(args, orig, results: dict) -> list:
   from affinity_jax.convert import psa_state_dict_to_variables
   torch = orig.torch
   t_net, state, _ = po.build_torch_net(orig, "cam", None, args.seed)
-  model = models.build("cam")
-  variables = jax.device_put(psa_state_dict_to_variables(state, "cam"))
+  model = models.build("cam", backbone=args.backbone)
+  variables = jax.device_put(psa_state_dict_to_variables(state, "cam", backbone=args.backbone))
   cam_fn = jax.jit(lambda v, x: model.apply(v, x, method="cam"))
   rows = []
   for h, w in args.cam_sizes:
@@ -120,7 +125,7 @@ def time_cam(args, orig, results: dict) -> list:
     key = f"cam_{h}x{w}"
     results.update({f"{key}_torch_s": tt, f"{key}_jax_s": tj, f"{key}_ratio": tt / tj,
                     f"{key}_max_rel_diff": rel})
-    rows.append(report(f"CAM inference, batch 1, {h}x{w}", tt, tj, rel))
+    rows.append(report(f"{args.backbone} CAM inference, batch 1, {h}x{w}", tt, tj, rel))
   return rows
 
 
@@ -154,8 +159,8 @@ def time_train_step(args, orig, results: dict) -> list:
   def run_torch():
     losses["torch"].append(step_t())
 
-  model = models.build("affinity")
-  variables = psa_state_dict_to_variables(state, "affinity")
+  model = models.build("affinity", backbone=args.backbone)
+  variables = psa_state_dict_to_variables(state, "affinity", backbone=args.backbone)
   optim = train.OptimConfig(lr=po.TRAIN_LR, total_steps=1000)
   train_state, constants, tx = train.init_state(
       variables, models.param_labels(variables["params"]), optim)
@@ -178,7 +183,8 @@ def time_train_step(args, orig, results: dict) -> list:
                   f"{key}_batch": b, f"{key}_crop": crop,
                   f"{key}_first_loss_torch": losses["torch"][0],
                   f"{key}_first_loss_jax": losses["jax"][0]})
-  return [report(f"AffinityNet train step, batch {b}, crop {crop}", tt, tj, None)]
+  return [report(f"{args.backbone} AffinityNet train step, batch {b}, crop {crop}", tt, tj,
+                 None)]
 
 
 def torch_dense_walk_fn(orig, feats_chw: np.ndarray, cam_vec: np.ndarray):
@@ -248,11 +254,12 @@ def time_random_walk(args, orig, results: dict) -> list:
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
-  orig = po.load_original(args.psa_root, "cpu", args.threads)
+  orig = po.load_original(args.psa_root, "cpu", args.threads, args.backbone)
   import jax
   torch = orig.torch
   load = os.getloadavg()
-  results = {"torch_threads": args.threads, "cpu_count": os.cpu_count(),
+  results = {"backbone": args.backbone, "torch_threads": args.threads,
+             "cpu_count": os.cpu_count(),
              "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax": jax.__version__,
              "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
              "repeats": args.repeats, "parts": list(args.parts),

@@ -1,7 +1,9 @@
-"""Fault injection: run the pipeline, kill it at random points, rerun, compare with a clean run.
+"""Fault injection: run the pipeline, kill it at random points, change its config, damage its
+files, rerun, and compare with a clean run of the final config.
 
-  python experiments/chaos.py --kills 5 [--seed 0] [--config configs/synthetic.py:tiny]
-                              [--root DIR] [--sigterm_every 3] [--config.key=value ...]
+  python experiments/chaos.py --kills 5 [--changes 2] [--corruptions 2] [--seed 0]
+                              [--config configs/synthetic.py:tiny] [--root DIR]
+                              [--sigterm_every 3] [--config.key=value ...]
 
 1. A clean run of every stage (`affinity-jax run`) in ROOT/clean; its stdout gives each stage's
    start time and duration.
@@ -14,6 +16,12 @@
    checkpoint when it lands in training). A run that ends before its kill lands is a miss: a
    new (stage, time) is drawn, that stage's outputs and later ones are deleted, and the kill is
    tried again. Then one last run to completion.
+   With `--changes K`, K config changes (a key of CHANGES and a value, drawn at random) are
+   scheduled before random kills: from then on the reruns carry the changed value (every rerun
+   has --config.on_change=redo, so the stages made from the old value are redone). The clean
+   run of step 1 uses the final config, all changes applied. With `--corruptions M`, before M
+   random kills one existing per-image output (a CAM, score map, pseudo label or prediction) is
+   cut to half its size, as a failing disk or an interrupted copy would leave it.
 3. Every output of the two workdirs is compared:
    - networks (`*_net/final`): every variable bit-identical (checkpoint.load_variables);
    - per-image outputs: CAM / score .npz files array by array, bit-identical; PNG pseudo labels,
@@ -22,7 +30,8 @@
      "stage_seconds") are dropped; results.md byte for byte.
    Training checkpoints and TensorBoard logs are not outputs and are not compared. Temporary
    files that kills left behind (never read: `.tmp-*`, `.final.tmp-*`) are counted.
-Exit status 0 when everything matches. A summary goes to stdout and ROOT/chaos.json.
+Exit status 0 when everything matches. A summary goes to stdout and ROOT/chaos.json, with what
+the reruns redid (stages redone after a change, damaged files made again).
 """
 
 from __future__ import annotations
@@ -44,8 +53,13 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from affinity_jax import checkpoint, io  # noqa: E402
+from affinity_jax import artifacts, checkpoint, io  # noqa: E402
 from affinity_jax.stages import ORDER  # noqa: E402
+
+# Keys a change may set, with the values it draws from (valid for the tiny synthetic config).
+CHANGES = {"random_walk.beta": ("2.0", "8.0"), "aff_labels.alpha_high": ("16.0", "24.0"),
+           "cam_infer.scales": ("(1.0,)", "(1.0, 1.5)")}
+CORRUPTIBLE = (artifacts.CAMS, artifacts.AFF_LABELS, artifacts.PSEUDO_LABELS, artifacts.SEG_PRED)
 
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu")
 NETS = ("cam_net", "aff_net", "seg_net")
@@ -195,15 +209,31 @@ def main(argv=None) -> int:
   p.add_argument("--root", default=None, help="work folder (default: a new temporary one)")
   p.add_argument("--sigterm_every", type=int, default=3,
                  help="every n-th kill is a SIGTERM (0: SIGKILL only)")
+  p.add_argument("--changes", type=int, default=0,
+                 help="config changes scheduled between kills (keys of CHANGES)")
+  p.add_argument("--corruptions", type=int, default=0,
+                 help="per-image output files cut short between kills")
   args = p.parse_args([a for a in argv if not a.startswith("--config.")])
   root = args.root or tempfile.mkdtemp(prefix="chaos-")
   os.makedirs(root, exist_ok=True)
   rng = random.Random(args.seed)
 
-  def command(workdir):
+  # Before kill i: the changes and corruptions scheduled there. A change comes after the first
+  # kill (there are outputs to redo by then) and sets another value than its key had.
+  changes, last = [], {}
+  for at in sorted(rng.randrange(1, max(args.kills, 2)) for _ in range(args.changes)):
+    key = rng.choice(sorted(CHANGES))
+    last[key] = rng.choice([v for v in CHANGES[key] if v != last.get(key)])
+    changes.append((at, key, last[key]))
+  corrupt_at = sorted(rng.randrange(max(args.kills, 1)) for _ in range(args.corruptions))
+  final_changes = [f"--config.{key}={value}" for _, key, value in changes]
+
+  def command(workdir, applied=None):
+    changed = final_changes if applied is None else [
+        f"--config.{key}={value}" for at, key, value in changes if at <= applied]
     return [sys.executable, "-m", "affinity_jax.cli", "run", "--config", args.config,
             "--workdir", workdir, f"--config.data.data_dir={os.path.join(root, 'tfds')}",
-            *overrides]
+            *overrides, *changed, "--config.on_change=redo"]
 
   clean_dir, chaos_dir = os.path.join(root, "clean"), os.path.join(root, "chaos")
   timing_path = os.path.join(root, "clean_timing.json")
@@ -229,13 +259,24 @@ def main(argv=None) -> int:
   picks = sorted(((rng.choice(ORDER), rng.random()) for _ in range(args.kills)),
                  key=lambda sf: (ORDER.index(sf[0]), sf[1]))
   events, misses, runs = [], 0, 0
+  damaged, changed_from = [], set()
   t = time.time()
   i = 0
   while i < len(picks):
     stage, frac = picks[i]
     sig = (signal.SIGTERM if args.sigterm_every and (i + 1) % args.sigterm_every == 0
            else signal.SIGKILL)
-    run = Run(command(chaos_dir), os.path.join(root, "chaos.log"))
+    for _ in range(corrupt_at.count(i)):
+      corrupt_at.remove(i)
+      victim = _cut_short(chaos_dir, rng)
+      if victim:
+        damaged.append(victim)
+        print(f"chaos: cut {victim} short before kill {i + 1}", flush=True)
+    for at, key, value in changes:
+      if at == i and (at, key) not in changed_from:
+        changed_from.add((at, key))
+        print(f"chaos: from kill {i + 1} on, --config.{key}={value}", flush=True)
+    run = Run(command(chaos_dir, applied=i), os.path.join(root, "chaos.log"))
     runs += 1
     landed = run.wait_for_line(f"== {stage}", timeout=3600)
     if landed and stage in NET_OF:  # from the first step on, as the durations
@@ -280,13 +321,20 @@ def main(argv=None) -> int:
     return 1
   chaos_seconds = time.time() - t
   result = compare(clean_dir, chaos_dir)
+  with open(os.path.join(root, "chaos.log")) as f:
+    log = f.read()
+  result.update(changes=[{"before_kill": at + 1, "key": key, "value": value}
+                         for at, key, value in changes],
+                damaged=damaged, redone_after_change=log.count("deleting its outputs and redoing"),
+                remade_damaged=log.count("is damaged (cut short)"))
   result.update(kills=events, kills_survived=len(events), misses=misses, runs=runs,
                 clean_seconds=round(clean_seconds, 1), chaos_seconds=round(chaos_seconds, 1),
                 seed=args.seed, config=args.config, overrides=overrides, root=root)
   io.save_json(os.path.join(root, "chaos.json"), result)
-  print(json.dumps({k: result[k] for k in ("kills_survived", "misses", "runs", "files_checked",
-                                           "checked", "mismatches", "leftover_temporaries",
-                                           "clean_seconds", "chaos_seconds")}, indent=1))
+  print(json.dumps({k: result[k] for k in (
+      "kills_survived", "misses", "runs", "changes", "redone_after_change", "damaged",
+      "remade_damaged", "files_checked", "checked", "mismatches", "leftover_temporaries",
+      "clean_seconds", "chaos_seconds")}, indent=1))
   ok = not result["mismatches"]
   print(f"chaos: {'OK' if ok else 'MISMATCH'}: {len(events)} kills survived, "
         f"{result['files_checked']} outputs compared, {len(result['mismatches'])} differ",
@@ -296,19 +344,24 @@ def main(argv=None) -> int:
 
 def _rewind(workdir: str, stage: str) -> None:
   """Deletes the outputs of `stage` and later stages, so that a kill can land there again."""
-  import glob
-  import shutil
-  outputs = {"train_cam": ["cam_net"], "infer_cam": ["cams"], "aff_labels": ["aff_labels"],
-             "train_aff": ["aff_net"], "random_walk": ["pseudo_labels", "panels/rw_*"],
-             "train_seg": ["seg_net"], "infer_seg": ["seg_pred"],
-             "evaluate": ["panels/*.png", "results.json", "results.md"]}
   for s in ORDER[ORDER.index(stage):]:
-    for pattern in outputs[s] + [f"reports/{s}.json"]:
-      for path in glob.glob(os.path.join(workdir, pattern)):
-        if os.path.isdir(path):
-          shutil.rmtree(path)
-        else:
-          os.remove(path)
+    artifacts.Workdir(workdir).remove_stage_outputs(s)
+
+
+def _cut_short(workdir: str, rng: random.Random) -> str | None:
+  """Truncates one per-image output to half its size; returns its path under the workdir."""
+  files = sorted(os.path.join(folder, f) for folder in CORRUPTIBLE
+                 if os.path.isdir(os.path.join(workdir, folder))
+                 for f in os.listdir(os.path.join(workdir, folder)) if not f.startswith("."))
+  if not files:
+    return None
+  victim = rng.choice(files)
+  path = os.path.join(workdir, victim)
+  with open(path, "rb") as f:
+    data = f.read()
+  with open(path, "wb") as f:
+    f.write(data[:len(data) // 2])
+  return victim
 
 
 if __name__ == "__main__":

@@ -3,17 +3,19 @@
 Both sides run in this process on the same weights and the same input arrays:
 - PyTorch: the original's own networks, imported from its checkout (`--psa-root`) by
   psa_original.py: network.resnet38_cls.Net (CAM) and network.resnet38_aff.Net (AffinityNet),
-  with their released checkpoints (`--weights-cam`, `--weights-aff`) or, without them, a seeded
-  random state dict with non-trivial BatchNorm statistics. Their files are not edited. On the
-  CPU, `torch.Tensor.cuda` is the identity in this process only, because AffinityNet.forward
-  moves its pair indices with `.cuda()`.
-- JAX: affinity_jax.models (CAMNet, AffinityNet) with the same state dicts converted by
-  affinity_jax.convert.psa_state_dict_to_variables.
+  or with `--backbone vgg16` network.vgg16_cls.Net and network.vgg16_aff.Net, with their
+  released checkpoints (`--weights-cam`, `--weights-aff`) or, without them, a seeded random
+  state dict with non-trivial BatchNorm statistics (VGG-16: GroupNorm scales and shifts). Their
+  files are not edited. On the CPU, `torch.Tensor.cuda` is the identity in this process only,
+  because AffinityNet.forward moves its pair indices with `.cuda()`.
+- JAX: affinity_jax.models (CAMNet, AffinityNet; VGG16CAMNet, VGG16AffinityNet) with the same
+  state dicts converted by affinity_jax.convert.psa_state_dict_to_variables.
 
 Parity (max abs difference, and max relative difference = max abs difference / max |PyTorch|):
 - logits (forward), CAMs (forward_cam / CAMNet.cam) and affinities in the original's pair order
   (AffinityNet.forward vs geometry.to_psa_vector(geometry.pair_affinities(..., scheme="psa")))
-  at several image sizes, non-square and odd ones included;
+  at several image sizes, non-square and odd ones included; for VGG-16 also the squared CAMs
+  (relu(fc8), before the square root that VGG-16's CAM takes);
 - multi-scale + flip CAMs: the original's infer_cls procedure written here in torch around its
   forward_cam (scales 1, 0.5, 1.5, 2, each with its flip; bilinear upsample, align_corners=False;
   label mask; flip back; sum; / (max + 1e-5)) vs the per-image oracle tests/reference_cam.py
@@ -25,12 +27,13 @@ Parity (max abs difference, and max relative difference = max abs difference / m
   with scheme "psa", on the same CAM: max abs difference of the walked scores and the share of
   identical pseudo-label pixels.
 The images are synthetic (coloured ellipses on a gradient, with noise), normalised once with the
-original's Normalize and fed to both sides as the same float32 array.
+original's Normalize (resnet38d.py's, or vgg16d.py's BGR minus the mean) and fed to both sides
+as the same float32 array.
 
 Speed against the original is measured by experiments/benchmark_models.py.
 
 Usage:
-  python experiments/compare_pytorch.py --psa-root /tmp/psa
+  python experiments/compare_pytorch.py --psa-root /tmp/psa [--backbone resnet38|vgg16]
       [--weights-cam F.pth --weights-aff F.pth] [--device cpu|cuda] [--quick]
       [--sizes 320x320,281x353] [--ms-size 121x153]
 `--quick` shrinks the work for a small CPU (fewer parity sizes, a small multi-scale image). The
@@ -67,8 +70,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--psa-root", required=True,
                  help="checkout of github.com/jiwoon-ahn/psa (its network/, tool/, voc12/)")
-  p.add_argument("--weights-cam", help="the original's resnet38_cls .pth (else random weights)")
-  p.add_argument("--weights-aff", help="the original's resnet38_aff .pth (else random weights)")
+  p.add_argument("--backbone", choices=po.BACKBONES, default="resnet38",
+                 help="the original's networks to compare: resnet38_* (default) or vgg16_*")
+  p.add_argument("--weights-cam", help="the original's resnet38_cls / vgg16_cls .pth (else "
+                                       "random weights)")
+  p.add_argument("--weights-aff", help="the original's resnet38_aff / vgg16_aff .pth (else "
+                                       "random weights)")
   p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="torch device")
   p.add_argument("--quick", action="store_true",
                  help="less work for a small CPU: 2 parity sizes, small multi-scale image")
@@ -78,7 +85,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args(argv)
   try:
-    args.psa_root = po.check_psa_root(args.psa_root)
+    args.psa_root = po.check_psa_root(args.psa_root, args.backbone)
     for flag in ("weights_cam", "weights_aff"):
       path = getattr(args, flag)
       if path is not None and not os.path.isfile(path):
@@ -157,15 +164,18 @@ def torch_random_walk(orig, aff_net, image, cam_chw, device):
 
 
 class JaxSide:
-  """affinity_jax's CAMNet and AffinityNet on converted weights, with jitted entry points."""
+  """affinity_jax's CAM and affinity networks on converted weights, with jitted entry points."""
 
-  def __init__(self, cam_state: dict, aff_state: dict):
+  def __init__(self, cam_state: dict, aff_state: dict, backbone: str = "resnet38"):
     import jax
     from affinity_jax import models
     from affinity_jax.convert import psa_state_dict_to_variables
-    cam_net, aff_net = models.build("cam"), models.build("affinity")
-    self.cam_vars = jax.device_put(psa_state_dict_to_variables(cam_state, "cam"))
-    self.aff_vars = jax.device_put(psa_state_dict_to_variables(aff_state, "affinity"))
+    cam_net = models.build("cam", backbone=backbone)
+    aff_net = models.build("affinity", backbone=backbone)
+    self.cam_vars = jax.device_put(psa_state_dict_to_variables(cam_state, "cam",
+                                                               backbone=backbone))
+    self.aff_vars = jax.device_put(psa_state_dict_to_variables(aff_state, "affinity",
+                                                               backbone=backbone))
     self._logits = jax.jit(lambda v, x: cam_net.apply(v, x))
     self._cam = jax.jit(lambda v, x: cam_net.apply(v, x, method="cam"))
     self._features = jax.jit(lambda v, x: aff_net.apply(v, x))
@@ -203,8 +213,14 @@ def run_parity(args, orig, t_cam, t_aff, js, results, rows):
     aff_j = np.asarray(geometry.to_psa_vector(
         geometry.pair_affinities(js.features(xj), radius=radius, scheme="psa"), radius))
     tag = f"{h}x{w}"
-    for name, ours, ref in (("logits", logits_j, logits_t), ("cam", cam_j, cam_t),
-                            ("affinity", aff_j, aff_t)):
+    compared = [("logits", logits_j, logits_t), ("cam", cam_j, cam_t),
+                ("affinity", aff_j, aff_t)]
+    if args.backbone == "vgg16":
+      # VGG-16's CAM is sqrt(relu(fc8)): a float32 difference d of fc8 near 0 becomes up to
+      # sqrt(d) (|sqrt a - sqrt b| <= sqrt|a - b|), so the squared CAM, relu(fc8), is what
+      # measures the networks; the CAM's own difference is bounded by the root of its.
+      compared.insert(2, ("cam_squared", cam_j ** 2, cam_t ** 2))
+    for name, ours, ref in compared:
       err, rel = po.diff(ours, ref)
       results[f"{name}_{tag}_max_abs"], results[f"{name}_{tag}_max_rel"] = err, rel
       rows.append((f"{name} max abs / rel", tag, f"{np.max(np.abs(ref)):.3g} (max |x|)",
@@ -272,7 +288,7 @@ def run_parity(args, orig, t_cam, t_aff, js, results, rows):
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
-  orig = po.load_original(args.psa_root, args.device)
+  orig = po.load_original(args.psa_root, args.device, backbone=args.backbone)
   import flax
   import jax
   torch = orig.torch
@@ -281,16 +297,16 @@ def main(argv=None) -> dict:
                                                     args.device)
   t_aff, aff_state, aff_source = po.build_torch_net(orig, "affinity", args.weights_aff,
                                                     args.seed + 1, args.device)
-  js = JaxSide(cam_state, aff_state)
+  js = JaxSide(cam_state, aff_state, args.backbone)
   del cam_state, aff_state
   print(f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores; "
         f"load average {os.getloadavg()[0]:.1f}; python {platform.python_version()}; "
         f"torch {torch.__version__} ({args.device}, {torch.get_num_threads()} threads); "
         f"jax {jax.__version__} ({jax.default_backend()}); flax {flax.__version__}")
-  print(f"weights: cam = {cam_source}; affinity = {aff_source}; set up in "
-        f"{time.time() - t0:.0f} s", flush=True)
+  print(f"backbone {args.backbone}; weights: cam = {cam_source}; affinity = {aff_source}; "
+        f"set up in {time.time() - t0:.0f} s", flush=True)
 
-  results: dict = {"device": args.device, "quick": bool(args.quick)}
+  results: dict = {"device": args.device, "quick": bool(args.quick), "backbone": args.backbone}
   rows: list = []
   run_parity(args, orig, t_cam, t_aff, js, results, rows)
 

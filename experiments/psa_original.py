@@ -2,12 +2,14 @@
 
 Shared by compare_pytorch.py (parity) and benchmark_models.py (speed), which import it as a
 sibling module (`python experiments/x.py` puts experiments/ first on sys.path):
-- the checkout: `check_psa_root` (REQUIRED_FILES), `load_original` (imports its modules from
-  the checkout, files not edited; on the CPU `torch.Tensor.cuda` becomes the identity in this
-  process only, because AffinityNet.forward moves its pair indices with `.cuda()`);
-- its networks: `build_torch_net` with the released weights or `random_state_dict` (seeded, with
-  non-trivial BatchNorm statistics), `to_torch`, and one step of its train_aff.py
-  (`torch_train_step_fn`);
+- the checkout: `check_psa_root` (REQUIRED_FILES, plus VGG16_FILES for `backbone="vgg16"`),
+  `load_original` (imports its modules from the checkout, files not edited; on the CPU
+  `torch.Tensor.cuda` becomes the identity in this process only, because AffinityNet.forward
+  moves its pair indices with `.cuda()`);
+- its networks, ResNet-38 (network/resnet38_*.py) or VGG-16 (network/vgg16_*.py):
+  `build_torch_net` with the released weights or `random_state_dict` (seeded, with non-trivial
+  BatchNorm statistics and GroupNorm scales and shifts), `to_torch`, and one step of its
+  train_aff.py (`torch_train_step_fn`);
 - inputs and measures: `parse_size`, `synthetic_image`, `normalise`, `diff`,
   `interleaved_median`.
 Nothing here imports torch or JAX at module level, so argument checks run without them.
@@ -16,6 +18,7 @@ Nothing here imports torch or JAX at module level, so argument checks run withou
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import statistics
 import sys
@@ -25,20 +28,25 @@ import warnings
 
 import numpy as np
 
+from affinity_jax.constants import BACKBONES as _BACKBONES  # no JAX: checks stay fast
+
 REQUIRED_FILES = ("network/resnet38d.py", "network/resnet38_cls.py", "network/resnet38_aff.py",
                   "tool/pyutils.py", "tool/torchutils.py", "voc12/data.py")
+VGG16_FILES = ("network/vgg16d.py", "network/vgg16_cls.py", "network/vgg16_aff.py")
+BACKBONES = tuple(_BACKBONES)
 # The original's infer_aff.py / train_aff.py settings.
 RADIUS, BETA, LOGT, RW_ALPHA = 5, 8, 8, 16
 NUM_CLASSES = 20
 TRAIN_LR, WEIGHT_DECAY = 0.01, 5e-4
 
 
-def check_psa_root(path: str) -> str:
+def check_psa_root(path: str, backbone: str = "resnet38") -> str:
   """The checkout of the original, or ValueError naming the folder and what is missing."""
   if not os.path.isdir(path):
     raise ValueError(f"--psa-root {path!r}: no such folder (expected a checkout of "
                      "github.com/jiwoon-ahn/psa)")
-  missing = [f for f in REQUIRED_FILES if not os.path.isfile(os.path.join(path, f))]
+  wanted = REQUIRED_FILES + (VGG16_FILES if backbone == "vgg16" else ())
+  missing = [f for f in wanted if not os.path.isfile(os.path.join(path, f))]
   if missing:
     raise ValueError(f"--psa-root {path!r} is not a checkout of jiwoon-ahn/psa: missing "
                      f"{', '.join(missing)}")
@@ -57,11 +65,13 @@ def parse_size(text: str) -> tuple[int, int]:
   return h, w
 
 
-def load_original(psa_root: str, device: str = "cpu",
-                  threads: int | None = None) -> types.SimpleNamespace:
+def load_original(psa_root: str, device: str = "cpu", threads: int | None = None,
+                  backbone: str = "resnet38") -> types.SimpleNamespace:
   """Imports the original's modules from its checkout; returns them with torch.
 
   threads: torch's intra-op threads; default os.cpu_count(), the size of XLA:CPU's pool.
+  backbone: "resnet38" or "vgg16": whose networks `cls`, `aff` and `backbone` are (the
+  latter's `Normalize` is the input convention `normalise` applies).
   """
   import torch
   if device == "cuda" and not torch.cuda.is_available():
@@ -75,14 +85,13 @@ def load_original(psa_root: str, device: str = "cpu",
   warnings.filterwarnings("ignore", message=r"torch\.sparse\.SparseTensor")
   warnings.filterwarnings("ignore", message=r"Sparse invariant checks")
   sys.path.insert(0, psa_root)
-  import network.resnet38_aff
-  import network.resnet38_cls
-  import network.resnet38d
   import tool.pyutils
   import tool.torchutils
   import voc12.data
-  return types.SimpleNamespace(torch=torch, cls=network.resnet38_cls, aff=network.resnet38_aff,
-                               backbone=network.resnet38d, pyutils=tool.pyutils,
+  prefix = "network.resnet38" if backbone == "resnet38" else "network.vgg16"
+  cls, aff, trunk = (importlib.import_module(prefix + suffix) for suffix in ("_cls", "_aff", "d"))
+  return types.SimpleNamespace(torch=torch, cls=cls, aff=aff, backbone=trunk,
+                               backbone_name=backbone, pyutils=tool.pyutils,
                                torchutils=tool.torchutils, data=voc12.data)
 
 
@@ -90,7 +99,9 @@ def random_state_dict(net, seed: int) -> dict:
   """A seeded state dict for `net` with non-trivial BatchNorm statistics.
 
   Convolutions: normal with std sqrt(1 / fan_in) (activations stay O(1) through the 17 residual
-  blocks); BN: weight U(0.5, 1.5), bias N(0, 0.1), running_mean N(0, 0.1), running_var U(0.5, 2).
+  blocks); BN: weight U(0.5, 1.5), bias N(0, 0.1), running_mean N(0, 0.1), running_var U(0.5, 2);
+  VGG-16's GroupNorm likewise weight U(0.5, 1.5), bias N(0, 0.1), and its convolution biases
+  N(0, 0.1).
   """
   torch = sys.modules["torch"]
   gen = torch.Generator().manual_seed(seed)
@@ -107,7 +118,7 @@ def random_state_dict(net, seed: int) -> dict:
       value = 0.5 + 1.5 * torch.rand(shape, generator=gen)
     elif name.endswith("weight"):
       value = 0.5 + torch.rand(shape, generator=gen)
-    else:  # BN bias and running_mean
+    else:  # BN and GN bias, BN running_mean, convolution bias
       value = 0.1 * torch.randn(shape, generator=gen)
     out[name] = value.to(ref.dtype)
   return out

@@ -1,6 +1,6 @@
-"""Test inputs in the original's formats, built from the reference manifest (not from our code).
+"""Test inputs in the original's formats, built from its state-dict layout (not from our code).
 
-- `manifest(key)`: the original's names and shapes (psa_state_dict_manifest.json).
+- `manifest(key)`: the original's names and shapes, as its network files define them.
 - `random_state_dict(key, width)`: random weights in those names at a narrow width (every
   channel count scaled, names identical), BN with non-trivial statistics.
 - `write_mxnet_params(path, arrays, version)`: MXNet's NDArray list format, written by hand.

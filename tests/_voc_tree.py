@@ -175,3 +175,50 @@ def write_voc_sized(root: str, count: int, *, seed: int = 0) -> None:
   for split, part in (("train", ids), ("val", ids[: max(1, count // 10)])):
     with open(os.path.join(voc, "ImageSets", "Segmentation", f"{split}.txt"), "w") as f:
       f.write("".join(i + "\n" for i in part))
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile inputs (tests/test_hostile_inputs.py): one more image in a tree, and odd files.
+
+
+def smooth_pixels(height: int, width: int, seed: int = 0) -> np.ndarray:
+  """uint8 [H, W, 3] gradients: compresses like a photograph, so 6000 x 6000 stays small."""
+  y = np.arange(height, dtype=np.uint8)[:, None]  # uint8 arithmetic wraps: mod 256 for free
+  x = np.arange(width, dtype=np.uint8)[None, :]
+  out = np.empty((height, width, 3), np.uint8)
+  out[..., 0] = x * 3 + (40 * seed) % 256
+  out[..., 1] = y * 2
+  out[..., 2] = x + y
+  return out
+
+
+def add_image(root: str, name: str, split: str, *, height: int = 40, width: int = 48,
+              cls: int = 1, seed: int = 0) -> dict:
+  """Adds a VOC image of one object (JPEG, palette PNG, XML) to the tree at `root`, listed in
+  VOC's `split`; returns its paths {"jpeg", "png", "xml"} and its pixels and mask."""
+  voc = os.path.join(root, "VOCdevkit", "VOC2012")
+  paths = {"jpeg": os.path.join(voc, "JPEGImages", f"{name}.jpg"),
+           "png": os.path.join(voc, "SegmentationClass", f"{name}.png"),
+           "xml": os.path.join(voc, "Annotations", f"{name}.xml")}
+  pixels = smooth_pixels(height, width, seed)
+  Image.fromarray(pixels).save(paths["jpeg"], quality=90)
+  mask = np.zeros((height, width), np.uint8)
+  mask[height // 4: max(height // 2, 1), width // 4: max(width // 2, 1)] = cls
+  _png(paths["png"], mask)
+  with open(paths["xml"], "w") as f:
+    f.write(_xml(name, [(CLASSES[cls - 1], False)], height, width))
+  with open(os.path.join(voc, "ImageSets", "Segmentation", f"{split}.txt"), "a") as f:
+    f.write(name + "\n")
+  return {**paths, "pixels": pixels, "mask": mask}
+
+
+def save_cmyk_jpeg(path: str, pixels: np.ndarray) -> None:
+  """Writes RGB `pixels` as a CMYK JPEG (Adobe marker, as PIL and Photoshop write them)."""
+  Image.fromarray(pixels).convert("CMYK").save(path, quality=95)
+
+
+def save_palette_png(path: str, mask: np.ndarray, colours: list[int]) -> None:
+  """A palette PNG of `mask` (the indices) with any palette (flat RGB list)."""
+  im = Image.fromarray(mask, mode="P")
+  im.putpalette(colours)
+  im.save(path)

@@ -1,4 +1,5 @@
-"""An independent NumPy (float64, NCHW / OIHW) forward pass of the original's networks.
+"""An independent NumPy (float64, NCHW / OIHW) forward pass of the original's networks: ResNet-38
+and, below, VGG-16 (network/vgg16d.py, vgg16_cls.py, vgg16_aff.py).
 
 Written from the method's description (docs/method.md) and fed a state dict in the original's
 names; it shares no code with affinity_jax.models, so agreement between the two is evidence that
@@ -105,4 +106,76 @@ def affinity_features(sd: dict, images_nchw: np.ndarray) -> np.ndarray:
   taps = backbone(sd, images_nchw)
   parts = [elu(conv2d(taps[t], _w(sd, f"{h}.weight")))
            for h, t in (("f8_3", "conv4"), ("f8_4", "conv5"), ("f8_5", "conv6"))]
+  return elu(conv2d(np.concatenate(parts, axis=1), _w(sd, "f9.weight")))
+
+
+# --- VGG-16 (network/vgg16d.py, vgg16_cls.py, vgg16_aff.py) -------------------------------------
+
+# The trunk in order: a convolution (3x3, bias, ReLU) as (name, dilation), or a 3x3 max pool
+# padded by 1 as ("pool", stride).
+VGG_TRUNK = ([("conv1_1", 1), ("conv1_2", 1), ("pool", 2), ("conv2_1", 1), ("conv2_2", 1),
+              ("pool", 2)] + [(f"conv3_{i}", 1) for i in (1, 2, 3)] + [("pool", 2)] +
+             [(f"conv4_{i}", 1) for i in (1, 2, 3)] + [("pool", 1)] +
+             [(f"conv5_{i}", 2) for i in (1, 2, 3)])
+VGG_GN_GROUPS = {"gn8_3": 8, "gn8_4": 16, "gn8_5": 32}
+
+
+def max_pool3(x: np.ndarray, stride: int) -> np.ndarray:
+  """3x3 max pool of [N, C, H, W], padded by 1 with -inf, output floor((H - 1) / s) + 1."""
+  xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)), constant_values=-np.inf)
+  ho, wo = (x.shape[2] - 1) // stride + 1, (x.shape[3] - 1) // stride + 1
+  out = np.full(x.shape[:2] + (ho, wo), -np.inf)
+  for i in range(3):
+    for j in range(3):
+      out = np.maximum(out, xp[:, :, i: i + stride * (ho - 1) + 1: stride,
+                               j: j + stride * (wo - 1) + 1: stride])
+  return out
+
+
+def conv_bias(sd: dict, name: str, x: np.ndarray, dilation: int = 1) -> np.ndarray:
+  return conv2d(x, _w(sd, f"{name}.weight"), 1, dilation) + _w(sd, f"{name}.bias")[:, None, None]
+
+
+def vgg16_backbone(sd: dict, images_nchw: np.ndarray, fc6_dilation: int) -> dict[str, np.ndarray]:
+  """images [N, 3, H, W] (BGR minus the mean) -> {"conv4", "conv5", "conv5fc"} [N, C, h, w]."""
+  x = np.asarray(images_nchw, np.float64)
+  taps = {}
+  for name, arg in VGG_TRUNK:
+    x = max_pool3(x, arg) if name == "pool" else relu(conv_bias(sd, name, x, arg))
+    if name in ("conv4_3", "conv5_3"):
+      taps[name[:5]] = x
+  x = relu(conv_bias(sd, "fc6", x, fc6_dilation))
+  taps["conv5fc"] = relu(conv_bias(sd, "fc7", x))
+  return taps
+
+
+def vgg16_cam_logits(sd: dict, images_nchw: np.ndarray) -> np.ndarray:
+  """[N, classes]: fc8 at every cell, then the average over cells (the original's order)."""
+  x = conv2d(vgg16_backbone(sd, images_nchw, 1)["conv5fc"], _w(sd, "fc8.weight"))
+  return x.mean(axis=(2, 3))
+
+
+def vgg16_cams(sd: dict, images_nchw: np.ndarray) -> np.ndarray:
+  """[N, classes, h, w] = sqrt(relu(fc8 . conv5fc))."""
+  return np.sqrt(relu(conv2d(vgg16_backbone(sd, images_nchw, 1)["conv5fc"],
+                             _w(sd, "fc8.weight"))))
+
+
+def group_norm(x: np.ndarray, sd: dict, prefix: str, groups: int) -> np.ndarray:
+  """PyTorch GroupNorm of [N, C, H, W]: biased variance over each group's channels and cells."""
+  n, c, h, w = x.shape
+  g = x.reshape(n, groups, c // groups, h, w)
+  mean = g.mean(axis=(2, 3, 4), keepdims=True)
+  var = ((g - mean) ** 2).mean(axis=(2, 3, 4), keepdims=True)
+  y = ((g - mean) / np.sqrt(var + EPS)).reshape(n, c, h, w)
+  return y * _w(sd, f"{prefix}.weight")[:, None, None] + _w(sd, f"{prefix}.bias")[:, None, None]
+
+
+def vgg16_affinity_features(sd: dict, images_nchw: np.ndarray,
+                            groups: dict[str, int] | None = None) -> np.ndarray:
+  """[N, 448 w, h, w] of vgg16_aff (fc6 dilation 4, GroupNorm `groups`, default 8/16/32)."""
+  groups = groups or VGG_GN_GROUPS
+  taps = vgg16_backbone(sd, images_nchw, 4)
+  parts = [elu(group_norm(conv2d(taps[t], _w(sd, f"f{h}.weight")), sd, f"gn{h}", groups[f"gn{h}"]))
+           for h, t in (("8_3", "conv4"), ("8_4", "conv5"), ("8_5", "conv5fc"))]
   return elu(conv2d(np.concatenate(parts, axis=1), _w(sd, "f9.weight")))

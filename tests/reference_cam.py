@@ -1,9 +1,11 @@
 """Test oracle: the per-image CAM path written as the original does it, image by image.
 
 The pipeline runs `affinity_jax.cam` on padded canvases in batches; these functions do the same
-for one unpadded image at a time (crop the canvas grid to the image's own stride-8 extent,
-upsample bilinearly with half-pixel centres, flip back, sum, normalise), so tests and the
-comparison with the original can check the batched path against them.
+for one unpadded image at a time, so tests and the comparison with the original can check the
+batched path against them. Canvas convention: a pass on a canvas holding a rescaled H_s x W_s
+image at its top-left gives a grid whose rows [0, ceil(H_s / 8)) and columns [0, ceil(W_s / 8))
+are the image's own grid; that crop is upsampled bilinearly with half-pixel centres
+(align_corners=False) to the image's H x W, and a flip pass is flipped back.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ def grid_extent(scaled_hw: tuple[int, int], stride: int = 8) -> tuple[int, int]:
 def upsample_cam(cam_grid: jax.Array, image_hw: tuple[int, int], *,
                  scaled_hw: Optional[tuple[int, int]] = None, stride: int = 8,
                  flipped: bool = False) -> jax.Array:
-  """One pass's CAM grid -> the original image size, following the canvas convention above.
+  """One pass's CAM grid -> the original image size, cropping a canvas grid to the image.
 
   Args:
     cam_grid: [h, w, C] CAM of one pass (relu of the 1x1 classifier on the features).

@@ -37,7 +37,7 @@ def affinity_labels(la: np.ndarray, ha: np.ndarray, *, stride: int = 8) -> np.nd
   """
   la = np.asarray(la, np.float32)
   ha = np.asarray(ha, np.float32)
-  _check_score_maps(la, ha)
+  _check_score_maps(la, ha, "affinity_labels")
   la, ha = _pool_np(la, stride), _pool_np(ha, stride)
   no_score = np.maximum(la.max(-1), ha.max(-1)) < NO_SCORE_THRESHOLD
   label_la = la.argmax(-1)

@@ -111,10 +111,12 @@ def test_skip_report_and_its_reader(tmp_path, capsys):
 def test_results_have_one_writer(tmp_path):
   wd = artifacts.Workdir(tmp_path)
   artifacts.save_results(wd, {"cam_miou": 0.5}, "| table |")
-  artifacts.add_stage_seconds(wd, {"evaluate": 1.25}, 3.14159)
+  artifacts.add_provenance(wd, {"infer_cam": 2.0, "evaluate": 1.25},
+                           {"infer_cam": "abc", "evaluate": "def"})
   with open(tmp_path / "results.json") as f:
-    assert json.load(f) == {"cam_miou": 0.5, "seconds": 3.1,
-                            "stage_seconds": {"evaluate": 1.25}}
+    assert json.load(f) == {"cam_miou": 0.5, "seconds": 3.2,
+                            "stage_seconds": {"infer_cam": 2.0, "evaluate": 1.25},
+                            "fingerprints": {"infer_cam": "abc", "evaluate": "def"}}
   assert (tmp_path / "results.md").read_text() == "| table |\n"
 
 
@@ -126,3 +128,20 @@ def test_artifacts_and_the_dcrf_stage_import_no_jax():
                        timeout=120)
   assert out.returncode == 0, out.stderr
   assert out.stdout.strip() == "[]"
+
+
+def test_outputs_cut_short_count_as_missing(tmp_path, capsys):
+  wd = artifacts.Workdir(tmp_path)
+  artifacts.save_cam(wd.cam("a"), np.ones((4, 4, 1), np.float32), np.array([0]))
+  artifacts.save_cam(wd.cam("b"), np.ones((4, 4, 1), np.float32), np.array([0]))
+  artifacts.save_label(wd.pseudo_label("a"), np.zeros((4, 4), np.uint8))
+  artifacts.save_label(wd.pseudo_label("b"), np.zeros((4, 4), np.uint8))
+  for path in (wd.cam("b"), wd.pseudo_label("b")):
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+      f.write(data[:len(data) // 2])
+  assert artifacts.looks_whole(wd.cam("a")) and not artifacts.looks_whole(wd.cam("b"))
+  assert artifacts.missing(["a", "b", "c"], wd.path(artifacts.CAMS), ".npz") == ["b", "c"]
+  assert artifacts.missing(["a", "b"], wd.path(artifacts.PSEUDO_LABELS), ".png") == ["b"]
+  assert not os.path.exists(wd.cam("b"))
+  assert "is damaged (cut short)" in capsys.readouterr().out

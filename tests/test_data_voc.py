@@ -128,13 +128,23 @@ def _unknown_class_in_xml(voc_root):
   return "2007_000001.xml"
 
 
-@pytest.mark.parametrize("breakage", [_remove_folder, _remove_listed_image, _corrupt_image,
-                                      _rgb_mask, _unknown_class_in_xml])
+@pytest.mark.parametrize("breakage", [_remove_folder, _remove_listed_image, _rgb_mask,
+                                      _unknown_class_in_xml])
 def test_bad_tree_errors_name_the_file(tmp_path, breakage):
   root, culprit = _broken_tree(tmp_path, breakage)
   with pytest.raises(UserError) as info:
     _prepare(root, tmp_path / "tfds")
   assert culprit in str(info.value)
+
+
+def test_an_undecodable_image_is_left_out_and_named(tmp_path, capsys):
+  # A damaged file costs its image, not the build (more: tests/test_hostile_inputs.py).
+  root, culprit = _broken_tree(tmp_path, _corrupt_image)
+  builder = _prepare(root, tmp_path / "tfds")
+  assert data.split_names(builder, "val") == ["2007_000011"]
+  reason = builder.info.metadata["left_out"]["val"]["2007_000010"]
+  assert culprit in reason and "cannot be decoded" in reason
+  assert f"leaving out 2007_000010: {reason}" in capsys.readouterr().out
 
 
 def test_label_from_mask_ignores_boundary_and_background():

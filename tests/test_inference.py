@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from affinity_jax import cam as inference
+from affinity_jax import cam
 from tests import reference_cam as cam_lib
 
 
@@ -13,7 +13,7 @@ from tests import reference_cam as cam_lib
 def test_interp_matrix_matches_bilinear_half_pixel(out_size, in_size):
   rng = np.random.default_rng(0)
   x = rng.random((in_size, 2, 1)).astype(np.float32)
-  m = inference.interp_matrix(out_size, in_size, out_size + 3, in_size + 2)
+  m = cam.interp_matrix(out_size, in_size, out_size + 3, in_size + 2)
   got = np.einsum("yh,hwc->ywc", m[:out_size, :in_size], x)
   want = np.asarray(cam_lib.upsample_cam(jnp.asarray(x), (out_size, 2)))
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
@@ -22,7 +22,7 @@ def test_interp_matrix_matches_bilinear_half_pixel(out_size, in_size):
 
 def test_interp_matrix_hand_example():
   # 2 -> 4 cells: PyTorch bilinear (align_corners=False) gives 1, 1.25, 1.75, 2 from [1, 2].
-  m = inference.interp_matrix(4, 2, 4, 2)
+  m = cam.interp_matrix(4, 2, 4, 2)
   np.testing.assert_allclose(m @ np.array([1.0, 2.0]), [1.0, 1.25, 1.75, 2.0])
 
 
@@ -33,8 +33,8 @@ def test_canvas_pass_equals_per_image_upsample_with_flip():
   canvas_grid, canvas_out = (4, 4), (56, 60)
   grids = rng.random((2, 4, 4, 3)).astype(np.float32)
   for flipped in (False, True):
-    ry, rx = inference.upsample_matrices(sizes, out_sizes, canvas_grid, canvas_out, flipped)
-    got = np.asarray(inference.upsample(jnp.asarray(grids), jnp.asarray(ry), jnp.asarray(rx)))
+    ry, rx = cam.upsample_matrices(sizes, out_sizes, canvas_grid, canvas_out, flipped)
+    got = np.asarray(cam.upsample(jnp.asarray(grids), jnp.asarray(ry), jnp.asarray(rx)))
     for b in range(2):
       h, w = out_sizes[b]
       want = np.asarray(cam_lib.upsample_cam(grids[b], (h, w), scaled_hw=tuple(sizes[b]),
@@ -45,8 +45,8 @@ def test_canvas_pass_equals_per_image_upsample_with_flip():
 
 def test_flip_within_flips_each_image_inside_its_width():
   images = np.arange(2 * 1 * 6 * 1, dtype=np.float32).reshape(2, 1, 6, 1)
-  idx = inference.flip_index(np.array([4, 6]), 6)
-  out = np.asarray(inference.flip_within(jnp.asarray(images), jnp.asarray(idx)))
+  idx = cam.flip_index(np.array([4, 6]), 6)
+  out = np.asarray(cam.flip_within(jnp.asarray(images), jnp.asarray(idx)))
   np.testing.assert_array_equal(out[0, 0, :, 0], [3, 2, 1, 0, 4, 5])
   np.testing.assert_array_equal(out[1, 0, :, 0], [11, 10, 9, 8, 7, 6])
 
@@ -62,8 +62,8 @@ def test_walk_grid_back_to_the_image(scale):
   grid = -(-scaled // 8)
   canvas_grid = (int(grid[:, 0].max()) + 1, int(grid[:, 1].max()) + 2)
   walked = rng.random((2,) + canvas_grid + (3,)).astype(np.float32)
-  ry, rx = inference.walk_to_image(grid, sizes, scaled, canvas_grid, scale)
-  out = np.asarray(inference.upsample(jnp.asarray(walked), jnp.asarray(ry), jnp.asarray(rx)))
+  ry, rx = cam.walk_to_image(grid, sizes, scaled, canvas_grid, scale)
+  out = np.asarray(cam.upsample(jnp.asarray(walked), jnp.asarray(ry), jnp.asarray(rx)))
   for b in range(2):
     (gh, gw), (h, w) = grid[b], sizes[b]
     stretched = np.round(grid[b] * 8 * sizes[b] / scaled[b]).astype(int)

@@ -125,3 +125,62 @@ def test_random_walk_image_scale_keeps_the_geometry(run_dir, tmp_path, scale):
     agree += (label == want).sum()
     total += want.size
   assert agree / total > 0.9, agree / total
+
+
+def _files(folder):
+  return {f: (folder / f).read_bytes() for f in sorted(os.listdir(folder))}
+
+
+def test_changed_config_is_never_silently_reused(run_dir, tmp_path, capsys):
+  copy, argv = _copy_run(run_dir, tmp_path)
+  labels = _files(copy / "pseudo_labels")
+  results = (copy / "results.json").read_bytes()
+  changed = ["--stages", "random_walk,evaluate", "--config.random_walk.beta=16"]
+  assert cli.main(argv + changed) == 2
+  err = capsys.readouterr().err
+  assert "random_walk: its outputs" in err and "--config.random_walk.beta: 4.0 -> 16.0" in err
+  assert "--config.on_change=redo" in err and "Traceback" not in err
+  assert _files(copy / "pseudo_labels") == labels  # nothing was touched
+  assert (copy / "results.json").read_bytes() == results
+  # redo: the walk again, and what was made from its old labels is gone, not mixed.
+  assert cli.main(argv + changed + ["--config.on_change=redo"]) == 2
+  err = capsys.readouterr().err
+  assert "seg_pred" in err and "run the infer_seg stage first" in err
+  assert _files(copy / "pseudo_labels") != labels
+  for gone in ("seg_net", "seg_pred", "results.json"):
+    assert not (copy / gone).exists(), gone
+  record = json.loads((copy / "fingerprints" / "random_walk.json").read_text())
+  assert record["complete"] and record["inputs"]["config"]["random_walk.beta"] == 16.0
+  # With the rest redone, the table is whole again and records what it scored.
+  assert cli.main(argv + ["--stages", "train_seg,infer_seg,evaluate",
+                          "--config.random_walk.beta=16"]) == 0
+  results = json.loads((copy / "results.json").read_text())
+  assert results["fingerprints"]["random_walk"] == record["fingerprint"]
+
+
+def test_stages_never_mix_runs(run_dir, tmp_path, capsys):
+  copy, argv = _copy_run(run_dir, tmp_path)
+  # keep: the user adopts the old pseudo labels under the new beta; seg_net was trained on
+  # the labels of the earlier record, so evaluating would mix two runs of random_walk.
+  assert cli.main(argv + ["--stages", "random_walk", "--config.random_walk.beta=16",
+                          "--config.on_change=keep"]) == 0
+  assert cli.main(argv + ["--stages", "evaluate"]) == 2
+  err = capsys.readouterr().err
+  assert "would mix runs" in err and "train_seg" in err and "random_walk" in err
+
+
+def test_partial_rerun_keeps_the_record_of_the_whole_run(run_dir, tmp_path):
+  copy, argv = _copy_run(run_dir, tmp_path)
+  whole = json.loads((copy / "results.json").read_text())
+  assert set(whole["stage_seconds"]) == {"train_cam", "infer_cam", "aff_labels", "train_aff",
+                                         "random_walk", "train_seg", "infer_seg", "evaluate"}
+  assert whole["seconds"] == pytest.approx(sum(whole["stage_seconds"].values()), abs=0.2)
+  recorded = {s: json.loads((copy / "fingerprints" / f"{s}.json").read_text())["seconds"]
+              for s in whole["stage_seconds"]}
+  assert cli.main(argv + ["--stages", "random_walk,evaluate"]) == 0
+  again = json.loads((copy / "results.json").read_text())
+  assert set(again["stage_seconds"]) == set(whole["stage_seconds"])
+  for stage in ("train_cam", "random_walk"):  # random_walk found all done: its time stays
+    assert again["stage_seconds"][stage] == recorded[stage]
+  assert again["fingerprints"] == whole["fingerprints"]
+  assert again["cam_miou"] == whole["cam_miou"]

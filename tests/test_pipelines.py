@@ -318,9 +318,24 @@ def test_inference_shapes_padding_and_values(varied):
 
 
 def test_inference_canvas_too_small(varied):
-  with pytest.raises(UserError, match=r"image val_\d+ is \d+x\d+.*data\.canvas"):
-    list(pipelines.inference(varied, "val", scales=(1.0,), canvas=(40, 40), batch_size=2,
-                             **ONE_HOST))
+  # Images larger than the canvas are not resized (that is the memory cap): each comes as an
+  # invalid 1x1 stand-in with its own size, for the stage to report (tests/test_hostile_inputs).
+  sizes = {ex["name"]: ex["image"].shape[:2]
+           for ex in tfds.as_numpy(varied.as_dataset(split="val"))}
+  seen = 0
+  for b in pipelines.inference(varied, "val", scales=(1.0, 2.0), canvas=(40, 40),
+                               batch_size=2, **ONE_HOST):
+    for j, name in enumerate(b["name"]):
+      if not name:
+        continue
+      seen += 1
+      h, w = sizes[name]
+      assert b["image_size"][j].tolist() == [h, w]
+      assert bool(b["valid"][j]) == (h <= 40 and w <= 40)
+      if not b["valid"][j]:
+        assert b["orig_size"][j].tolist() == [1, 1] and b["size_s1"][j].tolist() == [2, 2]
+        assert (b["raw"][j] == 0).all() and (b["mask"][j] == 255).all()
+  assert seen == len(sizes) and any(max(s) > 40 for s in sizes.values())
 
 
 def test_two_hosts_disjoint_covering_same_batch_count(varied):

@@ -97,7 +97,7 @@ def test_transition_weights_normalised():
   rng = np.random.default_rng(6)
   feats = rng.normal(size=(1, 5, 6, 3)).astype(np.float32)
   valid = _valid(5, 6, 1, 0)[None]
-  aff = rw.neighbourhood_affinities(feats, radius=3, valid=valid)
+  aff = geometry.neighbourhood_affinities(feats, radius=3, valid=valid)
   weights = np.asarray(rw.transition_weights(aff, beta=8.0))
   np.testing.assert_allclose(weights.sum(-1)[valid], 1.0, rtol=1e-6)
   assert np.all(weights[~valid] == 0)

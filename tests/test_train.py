@@ -19,7 +19,7 @@ import optax
 import pytest
 
 from affinity_jax import train
-from affinity_jax.errors import NonFiniteLossError
+from affinity_jax.errors import NonFiniteLossError, TrainingInterrupted
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -132,7 +132,7 @@ def test_sigterm_saves_and_rerun_resumes_to_same_parameters(tmp_path):
         os.kill(os.getpid(), signal.SIGTERM)
       yield batch
 
-  with pytest.raises(train.TrainingInterrupted, match="step 4"):
+  with pytest.raises(TrainingInterrupted, match="step 4"):
     run_tiny(tmp_path / "b", 7, checkpoint_every=100, batches=preempted_at_step_3)
   assert sorted(os.listdir(tmp_path / "b" / "checkpoints")) == ["4"]
   resumed = run_tiny(tmp_path / "b", 7, checkpoint_every=100)

@@ -7,6 +7,9 @@ Renaming rule (PyTorch name -> (collection, path)):
                                      .running_mean -> mean, .running_var -> var)
   bn7.*                           -> batch_stats/bn7/*
   fc8.weight, f8_3.weight, ...    -> params/fc8/kernel, params/f8_3/kernel, ...
+and for VGG-16 (`backbone="vgg16"`: network/vgg16d.py, vgg16_cls.py, vgg16_aff.py):
+  conv1_1.weight, conv1_1.bias    -> params/conv1_1/kernel, params/conv1_1/bias  (... fc6, fc7)
+  gn8_3.weight, gn8_3.bias        -> params/gn8_3/scale, params/gn8_3/bias       (GroupNorm)
 Convolution weights go from PyTorch's OIHW to Flax's HWIO (transpose(2, 3, 1, 0)). Every source
 tensor must be consumed and every target filled: anything else is a ConversionError naming the
 keys. `num_batches_tracked` entries (absent in PyTorch 0.4 files) are ignored.
@@ -20,33 +23,48 @@ from typing import Any, Mapping
 import numpy as np
 
 from affinity_jax.errors import UserError
-from affinity_jax.models import ARCHS as MODEL_ARCHS
+from affinity_jax.constants import ORIGINAL_ARCHS
+from affinity_jax.models import BACKBONES, DEFAULT_BACKBONE
 from affinity_jax.models.heads import AFFINITY_FEATURES, AFFINITY_HEAD_CHANNELS
 from affinity_jax.models.resnet38 import (BLOCKS, CONV6_CHANNELS, STEM_CHANNELS, block_bns,
                                           block_convs, scaled)
+from affinity_jax.models.vgg16 import FC7_CHANNELS, TRUNK_CONVS
 
-# The networks of the original repository (it has no segmentation network).
-ARCHS = tuple(a for a in MODEL_ARCHS if a != "seg")
 BN_SUFFIXES = {"weight": "scale", "bias": "bias", "running_mean": "mean", "running_var": "var"}
 IGNORED_SUFFIX = "num_batches_tracked"
 MODULE_PREFIX = "module."  # nn.DataParallel wraps every name in it.
+# The first convolution of each backbone: it tells the backbone and the width of a state dict.
+FIRST_CONV = {"resnet38": ("conv1a.weight", STEM_CHANNELS),
+              "vgg16": ("conv1_1.weight", TRUNK_CONVS[0][3])}
 
 
 class ConversionError(UserError):
   """A source checkpoint that cannot be converted; the message names the file or the keys."""
 
 
-def psa_state_dict_shapes(arch: str, width: float = 1.0,
-                          num_classes: int = 20) -> dict[str, tuple[int, ...]]:
-  """The original's state-dict names and shapes (OIHW) for `arch`, without num_batches_tracked.
+def _check(arch: str, backbone: str) -> None:
+  if arch not in ORIGINAL_ARCHS:
+    raise ConversionError(f"unknown architecture {arch!r}: expected one of "
+                          f"{', '.join(ORIGINAL_ARCHS)}")
+  if backbone not in BACKBONES:
+    raise ConversionError(f"unknown backbone {backbone!r}: expected one of "
+                          f"{', '.join(BACKBONES)}")
 
-  arch: "backbone" (resnet38d), "cam" (resnet38_cls) or "affinity" (resnet38_aff). At width 1.0
-  this is exactly the original's layout; other widths scale every channel count as the models
-  do (names unchanged), for tests.
+
+def psa_state_dict_shapes(arch: str, width: float = 1.0, num_classes: int = 20,
+                          backbone: str = DEFAULT_BACKBONE) -> dict[str, tuple[int, ...]]:
+  """The original's state-dict names and shapes (OIHW) for `arch`, without num_batches_tracked,
+  in the original's order.
+
+  arch: "backbone" (resnet38d / vgg16d), "cam" (resnet38_cls / vgg16_cls) or "affinity"
+  (resnet38_aff / vgg16_aff), on `backbone` "resnet38" or "vgg16". At width 1.0 this is exactly
+  the original's layout; other widths scale every channel count as the models do (names
+  unchanged), for tests.
   """
-  if arch not in ARCHS:
-    raise ConversionError(f"unknown architecture {arch!r}: expected one of {', '.join(ARCHS)}")
+  _check(arch, backbone)
   c = lambda n: scaled(n, width)  # noqa: E731
+  if backbone == "vgg16":
+    return _vgg16_shapes(arch, c, num_classes)
   shapes: dict[str, tuple[int, ...]] = {"conv1a.weight": (c(STEM_CHANNELS), 3, 3, 3)}
 
   def bn(prefix: str, channels: int) -> None:
@@ -72,28 +90,51 @@ def psa_state_dict_shapes(arch: str, width: float = 1.0,
   return shapes
 
 
+def _vgg16_shapes(arch: str, c, num_classes: int) -> dict[str, tuple[int, ...]]:
+  shapes: dict[str, tuple[int, ...]] = {}
+  for name, k, cin, cout, _ in TRUNK_CONVS:
+    shapes[f"{name}.weight"] = (c(cout), cin if name == "conv1_1" else c(cin), k, k)
+    shapes[f"{name}.bias"] = (c(cout),)
+  if arch == "cam":
+    shapes["fc8.weight"] = (num_classes, c(FC7_CHANNELS), 1, 1)
+  elif arch == "affinity":  # vgg16_aff.py registers f8_3..f8_5, then gn8_3..gn8_5, then f9.
+    taps = (c(512), c(512), c(FC7_CHANNELS))
+    for (name, out), cin in zip(AFFINITY_HEAD_CHANNELS.items(), taps):
+      shapes[f"{name}.weight"] = (c(out), cin, 1, 1)
+    for name, out in AFFINITY_HEAD_CHANNELS.items():
+      shapes[f"gn{name[1:]}.weight"] = shapes[f"gn{name[1:]}.bias"] = (c(out),)
+    concat = sum(c(n) for n in AFFINITY_HEAD_CHANNELS.values())
+    shapes["f9.weight"] = (c(AFFINITY_FEATURES), concat, 1, 1)
+  return shapes
+
+
 def _target(name: str) -> tuple[str, tuple[str, ...]]:
   """PyTorch name -> (collection, path in our tree)."""
   *modules, leaf = name.split(".")
   if modules and modules[-1].startswith("bn"):
     return "batch_stats", (*modules, BN_SUFFIXES[leaf])
+  if leaf == "bias":  # VGG-16's convolutions and GroupNorms (ResNet-38's have none).
+    return "params", (*modules, "bias")
+  if modules and modules[-1].startswith("gn"):
+    return "params", (*modules, "scale")
   return "params", (*modules, "kernel")
 
 
 def psa_state_dict_to_variables(state_dict: Mapping[str, Any], arch: str, *,
                                 width: float = 1.0, num_classes: int | None = None,
-                                source: str = "state dict") -> dict[str, dict]:
+                                source: str = "state dict",
+                                backbone: str = DEFAULT_BACKBONE) -> dict[str, dict]:
   """Converts the original's state dict to {"params": ..., "batch_stats": ...} (float32 numpy).
 
   state_dict: name -> array (numpy, or anything `np.asarray` takes, e.g. CPU torch tensors), in
     the original's names, optionally all prefixed by "module.".
-  arch: "cam", "affinity" or "backbone" (the ResNet-38 part only).
+  arch: "cam", "affinity" or "backbone" (the ResNet-38 / VGG-16 trunk only).
   width: the model width the state dict was built at (1.0 for the original's files).
   num_classes: for "cam", the classes of fc8; None reads it from fc8.weight.
   source: how error messages name the input (e.g. its file name).
+  backbone: "resnet38" or "vgg16" (VGG-16 has no BatchNorm: "batch_stats" stays empty).
   """
-  if arch not in ARCHS:
-    raise ConversionError(f"unknown architecture {arch!r}: expected one of {', '.join(ARCHS)}")
+  _check(arch, backbone)
   names = list(state_dict)
   if not all(isinstance(n, str) for n in names):
     raise ConversionError(f"{source}: state dict keys must be strings")
@@ -103,18 +144,20 @@ def psa_state_dict_to_variables(state_dict: Mapping[str, Any], arch: str, *,
   if num_classes is None:
     fc8 = tensors.get("fc8.weight")
     num_classes = int(np.shape(fc8)[0]) if arch == "cam" and fc8 is not None else 20
-  expected = psa_state_dict_shapes(arch, width, num_classes)
+  expected = psa_state_dict_shapes(arch, width, num_classes, backbone)
 
   missing = [n for n in expected if n not in tensors]
   unexpected = sorted(n for n in tensors if n not in expected)
   if missing or unexpected:
-    lines = [f"{source}: does not match the original's {arch!r} network"]
+    lines = [f"{source}: does not match the original's {arch!r} network on {backbone}"]
     if missing:
       lines.append(f"  missing ({len(missing)}): {', '.join(missing)}")
     if unexpected:
       lines.append(f"  unexpected ({len(unexpected)}): {', '.join(unexpected)}")
     if arch != "backbone" and any(n.split(".")[0] in ("fc8", "f9") for n in unexpected):
       lines.append("  (is --arch right? 'cam' has fc8, 'affinity' has f8_3..f9)")
+    if any(n.split(".")[0] in ("conv1a", "conv1_1") for n in unexpected):
+      lines.append("  (is --backbone right? resnet38 starts with conv1a, vgg16 with conv1_1)")
     raise ConversionError("\n".join(lines))
   wrong = [(n, expected[n], tuple(np.shape(tensors[n]))) for n in expected
            if tuple(np.shape(tensors[n])) != expected[n]]
@@ -126,7 +169,7 @@ def psa_state_dict_to_variables(state_dict: Mapping[str, Any], arch: str, *,
   for name in expected:
     value = np.asarray(tensors[name], dtype=np.float32)
     collection, path = _target(name)
-    if collection == "params":
+    if path[-1] == "kernel":
       value = value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
     node = variables[collection]
     for key in path[:-1]:
@@ -135,12 +178,24 @@ def psa_state_dict_to_variables(state_dict: Mapping[str, Any], arch: str, *,
   return variables
 
 
-def infer_width(state_dict: Mapping[str, Any], source: str = "state dict") -> float:
-  """The model width of a state dict: conv1a's output channels / 64 (1.0 for the original's)."""
+def infer_backbone(state_dict: Mapping[str, Any], source: str = "state dict") -> str:
+  """"resnet38" or "vgg16": which first convolution the state dict holds."""
+  for backbone, (first, _) in FIRST_CONV.items():
+    if first in state_dict or MODULE_PREFIX + first in state_dict:
+      return backbone
+  raise ConversionError(f"{source}: neither conv1a.weight nor conv1_1.weight: not a network "
+                        "of the original (ResNet-38 or VGG-16)")
+
+
+def infer_width(state_dict: Mapping[str, Any], source: str = "state dict",
+                backbone: str = DEFAULT_BACKBONE) -> float:
+  """The model width of a state dict: the first convolution's output channels / 64 (conv1a for
+  ResNet-38, conv1_1 for VGG-16; 1.0 for the original's files)."""
+  first, channels = FIRST_CONV[backbone]
   for prefix in ("", MODULE_PREFIX):
-    if prefix + "conv1a.weight" in state_dict:
-      return np.shape(state_dict[prefix + "conv1a.weight"])[0] / STEM_CHANNELS
-  raise ConversionError(f"{source}: no conv1a.weight: not a ResNet-38 of the original")
+    if prefix + first in state_dict:
+      return np.shape(state_dict[prefix + first])[0] / channels
+  raise ConversionError(f"{source}: no {first}: not a {backbone} network of the original")
 
 
 def read_torch_state_dict(in_path: str) -> dict[str, np.ndarray]:
@@ -172,17 +227,21 @@ def read_torch_state_dict(in_path: str) -> dict[str, np.ndarray]:
   return out
 
 
-def convert_psa_pytorch(in_path: str, out_dir: str, arch: str) -> dict:
-  """Converts the original's .pth (resnet38_cls for "cam", resnet38_aff for "affinity", or the
-  backbone alone for "backbone") to an orbax checkpoint folder `out_dir`. Returns its metadata."""
+def convert_psa_pytorch(in_path: str, out_dir: str, arch: str,
+                        backbone: str | None = None) -> dict:
+  """Converts the original's .pth (resnet38_cls / vgg16_cls for "cam", resnet38_aff /
+  vgg16_aff for "affinity", or the trunk alone for "backbone") to an orbax checkpoint folder
+  `out_dir`. backbone: "resnet38" or "vgg16"; None reads it from the file (conv1a or conv1_1).
+  Returns the metadata written."""
   from affinity_jax import checkpoint
-  if arch not in ARCHS:
-    raise ConversionError(f"unknown architecture {arch!r}: expected one of {', '.join(ARCHS)}")
+  _check(arch, backbone or DEFAULT_BACKBONE)
   state_dict = read_torch_state_dict(in_path)
-  width = infer_width(state_dict, in_path)
-  variables = psa_state_dict_to_variables(state_dict, arch, width=width, source=in_path)
+  backbone = backbone or infer_backbone(state_dict, in_path)
+  width = infer_width(state_dict, in_path, backbone)
+  variables = psa_state_dict_to_variables(state_dict, arch, width=width, source=in_path,
+                                          backbone=backbone)
   num_classes = (int(variables["params"]["fc8"]["kernel"].shape[-1]) if arch == "cam" else None)
-  metadata = dict(arch=arch, width=width, num_classes=num_classes,
+  metadata = dict(arch=arch, backbone=backbone, width=width, num_classes=num_classes,
                   source=f"psa-pytorch {os.path.basename(in_path)}")
   checkpoint.save_variables(out_dir, variables, metadata=metadata)
   return metadata

@@ -8,8 +8,9 @@ seeded from (seed, host, example counter), so two runs with one seed give identi
 Inference: no randomness, fixed shapes, and masked dummy examples that make every host run the
 same number of batches.
 
-Images come out NHWC float32, normalised as (x / 255 - mean) / std with the ImageNet statistics;
-padding of a normalised image is 0, of a label 255.
+Images come out NHWC float32, normalised as (x / 255 - mean) / std with the ImageNet statistics,
+or, with `convention="caffe_bgr"` (VGG-16), as BGR minus the Caffe mean pixel
+(transforms.normalize); padding of a normalised image is 0, of a label 255.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import math
 import os
 from typing import Iterator, Sequence
 
-import numpy as np
 import tensorflow as tf
 
 from affinity_jax import artifacts
@@ -88,8 +88,8 @@ def cls_train(builder, split: str, *, batch_size: int, crop_size: int,
               resize_long: tuple[int, int] = (256, 512),
               color_jitter: Sequence[float] | None = (0.3, 0.3, 0.3, 0.1), seed: int = 0,
               start_step: int = 0, shuffle_buffer: int = 1024,
-              process_index: int | None = None, process_count: int | None = None
-              ) -> Iterator[Batch]:
+              process_index: int | None = None, process_count: int | None = None,
+              convention: str = "imagenet") -> Iterator[Batch]:
   """Classification (CAM network) training batches, endless.
 
   Per image, as the original: resize so the long side is uniform in `resize_long` (bilinear,
@@ -113,7 +113,7 @@ def cls_train(builder, split: str, *, batch_size: int, crop_size: int,
     [image] = transforms.random_resize_long([image], ["bilinear"], low, high, s_resize)
     [image] = transforms.random_flip([image], s_flip)
     image = _jitter(image, s_jitter, color_jitter)
-    image = transforms.normalize(image)
+    image = transforms.normalize(image, convention)
     [image] = transforms.random_crop([image], [0.0], crop_size, s_crop)
     return {"image": image, "label": example["label"]}
 
@@ -133,7 +133,8 @@ def aff_train(builder, split: str, score_dir: str, *, batch_size: int, crop_size
               image_scale: float = 1.0, seed: int = 0,
               start_step: int = 0, shuffle_buffer: int = 1024,
               process_index: int | None = None, process_count: int | None = None,
-              check: bool = True, exclude: frozenset[str] = frozenset()) -> Iterator[Batch]:
+              check: bool = True, exclude: frozenset[str] = frozenset(),
+              convention: str = "imagenet") -> Iterator[Batch]:
   """AffinityNet training batches, endless (without the images in `exclude`).
 
   Reads `{score_dir}/{name}.npz` (keys "la", "ha": float32 [H, W, K+1], channel 0 background,
@@ -178,7 +179,7 @@ def aff_train(builder, split: str, score_dir: str, *, batch_size: int, crop_size
       la, ha = transforms.resize([la, ha], size, ["bilinear", "bilinear"],
                                  antialias=image_scale < 1)
     image, la, ha = transforms.random_flip([image, la, ha], s_flip)
-    image = transforms.normalize(_jitter(image, s_jitter, color_jitter))
+    image = transforms.normalize(_jitter(image, s_jitter, color_jitter), convention)
     image, la, ha = transforms.random_crop([image, la, ha], [0.0, 0.0, 0.0], crop_size, s_crop)
     # Zero channels up to 1 + num_classes give the static channel count that the label rule
     # wants; a zero score never wins an argmax that a real score could win, and does not change
@@ -206,7 +207,8 @@ def seg_train(builder, split: str, label_dir: str | None, *, batch_size: int, cr
               color_jitter: Sequence[float] | None = None, seed: int = 0, start_step: int = 0,
               shuffle_buffer: int = 1024, process_index: int | None = None,
               process_count: int | None = None, check: bool = True,
-              exclude: frozenset[str] = frozenset()) -> Iterator[Batch]:
+              exclude: frozenset[str] = frozenset(),
+              convention: str = "imagenet") -> Iterator[Batch]:
   """Segmentation training batches, endless (without the images in `exclude`).
 
   Labels are the pseudo labels `{label_dir}/{name}.png` (uint8 [H, W], 255 ignored), or with
@@ -247,7 +249,7 @@ def seg_train(builder, split: str, label_dir: str | None, *, batch_size: int, cr
     else:
       image, label = transforms.random_scale([image, label], methods, *scale_range, s_scale)
     image, label = transforms.random_flip([image, label], s_flip)
-    image = transforms.normalize(_jitter(image, s_jitter, color_jitter))
+    image = transforms.normalize(_jitter(image, s_jitter, color_jitter), convention)
     image, label = transforms.random_crop([image, label], [0.0, IGNORE], crop_size, s_crop)
     return {"image": image, "label": tf.cast(label[..., 0], tf.int32)}
 
@@ -267,27 +269,24 @@ def inference_num_batches(builder, split: str, batch_size: int, process_count: i
   return max(1, math.ceil(most / batch_size))
 
 
-def _check_canvas(name, height, width, canvas_h, canvas_w):
-  if height > canvas_h or width > canvas_w:
-    records.fail(f"image {name.decode()} is {height}x{width}, larger than the inference canvas "
-          f"{canvas_h}x{canvas_w}; raise the config key data.canvas")
-  return np.int32(height)
-
-
 def inference(builder, split: str, *, scales: Sequence[float] = (1.0, 0.5, 1.5, 2.0),
               canvas: tuple[int, int] = (512, 512), batch_size: int,
-              process_index: int | None = None, process_count: int | None = None
-              ) -> Iterator[Batch]:
+              process_index: int | None = None, process_count: int | None = None,
+              convention: str = "imagenet") -> Iterator[Batch]:
   """Multi-scale inference batches of fixed shapes, in the split's stored order.
 
   For each image and scale s (index i): the image resized by s (bicubic, antialiased like PIL,
   to round(h * s) x round(w * s), rounded to 0..255), normalised, padded bottom/right with 0 to
   canvas_for_scale(canvas, s). Flips are for the consumer to do on device. The last batch is
   completed with dummy examples (valid False), and every host runs `inference_num_batches`.
+  An image larger than the canvas is never resized (memory stays what the canvas allows): it
+  comes as a 1 x 1 black stand-in with valid False and its own size in `image_size`, for the
+  stage to report (`pending`).
 
   Yields:
     image_s{i}: float32 [B, Hc_i, Wc_i, 3]; size_s{i}: int32 [B, 2] (resized h, w);
-    orig_size: int32 [B, 2]; raw: uint8 [B, Hc, Wc, 3] (original image, zero padded, for dCRF);
+    orig_size: int32 [B, 2] (h, w of what the canvas holds); image_size: int32 [B, 2] (h, w of
+    the stored image); raw: uint8 [B, Hc, Wc, 3] (original image, zero padded, for dCRF);
     name: bytes [B]; label: float32 [B, C]; mask: uint8 [B, Hc, Wc] (255 padded);
     valid: bool [B].
   """
@@ -299,27 +298,26 @@ def inference(builder, split: str, *, scales: Sequence[float] = (1.0, 0.5, 1.5, 
 
   def preprocess(example):
     example = records.decode(example)
-    image = example["image"]
+    image_size = tf.shape(example["image"])[:2]
+    fits = tf.reduce_all(image_size <= [canvas_h, canvas_w])
+    image, mask = tf.cond(fits, lambda: (example["image"], example["mask"]),
+                          lambda: (tf.zeros([1, 1, 3], tf.uint8),
+                                   tf.fill([1, 1, 1], tf.constant(IGNORE, tf.uint8))))
     shape = tf.shape(image)
-    height = tf.numpy_function(_check_canvas, [example["name"], shape[0], shape[1], canvas_h,
-                                               canvas_w], tf.int32, stateful=False)
-    height = tf.ensure_shape(height, [])
-    with tf.control_dependencies([height]):  # Nothing is padded before the check has passed.
-      image = tf.identity(image)
-      example["mask"] = tf.identity(example["mask"])
     out = {}
     for i, s in enumerate(scales):
-      size = transforms.scaled_size(height, shape[1], s)
+      size = transforms.scaled_size(shape[0], shape[1], s)
       resized = transforms.resize_image(image, size, antialias=s < 1)
-      out[f"image_s{i}"] = transforms.pad_to(transforms.normalize(resized),
+      out[f"image_s{i}"] = transforms.pad_to(transforms.normalize(resized, convention),
                                              *canvas_for_scale((canvas_h, canvas_w), s), 0.0)
       out[f"size_s{i}"] = size
-    out["orig_size"] = tf.stack([height, shape[1]])
+    out["orig_size"] = shape[:2]
+    out["image_size"] = image_size
     out["raw"] = transforms.pad_to(image, canvas_h, canvas_w, 0)
-    out["mask"] = transforms.pad_to(example["mask"], canvas_h, canvas_w, IGNORE)[..., 0]
+    out["mask"] = transforms.pad_to(mask, canvas_h, canvas_w, IGNORE)[..., 0]
     out["name"] = example["name"]
     out["label"] = example["label"]
-    out["valid"] = tf.constant(True)
+    out["valid"] = fits
     return out
 
   ds = records.encoded(builder, part).map(preprocess, num_parallel_calls=AUTOTUNE,
@@ -330,26 +328,3 @@ def inference(builder, split: str, *, scales: Sequence[float] = (1.0, 0.5, 1.5, 
   ds = ds.concatenate(tf.data.Dataset.from_tensors(dummy).repeat(missing))
   ds = ds.batch(batch_size, drop_remainder=True).prefetch(AUTOTUNE)
   return records.numpy_batches(ds)
-
-
-def batch_names(batch: Batch) -> list[str]:
-  """The image names of an inference batch as str (dummy examples give "")."""
-  return [n.decode() if isinstance(n, bytes) else str(n) for n in batch["name"]]
-
-
-def pending(builder, splits: Sequence[str], out_dir: str, suffix: str, *, stage: str,
-            scales: Sequence[float], canvas: tuple[int, int], batch_size: int
-            ) -> Iterator[tuple[Batch, list[str], list[int]]]:
-  """This host's inference batches of the images of `splits` still without an output
-  `{out_dir}/{name}{suffix}`: (batch, names, keep), `keep` the indices of the real examples
-  whose output is missing. Splits with every output present are passed over with a note."""
-  from affinity_jax.data import split_names  # pylint: disable=g-import-not-at-top
-  for split in splits:
-    todo = set(artifacts.missing(split_names(builder, split), out_dir, suffix))
-    if not todo:
-      print(f"[{stage}] {split}: all outputs present in {out_dir}")
-      continue
-    for batch in inference(builder, split, scales=scales, canvas=tuple(canvas),
-                           batch_size=batch_size):
-      names = batch_names(batch)
-      yield batch, names, [i for i, n in enumerate(names) if batch["valid"][i] and n in todo]

@@ -12,7 +12,8 @@ from typing import Sequence
 
 import tensorflow as tf
 
-from affinity_jax.constants import IMAGENET_MEAN, IMAGENET_STD
+from affinity_jax.constants import CAFFE_MEAN_RGB, IMAGENET_MEAN, IMAGENET_STD, INPUT_CONVENTIONS
+
 _GREY = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's colour jitter uses.
 
 
@@ -21,10 +22,21 @@ def split_seed(seed: tf.Tensor, num: int) -> list[tf.Tensor]:
   return list(tf.unstack(tf.random.experimental.stateless_split(seed, num)))
 
 
-def normalize(image: tf.Tensor) -> tf.Tensor:
-  """[..., 3] 0..255 -> float32 (x / 255 - mean) / std."""
-  image = tf.cast(image, tf.float32) / 255.0
-  return (image - IMAGENET_MEAN) / IMAGENET_STD
+def normalize(image: tf.Tensor, convention: str = "imagenet") -> tf.Tensor:
+  """[..., 3] RGB 0..255 -> float32 network input [..., 3].
+
+  convention "imagenet" (ResNet-38): RGB, (x / 255 - mean) / std. "caffe_bgr" (VGG-16, whose
+  Caffe weights expect it; the original's network/vgg16d.py Normalize): channels reversed to
+  BGR, minus the mean pixel, no scaling. In both, 0 is the mean colour, so zero padding of a
+  normalised image is padding with the mean.
+  """
+  if convention == "imagenet":
+    image = tf.cast(image, tf.float32) / 255.0
+    return (image - IMAGENET_MEAN) / IMAGENET_STD
+  if convention == "caffe_bgr":
+    return tf.reverse(tf.cast(image, tf.float32), axis=[-1]) - CAFFE_MEAN_RGB[::-1]
+  raise ValueError(f"unknown input convention {convention!r}: expected one of "
+                   f"{', '.join(INPUT_CONVENTIONS)}")
 
 
 def color_jitter(image: tf.Tensor, seed: tf.Tensor, *, brightness: float = 0.3,

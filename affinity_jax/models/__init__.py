@@ -1,9 +1,11 @@
 """Networks of the pipeline (Flax linen, NHWC) and what the trainer needs to know about them.
 
+Two backbones, as the original's: ResNet-38 (the default) and VGG-16 (`model.backbone`).
 - `ResNet38`: the backbone alone (taps conv4 / conv5 / conv6 at stride 8).
-- `CAMNet`, `AffinityNet`, `SegNet`: backbone + head; `build(arch, ...)` picks one by name.
-- `param_labels(params)`: the original's frozen set and learning-rate groups.
-- `normalize_images`: RGB in [0, 255] -> the ImageNet-normalised input every network expects.
+- `CAMNet`, `AffinityNet`, `SegNet`: backbone + head; `build(arch, ..., backbone=)` picks one by
+  name, `from_config(cfg, arch)` with the config's `model` section. `VGG16*`: the same on VGG-16.
+- `param_labels(params)`: the original's frozen set and learning-rate groups (both backbones).
+- `normalize_images`: RGB in [0, 255] -> the input a backbone expects (`input_convention`).
 """
 
 from __future__ import annotations
@@ -14,52 +16,88 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from affinity_jax.constants import IMAGENET_MEAN, IMAGENET_STD
+from affinity_jax.constants import (ARCHS, BACKBONES, CAFFE_MEAN_RGB, IMAGENET_MEAN,
+                                    IMAGENET_STD, INPUT_CONVENTIONS)
 from affinity_jax.errors import ConfigError
+from affinity_jax.models import resnet38
 from affinity_jax.models.heads import AffinityNet, CAMNet, SegNet
-from affinity_jax.models.resnet38 import (BLOCKS, FrozenBatchNorm, ResNet38, BlockSpec,
-                                          calibrate_batch_norm, scaled)
+from affinity_jax.models.resnet38 import BLOCKS, FrozenBatchNorm, ResNet38, BlockSpec, scaled
+from affinity_jax.models.vgg16 import (VGG16, VGG16AffinityNet, VGG16CAMNet, VGG16SegNet,
+                                       TRUNK_CONVS)
 
 __all__ = ["ResNet38", "CAMNet", "AffinityNet", "SegNet", "FrozenBatchNorm", "BlockSpec",
-           "BLOCKS", "ARCHS", "IMAGENET_MEAN", "IMAGENET_STD", "FROZEN_MODULES", "NEW_MODULES",
-           "build", "calibrate_batch_norm", "from_config", "init_variables",
-           "normalize_images", "param_labels", "scaled"]
+           "BLOCKS", "VGG16", "VGG16CAMNet", "VGG16AffinityNet", "VGG16SegNet", "TRUNK_CONVS",
+           "ARCHS", "BACKBONES", "DEFAULT_BACKBONE", "IMAGENET_MEAN", "IMAGENET_STD",
+           "FROZEN_MODULES", "NEW_MODULES", "backbone_name", "build", "calibrate_batch_norm",
+           "from_config", "init_variables", "input_convention", "normalize_images",
+           "param_labels", "scaled"]
 
-# Every architecture a checkpoint can hold: "backbone" is ResNet-38 alone (the ImageNet weights
-# that initialise the others), the rest are the networks of the pipeline.
-ARCHS = ("backbone", "cam", "affinity", "seg")
+# ARCHS and BACKBONES (constants.py): checkpoints without a "backbone" record predate VGG-16
+# and hold ResNet-38.
+DEFAULT_BACKBONE = "resnet38"
+_NETWORKS = {
+    "resnet38": {"backbone": ResNet38, "cam": CAMNet, "affinity": AffinityNet, "seg": SegNet},
+    "vgg16": {"backbone": VGG16, "cam": VGG16CAMNet, "affinity": VGG16AffinityNet,
+              "seg": VGG16SegNet},
+}
 
-# The original never trains the stem and the first stage (and no BN at all: those live in
-# 'batch_stats', outside params).
-FROZEN_MODULES = frozenset({"conv1a", "b2", "b2_1", "b2_2"})
+# The original never trains the stem and the first stage: ResNet-38's conv1a, b2, b2_1, b2_2,
+# VGG-16's conv1_* and conv2_* (vgg16_cls.py / vgg16_aff.py `not_training`, weights and
+# biases). No BN at all: those live in 'batch_stats', outside params.
+FROZEN_MODULES = frozenset({"conv1a", "b2", "b2_1", "b2_2",
+                            "conv1_1", "conv1_2", "conv2_1", "conv2_2"})
 # Layers trained from scratch (lr x10 / x20 in the original's groups).
 NEW_MODULES = frozenset({"fc8", "f8_3", "f8_4", "f8_5", "f9", "seg_conv1", "seg_conv2"})
 
 
-def normalize_images(images: Any) -> jax.Array:
-  """images: [..., 3] RGB, uint8 or float in [0, 255] -> float32 (x / 255 - mean) / std."""
+def normalize_images(images: Any, convention: str = "imagenet") -> jax.Array:
+  """images: [..., 3] RGB, uint8 or float in [0, 255] -> float32 network input, as
+  data.transforms.normalize: "imagenet" (x / 255 - mean) / std, "caffe_bgr" BGR minus the mean
+  pixel."""
+  if convention == "caffe_bgr":
+    x = jnp.asarray(images, jnp.float32)[..., ::-1]
+    return x - jnp.asarray(CAFFE_MEAN_RGB[::-1], jnp.float32)
+  if convention != "imagenet":
+    raise ValueError(f"unknown input convention {convention!r}: expected one of "
+                     f"{', '.join(INPUT_CONVENTIONS)}")
   x = jnp.asarray(images, jnp.float32) / 255.0
   return (x - jnp.asarray(IMAGENET_MEAN, jnp.float32)) / jnp.asarray(IMAGENET_STD, jnp.float32)
 
 
-def build(arch: str, num_classes: int = 20, width: float = 1.0, dtype: Any = jnp.float32):
-  """A network by name: "backbone" (ResNet38), "cam" (CAMNet), "affinity" (AffinityNet),
-  "seg" (SegNet)."""
+def build(arch: str, num_classes: int = 20, width: float = 1.0, dtype: Any = jnp.float32,
+          backbone: str = DEFAULT_BACKBONE):
+  """A network by name: "backbone" (ResNet38 / VGG16), "cam" (CAMNet / VGG16CAMNet),
+  "affinity" (AffinityNet / VGG16AffinityNet), "seg" (SegNet / VGG16SegNet), on `backbone`
+  ("resnet38" or "vgg16")."""
   if not width > 0:
     raise ValueError(f"model width must be positive, got {width!r}")
-  if arch == "backbone":
-    return ResNet38(width=width, dtype=dtype)
-  if arch == "cam":
-    return CAMNet(num_classes=num_classes, width=width, dtype=dtype)
-  if arch == "affinity":
-    return AffinityNet(width=width, dtype=dtype)
-  if arch == "seg":
-    return SegNet(num_classes=num_classes, width=width, dtype=dtype)
-  raise ValueError(f"unknown architecture {arch!r}: expected one of {', '.join(ARCHS)}")
+  if backbone not in _NETWORKS:
+    raise ValueError(f"unknown backbone {backbone!r}: expected one of {', '.join(BACKBONES)}")
+  if arch not in ARCHS:
+    raise ValueError(f"unknown architecture {arch!r}: expected one of {', '.join(ARCHS)}")
+  network = _NETWORKS[backbone][arch]
+  if arch in ("backbone", "affinity"):
+    return network(width=width, dtype=dtype)
+  return network(num_classes=num_classes, width=width, dtype=dtype)
+
+
+def backbone_name(cfg) -> str:
+  """The config's `model.backbone` ("resnet38" where the config has no such key), checked."""
+  name = cfg.model.get("backbone", DEFAULT_BACKBONE)
+  if name not in BACKBONES:
+    raise ConfigError(f"config key model.backbone: unknown backbone {name!r} (use "
+                      f"{' or '.join(BACKBONES)})")
+  return name
+
+
+def input_convention(cfg) -> str:
+  """How the config's backbone wants its images normalised (data.transforms.normalize)."""
+  return BACKBONES[backbone_name(cfg)]
 
 
 def from_config(cfg, arch: str):
-  """`build(arch)` with the sizes and dtype of the config's `model` section, checked."""
+  """`build(arch)` with the backbone, sizes and dtype of the config's `model` section, checked."""
+  backbone = backbone_name(cfg)
   try:
     dtype = jnp.dtype(cfg.model.dtype)
   except TypeError:
@@ -67,14 +105,18 @@ def from_config(cfg, arch: str):
                       "(use float32 or bfloat16)") from None
   if not cfg.model.width > 0:
     raise ConfigError(f"config key model.width must be > 0, got {cfg.model.width!r}")
-  return build(arch, num_classes=cfg.model.num_classes, width=cfg.model.width, dtype=dtype)
+  return build(arch, num_classes=cfg.model.num_classes, width=cfg.model.width, dtype=dtype,
+               backbone=backbone)
 
 
 def param_labels(params: Any) -> Any:
-  """A pytree like `params` of group labels for `optax.multi_transform`.
+  """A pytree like `params` of group labels for `optax.multi_transform`, either backbone.
 
-  "frozen" (conv1a, b2, b2_1, b2_2: never updated), "pretrained_weight" / "pretrained_bias"
-  (the rest of the backbone), "new_weight" / "new_bias" (heads trained from scratch).
+  "frozen" (conv1a, b2, b2_1, b2_2; conv1_*, conv2_*: never updated), "pretrained_weight" /
+  "pretrained_bias" (the rest of the backbone), "new_weight" / "new_bias" (heads trained from
+  scratch). VGG-16 AffinityNet's GroupNorms (gn8_*) count as pretrained, as in the original's
+  get_parameter_groups (its from_scratch_layers are f8_* and f9 only): scale x1 with decay,
+  bias x2 without.
   """
   flat = traverse_util.flatten_dict(params)
   labels = {}
@@ -86,6 +128,13 @@ def param_labels(params: Any) -> Any:
       group = "new" if top in NEW_MODULES else "pretrained"
       labels[path] = f"{group}_{'bias' if leaf == 'bias' else 'weight'}"
   return traverse_util.unflatten_dict(labels)
+
+
+def calibrate_batch_norm(model, variables: dict, images) -> dict:
+  """resnet38.calibrate_batch_norm; VGG-16 has no BatchNorm, so its variables are returned."""
+  if not variables.get("batch_stats"):
+    return variables
+  return resnet38.calibrate_batch_norm(model, variables, images)
 
 
 def init_variables(model, rng: jax.Array, image_shape: tuple[int, ...] = (1, 32, 32, 3)) -> dict:

@@ -4,11 +4,13 @@ Each network builds the backbone inline (`resnet38_taps`), so its variables are 
 the original's names: params['conv1a'], params['b4_3']['conv_branch2a'], ..., then the head's
 params['fc8'] / params['f8_3'] ... params['f9'] / params['seg_conv1'], params['seg_conv2'].
 Outputs of the heads are float32 whatever the compute dtype (losses and the random walk want it).
+The same networks on VGG-16 are in vgg16.py; the heads (`class_scores`, `affinity_head`,
+`segmentation_head`) serve both.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -43,12 +45,8 @@ class CAMNet(nn.Module):
   @nn.compact
   def forward(self, images: jax.Array, train: bool, output: str) -> jax.Array:
     conv6 = resnet38_taps(images, self.width, self.dtype, train)["conv6"]
-    fc8 = conv(self.num_classes, 1, name="fc8", dtype=self.dtype, kernel_init=xavier_uniform)
-    if output == "cam":
-      return nn.relu(fc8(conv6)).astype(jnp.float32)
-    x = channel_dropout(conv6, 0.5, train, "dropout7")
-    x = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(self.dtype)
-    return fc8(x)[:, 0, 0, :].astype(jnp.float32)
+    scores = class_scores(conv6, self.num_classes, self.dtype, train, output, "dropout7")
+    return nn.relu(scores) if output == "cam" else scores
 
   def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
     return self.forward(images, train, "logits")
@@ -57,12 +55,29 @@ class CAMNet(nn.Module):
     return self.forward(images, False, "cam")
 
 
+def class_scores(features: jax.Array, num_classes: int, dtype: Dtype, train: bool, output: str,
+                 dropout: str) -> jax.Array:
+  """The classifier fc8 (1x1, no bias), built inside the calling (compact) module, float32.
+
+  output "cam": fc8 at every cell, [B, h, w, num_classes]. Otherwise the logits
+  [B, num_classes]: channel dropout 0.5 (named `dropout`, training only), global average pool,
+  fc8; fc8 is linear without bias, so pooling first equals the original's order and is cheaper.
+  """
+  fc8 = conv(num_classes, 1, name="fc8", dtype=dtype, kernel_init=xavier_uniform)
+  if output == "cam":
+    return fc8(features).astype(jnp.float32)
+  x = channel_dropout(features, 0.5, train, dropout)
+  x = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(dtype)
+  return fc8(x)[:, 0, 0, :].astype(jnp.float32)
+
+
 class AffinityNet(nn.Module):
   """Feature network whose L1 distances give the affinities W_ij = exp(-mean|f_i - f_j|).
 
-  `__call__(images, train=False)`: images [B, H, W, 3] normalised -> features
+  `__call__(images, train=False, valid=None)`: images [B, H, W, 3] normalised -> features
   [B, h, w, feature_dim] at stride 8: ELU(f8_3(conv4)), ELU(f8_4(conv5)), ELU(f8_5(conv6)),
-  concatenated, then ELU(f9(.)); 1x1 convolutions without bias.
+  concatenated, then ELU(f9(.)); 1x1 convolutions without bias. `valid` is accepted for the
+  interface VGG16AffinityNet shares and unused.
   """
   width: float = 1.0
   dtype: Dtype = jnp.float32
@@ -72,16 +87,28 @@ class AffinityNet(nn.Module):
     return scaled(AFFINITY_FEATURES, self.width)
 
   @nn.compact
-  def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, images: jax.Array, train: bool = False,
+               valid: jax.Array | None = None) -> jax.Array:
+    # `valid` (the cells of each image inside its canvas) is for VGG16AffinityNet's GroupNorm;
+    # nothing here computes statistics over positions, so it is not needed.
+    del valid
     taps = resnet38_taps(images, self.width, self.dtype, train)
-    parts = []
-    for (name, channels), tap in zip(AFFINITY_HEAD_CHANNELS.items(),
-                                     (taps["conv4"], taps["conv5"], taps["conv6"])):
-      head = conv(scaled(channels, self.width), 1, name=name, dtype=self.dtype,
-                  kernel_init=kaiming_normal)
-      parts.append(nn.elu(head(tap)))
-    f9 = conv(self.feature_dim, 1, name="f9", dtype=self.dtype, kernel_init=xavier_uniform_gain4)
-    return nn.elu(f9(jnp.concatenate(parts, axis=-1))).astype(jnp.float32)
+    return affinity_head((taps["conv4"], taps["conv5"], taps["conv6"]), self.width, self.dtype)
+
+
+def affinity_head(taps: Sequence[jax.Array], width: float, dtype: Dtype,
+                  norm: Callable[[str, jax.Array], jax.Array] | None = None) -> jax.Array:
+  """The affinity head, built inside the calling (compact) module: three taps [B, h, w, C_k]
+  -> features [B, h, w, 448 w] float32 = ELU(f9(concat_k ELU(norm(f8_k(tap_k))))), 1x1
+  convolutions without bias. `norm(name, x)` (VGG-16's GroupNorm; none for ResNet-38) follows
+  the head convolution `name`."""
+  parts = []
+  for (name, channels), tap in zip(AFFINITY_HEAD_CHANNELS.items(), taps):
+    x = conv(scaled(channels, width), 1, name=name, dtype=dtype, kernel_init=kaiming_normal)(tap)
+    parts.append(nn.elu(norm(name, x) if norm else x))
+  f9 = conv(scaled(AFFINITY_FEATURES, width), 1, name="f9", dtype=dtype,
+            kernel_init=xavier_uniform_gain4)
+  return nn.elu(f9(jnp.concatenate(parts, axis=-1))).astype(jnp.float32)
 
 
 class SegNet(nn.Module):
@@ -98,10 +125,18 @@ class SegNet(nn.Module):
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
     conv6 = resnet38_taps(images, self.width, self.dtype, train)["conv6"]
-    x = conv(scaled(SEG_HIDDEN, self.width), 3, dilation=SEG_DILATION, name="seg_conv1",
-             dtype=self.dtype, use_bias=True, kernel_init=kaiming_normal)(conv6)
-    x = nn.relu(x)
-    x = conv(self.num_classes + 1, 3, dilation=SEG_DILATION, name="seg_conv2", dtype=self.dtype,
-             use_bias=True, kernel_init=nn.initializers.normal(0.01))(x)
-    return x.astype(jnp.float32)
+    return segmentation_head(conv6, self.num_classes, self.width, self.dtype)
+
+
+def segmentation_head(features: jax.Array, num_classes: int, width: float,
+                      dtype: Dtype) -> jax.Array:
+  """The segmentation head, built inside the calling (compact) module: features [B, h, w, C]
+  -> 3x3 atrous (dilation 12, 512 ch, bias) -> ReLU -> 3x3 atrous (dilation 12, num_classes + 1,
+  bias) -> logits [B, h, w, num_classes + 1] float32. Shared by SegNet and VGG16SegNet."""
+  x = conv(scaled(SEG_HIDDEN, width), 3, dilation=SEG_DILATION, name="seg_conv1",
+           dtype=dtype, use_bias=True, kernel_init=kaiming_normal)(features)
+  x = nn.relu(x)
+  x = conv(num_classes + 1, 3, dilation=SEG_DILATION, name="seg_conv2", dtype=dtype,
+           use_bias=True, kernel_init=nn.initializers.normal(0.01))(x)
+  return x.astype(jnp.float32)
 

@@ -9,6 +9,7 @@ Stages share files (affinity_jax.artifacts), never code: no stage imports anothe
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import time
@@ -30,27 +31,67 @@ def parse_stages(text: str) -> list[str]:
 
 
 def run_stages(cfg, names: list[str]) -> dict[str, dict]:
-  """Runs `names` in pipeline order; adds the wall-clock seconds to results.json."""
-  from affinity_jax import artifacts, io
+  """Runs `names` in pipeline order, holding the workdir's lock; returns their summaries.
+
+  Each stage runs only if its inputs match the record of its outputs, or there are none
+  (affinity_jax/fingerprints.py). results.json gets the fingerprints and seconds of the runs
+  it scored.
+  """
+  import jax
+  from affinity_jax import io, workdir_lock
+  main_process = jax.process_index() == 0
+  io.check_writable_dir(cfg.workdir)  # a read-only or misplaced workdir: one message, no work
+  lock = workdir_lock.hold(cfg.workdir) if main_process else contextlib.nullcontext()
+  with lock:
+    return _run_locked(cfg, names, main_process)
+
+
+def _run_locked(cfg, names: list[str], main_process: bool) -> dict[str, dict]:
+  from affinity_jax import artifacts, config, data, fingerprints, io
+  config.validate(cfg)
   workdir = artifacts.Workdir(cfg.workdir)
-  os.makedirs(workdir.root, exist_ok=True)
   # Temporaries of writers killed in an earlier run, in the folders no stage's `missing` sweeps.
-  for folder in ("", artifacts.REPORTS, artifacts.PANELS):
+  for folder in ("", artifacts.REPORTS, artifacts.PANELS, artifacts.FINGERPRINTS):
     io.remove_stale_temporaries(workdir.path(folder))
+  info = data.from_config(cfg).info
+  # What the build left out or converted is part of the data (a fixed file changes it).
+  dataset = fingerprints.digest({"name": info.full_name, "metadata": dict(info.metadata or {})})
+  modules = {s: importlib.import_module(f"affinity_jax.stages.{s}") for s in ORDER}
+  consumes = {s: m.CONSUMES for s, m in modules.items()}
   t0 = time.time()
   summaries = {}
   for name in names:
-    module = importlib.import_module(f"affinity_jax.stages.{name}")
+    module = modules[name]
+    fingerprints.check_consumed(workdir, name, module.CONSUMES)
+    record = fingerprints.make_record(cfg, name, module.READS, module.CONSUMES, dataset)
+    verdict = fingerprints.prepare(cfg, name, record, bool(workdir.stage_outputs(name)),
+                                   reuses_outputs=name != "evaluate")
+    old = fingerprints.load_record(workdir, name) if verdict == "same" else None
+    if main_process:
+      if verdict == "redo":  # This stage's outputs, and all made from them, are invalid.
+        for s in [name] + fingerprints.downstream(name, consumes):
+          workdir.remove_stage_outputs(s)
+      if verdict != "same":
+        fingerprints.save_record(workdir, record)
     print(f"== {name}", flush=True)
     t = time.time()
     summaries[name] = module.run(cfg) or {}
     summaries[name]["seconds"] = round(time.time() - t, 1)
+    if main_process:
+      # A rerun that found everything done keeps the seconds of the run that did the work.
+      idle = summaries[name].get("skipped") is True or summaries[name].get("written") == 0
+      seconds = old["seconds"] if idle and old and "seconds" in old else summaries[name]["seconds"]
+      fingerprints.save_record(workdir, {**record, "complete": True, "seconds": seconds})
     skipped = summaries[name].get("skipped")  # a count; True from a stage skipped whole
     skipped = 0 if isinstance(skipped, bool) else skipped
     note = f"; skipped {skipped} image(s), see reports/{name}.json" if skipped else ""
     print(f"== {name} done in {summaries[name]['seconds']:.1f} s{note}", flush=True)
   total = time.time() - t0
-  if "evaluate" in names and os.path.exists(workdir.path(artifacts.RESULTS_JSON)):
-    artifacts.add_stage_seconds(workdir, {k: v["seconds"] for k, v in summaries.items()}, total)
+  if main_process and "evaluate" in names and os.path.exists(
+      workdir.path(artifacts.RESULTS_JSON)):
+    records = {s: fingerprints.load_record(workdir, s) for s in ORDER}
+    artifacts.add_provenance(
+        workdir, {s: r["seconds"] for s, r in records.items() if r and "seconds" in r},
+        {s: r["fingerprint"] if r else None for s, r in records.items()})
   print(f"== all stages done in {total:.1f} s; outputs in {cfg.workdir}", flush=True)
   return summaries

@@ -1,4 +1,4 @@
-"""Stage aff_labels: the la / ha dCRF score maps behind AffinityNet's labels (method §3).
+"""Stage aff_labels: the la / ha dCRF score maps behind AffinityNet's labels (docs/method.md §3).
 
 For every image with a CAM: the stack (background (1 - max)^alpha, present classes) for
 alpha_low (la) and alpha_high (ha), each refined by dCRF on the RGB image. Writes
@@ -17,6 +17,11 @@ import os
 import numpy as np
 
 from affinity_jax import artifacts, crf
+
+# What its outputs are made from (affinity_jax/fingerprints.py): the config keys it reads
+# (a section stands for all its keys) and the stages whose outputs it consumes.
+READS = ("aff_labels",)
+CONSUMES = ("infer_cam",)
 
 
 def _die_with_parent() -> None:
@@ -51,6 +56,7 @@ def run(cfg) -> dict:
   iters = int(cfg.aff_labels.crf_iters)
   written = 0
   report = artifacts.SkipReport(workdir, "aff_labels", jax.process_index() == 0)
+  no_cam = artifacts.skipped_by(workdir, "infer_cam")  # e.g. larger than the canvas
 
   def collect(future):
     nonlocal written
@@ -75,6 +81,9 @@ def run(cfg) -> dict:
           report.skip(name, artifacts.NO_POSITIVE_CLASS)
           continue
         cam_path = workdir.cam(name)
+        if name in no_cam and not os.path.exists(cam_path):
+          report.skip(name, "no CAM (infer_cam skipped it)")
+          continue
         present, _ = artifacts.load_cam_present(cam_path)
         mismatch = artifacts.cam_size_mismatch(cam_path, present.shape[:2], ex["image"].shape[:2])
         if mismatch:

@@ -3,8 +3,8 @@
 Confusion matrices are accumulated over whole splits (255 ignored, docs/method.md §9).
 Writes (artifacts.save_results) `{workdir}/results.json` (`cam_miou`, `rw_miou`, `seg_miou`
 as fractions of the first configured split, plus per-split and per-class details),
-`{workdir}/results.md` (the table) and PNG panels `{workdir}/panels/{name}.png`: image | CAM heat map | random-walk heat map |
-pseudo label | ground truth.
+`{workdir}/results.md` (the table) and PNG panels `{workdir}/panels/{name}.png`: image |
+CAM heat map | random-walk heat map | pseudo label | ground truth.
 """
 
 from __future__ import annotations
@@ -14,21 +14,13 @@ import os
 import numpy as np
 
 from affinity_jax import artifacts, cam, data, io, metrics
+from affinity_jax.data import voc
 from affinity_jax.errors import UserError
 
-
-def palette(n: int = 256) -> np.ndarray:
-  """The PASCAL VOC colour map: [n, 3] uint8 (255 -> the VOC boundary colour)."""
-  pal = np.zeros((n, 3), np.uint8)
-  for i in range(n):
-    c, r, g, b = i, 0, 0, 0
-    for j in range(8):
-      r |= ((c >> 0) & 1) << (7 - j)
-      g |= ((c >> 1) & 1) << (7 - j)
-      b |= ((c >> 2) & 1) << (7 - j)
-      c >>= 3
-    pal[i] = (r, g, b)
-  return pal
+# What its outputs are made from (affinity_jax/fingerprints.py): the config keys it reads
+# (a section stands for all its keys) and the stages whose outputs it consumes.
+READS = ("model.num_classes", "eval.cam_splits", "eval.seg_splits")
+CONSUMES = ("infer_cam", "random_walk", "infer_seg")
 
 
 def heat(x: np.ndarray) -> np.ndarray:
@@ -67,7 +59,7 @@ def _score(cfg, split: str, kinds: dict[str, str], report) -> dict:
   workdir = artifacts.Workdir(cfg.workdir)
   n = cfg.model.num_classes + 1
   conf = {k: metrics.ConfusionMatrix(n) for k in kinds}
-  pal = palette()
+  pal = voc.palette()
   panels = int(cfg.eval.panels)
   builder = data.from_config(cfg)
   excluded = {kind: artifacts.skipped_by(workdir, _PRODUCER[kind]) for kind in kinds}

@@ -1,4 +1,6 @@
-"""Stage infer_cam: multi-scale + flip CAMs of every image of the pseudo-label splits (method §2).
+"""Stage infer_cam: multi-scale + flip CAMs of every image of the pseudo-label splits.
+
+The method: docs/method.md §2.
 
 Writes `{workdir}/cams/{name}.npz` (artifacts.save_cam): the present classes, each divided by its
 own maximum + 1e-5.
@@ -11,8 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from affinity_jax import artifacts, cam, checkpoint, data
-from affinity_jax.data import pipelines
+from affinity_jax.stages import per_image
 from affinity_jax.errors import NonFiniteOutputError
+
+# What its outputs are made from (affinity_jax/fingerprints.py): the config keys it reads
+# (a section stands for all its keys) and the stages whose outputs it consumes.
+READS = ("model", "cam_infer.scales", "data.canvas")
+CONSUMES = ("train_cam",)
 
 
 def run(cfg) -> dict:
@@ -23,9 +30,9 @@ def run(cfg) -> dict:
   written = 0
   report = artifacts.SkipReport(workdir, "infer_cam", jax.process_index() == 0)
   scales = tuple(cfg.cam_infer.scales)
-  for batch, names, keep in pipelines.pending(
-      builder, cfg.data.pseudo_splits, out_dir, ".npz", stage="infer_cam", scales=scales,
-      canvas=cfg.data.canvas, batch_size=cfg.cam_infer.batch_size):
+  for batch, names, keep in per_image.pending(
+      cfg, builder, cfg.data.pseudo_splits, out_dir, ".npz", scales=scales,
+      batch_size=cfg.cam_infer.batch_size, report=report):
     if model is None:
       model, variables = checkpoint.load_network(cfg, artifacts.CAM_NET)
       cam_fn = cam.multiscale_flip_sum(lambda v, x: model.apply(v, x, method="cam"))

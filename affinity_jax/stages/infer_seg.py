@@ -1,4 +1,6 @@
-"""Stage infer_seg: the segmentation network's predictions on the evaluation splits (method §7).
+"""Stage infer_seg: the segmentation network's predictions on the evaluation splits.
+
+The method: docs/method.md §7.
 
 Multi-scale + flip average of the softmax scores (upsampled to the image), optionally refined
 by dCRF on the RGB image; writes `{workdir}/seg_pred/{name}.png` (0 background, c + 1 class c).
@@ -10,7 +12,12 @@ import jax
 import numpy as np
 
 from affinity_jax import artifacts, cam, checkpoint, crf, data
-from affinity_jax.data import pipelines
+from affinity_jax.stages import per_image
+
+# What its outputs are made from (affinity_jax/fingerprints.py): the config keys it reads
+# (a section stands for all its keys) and the stages whose outputs it consumes.
+READS = ("model", "seg_infer.scales", "seg_infer.crf", "data.canvas")
+CONSUMES = ("train_seg",)
 
 
 def run(cfg) -> dict:
@@ -20,9 +27,10 @@ def run(cfg) -> dict:
   scales = tuple(cfg.seg_infer.scales)
   model = None
   written = 0
-  for batch, names, keep in pipelines.pending(
-      builder, cfg.eval.seg_splits, out_dir, ".png", stage="infer_seg", scales=scales,
-      canvas=cfg.data.canvas, batch_size=cfg.seg_infer.batch_size):
+  report = artifacts.SkipReport(workdir, "infer_seg", jax.process_index() == 0)
+  for batch, names, keep in per_image.pending(
+      cfg, builder, cfg.eval.seg_splits, out_dir, ".png", scales=scales,
+      batch_size=cfg.seg_infer.batch_size, report=report):
     if model is None:
       model, variables = checkpoint.load_network(cfg, artifacts.SEG_NET)
       seg_fn = cam.multiscale_flip_sum(
@@ -38,4 +46,4 @@ def run(cfg) -> dict:
       artifacts.save_label(workdir.prediction(names[i]), np.argmax(p, -1))
       written += 1
   print(f"[infer_seg] wrote {written} predictions to {out_dir}")
-  return {"written": written}
+  return report.finish({"written": written})

@@ -1,4 +1,6 @@
-"""Stage random_walk: pseudo labels by propagating CAMs over AffinityNet's affinities (method §6).
+"""Stage random_walk: pseudo labels by propagating CAMs over AffinityNet's affinities.
+
+The method: docs/method.md §6.
 
 For a batch of canvases: AffinityNet features at stride 8 of the image resized by
 `aff.image_scale` (the original: 1, the image as it is), the CAM stack (background
@@ -18,7 +20,14 @@ import numpy as np
 from affinity_jax import artifacts, cam, checkpoint, config, data, geometry
 from affinity_jax import random_walk as rw
 from affinity_jax.constants import STRIDE
-from affinity_jax.data import pipelines
+from affinity_jax.stages import per_image
+
+# What its outputs are made from (affinity_jax/fingerprints.py): the config keys it reads
+# (a section stands for all its keys) and the stages whose outputs it consumes.
+READS = ("model", "random_walk.beta", "random_walk.logt", "random_walk.alpha",
+         "random_walk.radius", "random_walk.scheme", "random_walk.tol", "aff.image_scale",
+         "data.canvas")
+CONSUMES = ("train_aff", "infer_cam")
 
 
 def make_walk_fn(model, cfg):
@@ -28,7 +37,9 @@ def make_walk_fn(model, cfg):
 
   @jax.jit
   def walk(variables, images, cams, valid, ry, rx):
-    features = model.apply(variables, images).astype(jnp.float32)
+    # `valid`: VGG-16's GroupNorm takes its statistics over each image's own grid, as the
+    # original, which pads an image only to a multiple of 8 (not to the canvas).
+    features = model.apply(variables, images, valid=valid).astype(jnp.float32)
     aff_sym = geometry.neighbourhood_affinities(features, radius=radius, scheme=scheme,
                                                 valid=valid)
     walked = rw.propagate(aff_sym, cams, radius=radius, beta=beta, t=t, valid=valid, tol=tol)
@@ -51,9 +62,9 @@ def run(cfg) -> dict:
   model = None
   written = 0
   report = artifacts.SkipReport(workdir, "random_walk", jax.process_index() == 0)
-  for batch, batch_names, keep in pipelines.pending(
-      builder, cfg.data.pseudo_splits, out_dir, ".png", stage="random_walk", scales=(scale,),
-      canvas=cfg.data.canvas, batch_size=cfg.random_walk.batch_size):
+  for batch, batch_names, keep in per_image.pending(
+      cfg, builder, cfg.data.pseudo_splits, out_dir, ".png", scales=(scale,),
+      batch_size=cfg.random_walk.batch_size, report=report):
     if model is None:
       model, variables = checkpoint.load_network(cfg, artifacts.AFF_NET)
       walk = make_walk_fn(model, cfg)

@@ -1,4 +1,6 @@
-"""Stage train_aff: AffinityNet on the pair labels of the confident CAM regions (method §4, §5).
+"""Stage train_aff: AffinityNet on the pair labels of the confident CAM regions.
+
+The method: docs/method.md §4, §5.
 
 Batches of `aff_train` (image and its la / ha score maps flipped and cropped together, affinity
 labels on the stride-8 grid), the images resized by `aff.image_scale`; the loss compares the
@@ -9,9 +11,14 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from affinity_jax import artifacts, config, geometry, losses
+from affinity_jax import artifacts, config, geometry, losses, models
 from affinity_jax.data import pipelines
 from affinity_jax.stages.training import TrainingSpec, run_training
+
+# What its outputs are made from (affinity_jax/fingerprints.py): the config keys it reads
+# (a section stands for all its keys) and the stages whose outputs it consumes.
+READS = ("seed", "model", "init", "aff", "data.train_split", "data.shuffle_buffer")
+CONSUMES = ("aff_labels", "train_cam")
 
 
 def make_loss(radius: int, scheme: str):
@@ -33,7 +40,7 @@ def batches(cfg, builder, start, batch_size, process_index, process_count):
       image_scale=config.aff_image_scale(cfg), seed=cfg.seed, start_step=start,
       shuffle_buffer=cfg.data.shuffle_buffer,
       exclude=artifacts.skipped_by(workdir, "aff_labels"), process_index=process_index,
-      process_count=process_count)
+      process_count=process_count, convention=models.input_convention(cfg))
 
 
 SPEC = TrainingSpec(network=artifacts.AFF_NET,

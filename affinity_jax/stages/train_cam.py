@@ -1,4 +1,6 @@
-"""Stage train_cam: the classification network whose classifier gives the CAMs (method §2, §8).
+"""Stage train_cam: the classification network whose classifier gives the CAMs.
+
+The method: docs/method.md §2, §8.
 
 Trained on image-level labels with the multilabel soft margin loss, on `cls_train` batches
 (random long-side resize, flip, colour jitter, crop). Writes `{workdir}/cam_net/final`.
@@ -6,9 +8,15 @@ Trained on image-level labels with the multilabel soft margin loss, on `cls_trai
 
 from __future__ import annotations
 
-from affinity_jax import artifacts, losses
+from affinity_jax import artifacts, losses, models
 from affinity_jax.data import pipelines
 from affinity_jax.stages.training import TrainingSpec, run_training
+
+# What its outputs are made from (affinity_jax/fingerprints.py): the config keys it reads
+# (a section stands for all its keys) and the stages whose outputs it consumes.
+READS = ("seed", "model", "init.backbone", "init.freeze_stem", "cam", "data.train_split",
+         "data.shuffle_buffer")
+CONSUMES = ()
 
 
 def loss(logits, batch):
@@ -22,7 +30,7 @@ def batches(cfg, builder, start, batch_size, process_index, process_count):
       builder, cfg.data.train_split, batch_size=batch_size, crop_size=c.crop_size,
       resize_long=tuple(c.resize_long), color_jitter=tuple(c.color_jitter), seed=cfg.seed,
       start_step=start, shuffle_buffer=cfg.data.shuffle_buffer, process_index=process_index,
-      process_count=process_count)
+      process_count=process_count, convention=models.input_convention(cfg))
 
 
 SPEC = TrainingSpec(network=artifacts.CAM_NET, loss=lambda cfg: loss, batches=batches)

@@ -59,7 +59,7 @@ def init_variables(cfg, arch: str, crop_size: int, calibration_images=None) -> d
   if cfg.init.backbone:
     backbone, meta = checkpoint.load_variables(cfg.init.backbone)
     checkpoint.check_compatible(meta, arch="backbone", width=cfg.model.width,
-                                path=cfg.init.backbone)
+                                path=cfg.init.backbone, backbone=models.backbone_name(cfg))
     variables = checkpoint.merge_backbone(variables, backbone, cfg.init.backbone)
   elif calibration_images is not None:
     variables = models.calibrate_batch_norm(model, variables, calibration_images)
@@ -111,7 +111,7 @@ def run_training(cfg, spec: TrainingSpec) -> dict:
         workdir=workdir.network_dir(net), batch_size=net_cfg.batch_size, seed=cfg.seed,
         checkpoint_every=net_cfg.checkpoint_every, log_every=net_cfg.log_every)
   except NonFiniteLossError as e:
-    raise NonFiniteLossError(f"{e} The learning rate is --config.{net.section}.lr.") from None
+    raise NonFiniteLossError(f"{e} The learning rate is --config.{net.section}.lr.") from e
   if jax.process_index() == 0:
     checkpoint.save_network(cfg, net, trained)
   return {"steps": steps}
