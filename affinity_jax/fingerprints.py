@@ -192,8 +192,8 @@ def prepare(cfg, stage: str, record: dict, outputs_exist: bool, reuses_outputs: 
   if not reuses_outputs:
     return "redo"
   if on_change == "keep":
-    print(f"[{stage}] inputs changed; keeping its outputs as they are (on_change=keep)",
-          flush=True)
+    why = "no fingerprint record" if old is None else "inputs changed"
+    print(f"[{stage}] {why}; keeping its outputs as they are (on_change=keep)", flush=True)
     return "new"
   if on_change == "redo":
     print(f"[{stage}] inputs changed; deleting its outputs and redoing it (on_change=redo)",

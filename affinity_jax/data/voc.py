@@ -47,21 +47,15 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
-import xml.etree.ElementTree as ET
 
 import numpy as np
 import tensorflow_datasets as tfds
-from PIL import Image
 
-from affinity_jax.constants import IGNORE_LABEL as IGNORE
+from affinity_jax.data import voc_files
 from affinity_jax.data.base import LocalBuilder
+from affinity_jax.data.voc_files import NUM_CLASSES, VOC_CLASSES
 from affinity_jax.errors import UserError
 
-VOC_CLASSES = (
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
-    "train", "tvmonitor")
-NUM_CLASSES = len(VOC_CLASSES)
 
 _VOC = os.path.join("VOCdevkit", "VOC2012")
 _SBD = os.path.join("benchmark_RELEASE", "dataset")
@@ -69,48 +63,6 @@ _SBD = os.path.join("benchmark_RELEASE", "dataset")
 # Unreadable files a split may lose before the build calls the copy damaged and stops.
 _MAX_UNREADABLE_SHARE = 0.01
 _MAX_UNREADABLE_FLOOR = 10
-_CMYK_QUALITY = 95  # high enough that re-encoding costs about one grey level
-
-
-def palette(n: int = 256) -> np.ndarray:
-  """The PASCAL VOC colour map: [n, 3] uint8, bit-interleaved RGB of the index (255 -> the
-  boundary colour)."""
-  pal = np.zeros((n, 3), np.uint8)
-  for i in range(n):
-    c, r, g, b = i, 0, 0, 0
-    for j in range(8):
-      r |= ((c >> 0) & 1) << (7 - j)
-      g |= ((c >> 1) & 1) << (7 - j)
-      b |= ((c >> 2) & 1) << (7 - j)
-      c >>= 3
-    pal[i] = (r, g, b)
-  return pal
-
-
-class _Unreadable(UserError):
-  """A file of one image that no decoder can read: the image is left out, not the build."""
-
-
-def _undecodable(what: str, path: str, e: Exception) -> _Unreadable:
-  """Why `path` cannot be used, in words (PIL's own text names an in-memory copy)."""
-  if os.path.getsize(path) == 0:
-    return _Unreadable(f"{what} {path} is an empty file")
-  if isinstance(e, Image.UnidentifiedImageError):
-    return _Unreadable(f"{what} {path} is not an image file that PIL knows")
-  return _Unreadable(f"{what} {path} cannot be decoded ({e})")
-
-
-class _BuildNotes:
-  """What one build changed or left out: each kind said once, then summed up per split and kept
-  in the dataset's metadata."""
-
-  def __init__(self):
-    self.changed: dict[str, list[str]] = {}  # kind -> image names
-
-  def once(self, kind: str, name: str, message: str) -> None:
-    self.changed.setdefault(kind, []).append(name)
-    if len(self.changed[kind]) == 1:
-      print(f"[voc2012_aug] {message}", flush=True)
 
 
 @dataclasses.dataclass(eq=False)
@@ -164,7 +116,7 @@ class Voc2012Aug(LocalBuilder):
     seg_lists = os.path.join(voc, "ImageSets", "Segmentation")
     voc_train = _read_list(os.path.join(seg_lists, "train.txt"))
     voc_val = _read_list(os.path.join(seg_lists, "val.txt"))
-    notes = _BuildNotes()
+    notes = voc_files.BuildNotes()
     splits = {
         "train": self._generate_examples(root, voc_train, sbd_ids=frozenset(), split="train",
                                          notes=notes),
@@ -184,7 +136,7 @@ class Voc2012Aug(LocalBuilder):
     return splits
 
   def _generate_examples(self, root: str, ids: list[str], sbd_ids: frozenset[str], split: str,
-                         notes: _BuildNotes):
+                         notes: voc_files.BuildNotes):
     labels_from = self.builder_config.labels_from
     if labels_from not in ("xml", "mask"):
       raise UserError(f"voc2012_aug: labels_from must be 'xml' or 'mask', got {labels_from!r}")
@@ -194,7 +146,7 @@ class Voc2012Aug(LocalBuilder):
       try:
         example = _example(root, name, from_sbd=name in sbd_ids, labels_from=labels_from,
                            notes=notes)
-      except _Unreadable as e:
+      except voc_files.Unreadable as e:
         left_out[name] = str(e)
         print(f"[voc2012_aug] {split}: leaving out {name}: {e}", flush=True)
         if len(left_out) > most:
@@ -237,19 +189,19 @@ def _read_list(path: str) -> list[str]:
 
 
 def _example(root: str, name: str, *, from_sbd: bool, labels_from: str,
-             notes: _BuildNotes) -> dict:
+             notes: voc_files.BuildNotes) -> dict:
   voc = os.path.join(root, _VOC)
   sbd = os.path.join(root, _SBD)
   image_path = os.path.join(voc, "JPEGImages", f"{name}.jpg")
   if not os.path.isfile(image_path) and from_sbd:
     image_path = os.path.join(sbd, "img", f"{name}.jpg")
-  image_bytes, (height, width) = _read_jpeg(image_path, name, notes)
+  image_bytes, (height, width) = voc_files.read_jpeg(image_path, name, notes)
 
   png_path = os.path.join(voc, "SegmentationClass", f"{name}.png")
   if os.path.isfile(png_path):
-    mask = _read_palette_png(png_path, name, notes)
+    mask = voc_files.read_palette_png(png_path, name, notes)
   elif from_sbd:
-    mask = _read_sbd_mat(os.path.join(sbd, "cls", f"{name}.mat"))
+    mask = voc_files.read_sbd_mat(os.path.join(sbd, "cls", f"{name}.mat"))
   else:
     raise UserError(f"voc2012_aug: {png_path} is missing (listed in VOC's segmentation lists)")
   if mask.shape != (height, width):
@@ -258,130 +210,13 @@ def _example(root: str, name: str, *, from_sbd: bool, labels_from: str,
 
   xml_path = os.path.join(voc, "Annotations", f"{name}.xml")
   if labels_from == "xml" and os.path.isfile(xml_path):
-    label = _label_from_xml(xml_path)
+    label = voc_files.label_from_xml(xml_path)
   elif labels_from == "xml" and not from_sbd:
     raise UserError(f"voc2012_aug: annotation {xml_path} is missing")
   else:
     label = label_from_mask(mask, NUM_CLASSES)
   return {"image": io.BytesIO(image_bytes), "name": name, "label": label,
           "mask": mask[..., None], "has_mask": True}
-
-
-def _read_jpeg(path: str, name: str, notes: _BuildNotes) -> tuple[bytes, tuple[int, int]]:
-  """The bytes to store (the file's, or an RGB re-encoding of a CMYK file) and (H, W).
-
-  Decodes the file once, so that an unreadable one is found here (`_Unreadable`).
-  """
-  if not os.path.isfile(path):
-    raise UserError(f"voc2012_aug: image {path} is missing")
-  with open(path, "rb") as f:
-    data = f.read()
-  try:
-    with Image.open(io.BytesIO(data)) as im:
-      im.load()
-      mode, size, kind = im.mode, im.size, im.format
-      rgb = im.convert("RGB") if mode == "CMYK" else None
-  except Exception as e:  # PIL raises many types for broken files.
-    raise _undecodable("image", path, e) from e
-  if kind != "JPEG":
-    raise UserError(f"voc2012_aug: {path} is {kind}, not JPEG")
-  if rgb is not None:
-    # tf's decoder also reads CMYK, but the stored record should be what every reader expects.
-    notes.once("cmyk_to_rgb", name, f"{path} is a CMYK JPEG: converting it, and any other "
-               "CMYK JPEG of this build, to RGB (listed in the dataset's metadata)")
-    buf = io.BytesIO()
-    rgb.save(buf, format="JPEG", quality=_CMYK_QUALITY, subsampling=0)
-    data = buf.getvalue()
-  elif mode not in ("RGB", "L"):  # tfds decodes with channels=3, which expands grey.
-    raise UserError(f"voc2012_aug: image {path} is {mode}, expected RGB")
-  return data, (size[1], size[0])
-
-
-def _read_palette_png(path: str, name: str, notes: _BuildNotes) -> np.ndarray:
-  try:
-    with Image.open(path) as im:
-      im.load()
-      mode = im.mode
-      colours = im.getpalette() if mode == "P" else None
-      mask = np.asarray(im, dtype=np.uint8) if mode in ("P", "L") else None
-  except Exception as e:
-    raise _undecodable("mask", path, e) from e
-  if mask is None:
-    raise UserError(f"voc2012_aug: {path} is a {mode} image; SegmentationClass masks must be "
-                    "palette (P) PNGs whose index is the class")
-  if colours is not None:
-    _check_palette(mask, np.asarray(colours, np.uint8).reshape(-1, 3), path, name, notes)
-  _check_mask_values(mask, path)
-  return mask
-
-
-def _check_palette(mask: np.ndarray, colours: np.ndarray, path: str, name: str,
-                   notes: _BuildNotes) -> None:
-  """Indices are the classes whatever the palette, unless it holds VOC's class colours at other
-  indices: then the mask was re-indexed (an RGB mask quantised, say) and its indices lie."""
-  voc = palette()
-  full = np.zeros_like(voc)
-  full[:len(colours)] = colours[:len(voc)]
-  used = _values(mask)
-  if (full[used] == voc[used]).all():
-    return
-  # Index 0's black is also the filler of short palettes, so only class colours count.
-  classes = {tuple(c): k for k, c in enumerate(voc) if k in range(1, NUM_CLASSES + 1)
-             or k == IGNORE}
-  for index in used:
-    cls = classes.get(tuple(full[index]))
-    if cls is not None and cls != index:
-      what = "the boundary" if cls == IGNORE else f"class {cls} ({VOC_CLASSES[cls - 1]})"
-      raise UserError(f"voc2012_aug: mask {path} holds index {index}, whose palette colour is "
-                      f"VOC's colour of {what}: its indices are not VOC's classes (an RGB mask "
-                      "converted to a palette?). Save it with index = class, as VOC's are")
-  notes.once("foreign_palette", name, f"{path} has another palette than VOC's: reading its "
-             "indices as the classes, as VOC's devkit does (this and any other such mask is "
-             "listed in the dataset's metadata)")
-
-
-def _read_sbd_mat(path: str) -> np.ndarray:
-  import scipy.io  # pylint: disable=g-import-not-at-top  (only SBD needs it)
-  if not os.path.isfile(path):
-    raise UserError(f"voc2012_aug: SBD mask {path} is missing")
-  try:
-    mat = scipy.io.loadmat(path, squeeze_me=True, struct_as_record=False)
-    mask = np.asarray(mat["GTcls"].Segmentation)
-  except Exception as e:
-    raise _undecodable("SBD mask (GTcls.Segmentation)", path, e) from e
-  if mask.ndim != 2:
-    raise UserError(f"voc2012_aug: GTcls.Segmentation in {path} has shape {mask.shape}")
-  mask = mask.astype(np.int64)
-  _check_mask_values(mask, path)
-  return mask.astype(np.uint8)
-
-
-def _values(mask: np.ndarray) -> np.ndarray:
-  """The distinct values of an integer mask, sorted (a count, not a sort: 36 Mpixel masks)."""
-  if mask.dtype == np.uint8:
-    return np.flatnonzero(np.bincount(mask.ravel(), minlength=256))
-  return np.unique(mask)
-
-
-def _check_mask_values(mask: np.ndarray, path: str) -> None:
-  bad = np.setdiff1d(_values(mask), np.r_[np.arange(NUM_CLASSES + 1), IGNORE])
-  if bad.size:
-    raise UserError(f"voc2012_aug: mask {path} holds values {bad.tolist()}; expected 0..20 "
-                    "or 255")
-
-
-def _label_from_xml(path: str) -> np.ndarray:
-  try:
-    tree = ET.parse(path)
-  except ET.ParseError as e:
-    raise _undecodable("annotation", path, e) from e
-  label = np.zeros(NUM_CLASSES, np.float32)
-  for obj in tree.getroot().iter("object"):
-    cls = (obj.findtext("name") or "").strip()
-    if cls not in VOC_CLASSES:
-      raise UserError(f"voc2012_aug: {path} lists an object of unknown class {cls!r}")
-    label[VOC_CLASSES.index(cls)] = 1.0
-  return label
 
 
 def label_from_mask(mask: np.ndarray, num_classes: int) -> np.ndarray:

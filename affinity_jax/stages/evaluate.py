@@ -14,7 +14,7 @@ import os
 import numpy as np
 
 from affinity_jax import artifacts, cam, data, io, metrics
-from affinity_jax.data import voc
+from affinity_jax.data import voc_files
 from affinity_jax.errors import UserError
 
 # What its outputs are made from (affinity_jax/fingerprints.py): the config keys it reads
@@ -59,7 +59,7 @@ def _score(cfg, split: str, kinds: dict[str, str], report) -> dict:
   workdir = artifacts.Workdir(cfg.workdir)
   n = cfg.model.num_classes + 1
   conf = {k: metrics.ConfusionMatrix(n) for k in kinds}
-  pal = voc.palette()
+  pal = voc_files.palette()
   panels = int(cfg.eval.panels)
   builder = data.from_config(cfg)
   excluded = {kind: artifacts.skipped_by(workdir, _PRODUCER[kind]) for kind in kinds}
