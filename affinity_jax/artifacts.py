@@ -103,8 +103,9 @@ class Workdir:
 
   def stage_outputs(self, stage: str) -> list[str]:
     """The paths of `stage`'s outputs that exist (its report excluded)."""
+    root = glob.escape(self.root)  # a workdir named run[1] is a name, not a pattern
     return sorted(p for pattern in STAGE_OUTPUTS[stage]
-                  for p in glob.glob(self.path(pattern)))
+                  for p in glob.glob(os.path.join(root, pattern)))
 
   def remove_stage_outputs(self, stage: str) -> None:
     """Deletes `stage`'s outputs, its report and its fingerprint record."""

@@ -41,6 +41,8 @@ def config_values(cfg, keys: Sequence[str]) -> dict[str, Any]:
   for key in keys:
     node = cfg
     for part in key.split("."):
+      if part not in node:
+        raise UserError(f"the config has no key {key}, which a stage's outputs depend on")
       node = node[part]
     if hasattr(node, "items"):
       for leaf, value in node.items():

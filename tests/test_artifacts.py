@@ -145,3 +145,11 @@ def test_outputs_cut_short_count_as_missing(tmp_path, capsys):
   assert artifacts.missing(["a", "b"], wd.path(artifacts.PSEUDO_LABELS), ".png") == ["b"]
   assert not os.path.exists(wd.cam("b"))
   assert "is damaged (cut short)" in capsys.readouterr().out
+
+
+def test_stage_outputs_of_a_workdir_whose_name_looks_like_a_pattern(tmp_path):
+  wd = artifacts.Workdir(tmp_path / "run[1]")
+  artifacts.save_cam(wd.cam("a"), np.ones((2, 2, 1), np.float32), np.array([0]))
+  assert wd.stage_outputs("infer_cam") == [wd.path(artifacts.CAMS)]
+  wd.remove_stage_outputs("infer_cam")
+  assert not os.path.exists(wd.path(artifacts.CAMS))

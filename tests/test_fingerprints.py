@@ -1,0 +1,57 @@
+"""Fingerprint records: what counts as a change, and what each on_change does."""
+
+import os
+
+import pytest
+
+from affinity_jax import artifacts, config, fingerprints
+from affinity_jax.errors import UserError
+from affinity_jax.stages import train_cam
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def cfg(tmp_path):
+  c = config.load_config(os.path.join(REPO, "configs", "synthetic.py:tiny"))
+  c.workdir = str(tmp_path)
+  return c
+
+
+def _record(cfg):
+  return fingerprints.make_record(cfg, "train_cam", train_cam.READS, train_cam.CONSUMES, "d")
+
+
+def test_only_keys_that_change_results_change_the_fingerprint(cfg):
+  fingerprints.save_record(artifacts.Workdir(cfg.workdir), {**_record(cfg), "complete": True})
+  cfg.cam.checkpoint_every, cfg.cam.log_every = 1, 1  # when to save and log: no effect
+  assert fingerprints.prepare(cfg, "train_cam", _record(cfg), outputs_exist=True) == "same"
+  cfg.cam.lr = cfg.cam.lr * 2
+  with pytest.raises(UserError, match=r"--config.cam.lr: 0.0003 -> 0.0006"):
+    fingerprints.prepare(cfg, "train_cam", _record(cfg), outputs_exist=True)
+  assert fingerprints.prepare(cfg, "train_cam", _record(cfg), outputs_exist=False) == "new"
+  cfg.on_change = "redo"
+  assert fingerprints.prepare(cfg, "train_cam", _record(cfg), outputs_exist=True) == "redo"
+  cfg.on_change = "keep"
+  assert fingerprints.prepare(cfg, "train_cam", _record(cfg), outputs_exist=True) == "new"
+  cfg.on_change = "sometimes"
+  with pytest.raises(UserError, match="on_change"):
+    fingerprints.prepare(cfg, "train_cam", _record(cfg), outputs_exist=True)
+
+
+def test_outputs_without_a_record_are_not_trusted(cfg):
+  with pytest.raises(UserError, match="no fingerprint record"):
+    fingerprints.prepare(cfg, "train_cam", _record(cfg), outputs_exist=True)
+
+
+def test_consumers_need_finished_upstream_runs(cfg):
+  wd = artifacts.Workdir(cfg.workdir)
+  fingerprints.save_record(wd, _record(cfg))  # complete: False, as a killed run leaves it
+  with pytest.raises(UserError, match="train_cam, whose last run did not finish"):
+    fingerprints.check_consumed(wd, "infer_cam", ("train_cam",))
+
+
+def test_downstream_follows_consumption_in_pipeline_order():
+  consumes = {"a": (), "b": ("a",), "c": (), "d": ("b", "c"), "e": ("c",)}
+  assert fingerprints.downstream("a", consumes) == ["b", "d"]
+  assert fingerprints.downstream("c", consumes) == ["d", "e"]
