@@ -115,6 +115,9 @@ def make_record(cfg, stage: str, reads: Sequence[str], consumes: Sequence[str],
   workdir = artifacts.Workdir(cfg.workdir)
   inputs = {"config": config_values(cfg, reads), "dataset": dataset,
             "upstream": {s: upstream_fingerprint(workdir, s) for s in consumes}}
+  if "init.backbone" in inputs["config"] and cfg.init.backbone:
+    # The pretrained weights count by their files, not their path (a file replaced in place).
+    inputs["backbone"] = network_identity(cfg.init.backbone)
   return {"stage": stage, "fingerprint": digest(inputs), "inputs": inputs, "complete": False}
 
 
@@ -123,6 +126,8 @@ def changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
   def flat(inputs):
     out = {f"--config.{k}": v for k, v in inputs["config"].items()}
     out["dataset"] = inputs["dataset"]
+    if "backbone" in inputs:
+      out["the files of --config.init.backbone"] = inputs["backbone"]
     out.update({f"the {s} run": v for s, v in inputs["upstream"].items()})
     return out
   a, b = flat(old["inputs"]), flat(new["inputs"])

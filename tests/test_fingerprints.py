@@ -55,3 +55,15 @@ def test_downstream_follows_consumption_in_pipeline_order():
   consumes = {"a": (), "b": ("a",), "c": (), "d": ("b", "c"), "e": ("c",)}
   assert fingerprints.downstream("a", consumes) == ["b", "d"]
   assert fingerprints.downstream("c", consumes) == ["d", "e"]
+
+
+def test_pretrained_backbone_counts_by_its_files(cfg, tmp_path):
+  backbone = tmp_path / "imagenet"
+  backbone.mkdir()
+  (backbone / "weights").write_bytes(b"one")
+  cfg.init.backbone = str(backbone)
+  fingerprints.save_record(artifacts.Workdir(cfg.workdir), {**_record(cfg), "complete": True})
+  assert fingerprints.prepare(cfg, "train_cam", _record(cfg), outputs_exist=True) == "same"
+  (backbone / "weights").write_bytes(b"two")  # replaced in place, same path
+  with pytest.raises(UserError, match="the files of --config.init.backbone: '[0-9a-f]+' -> "):
+    fingerprints.prepare(cfg, "train_cam", _record(cfg), outputs_exist=True)
