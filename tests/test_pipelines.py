@@ -15,6 +15,12 @@ from affinity_jax.errors import UserError
 
 SEED = tf.constant([3, 7], tf.int64)
 ONE_HOST = dict(process_index=0, process_count=1)
+BLACK = transforms.normalize(np.zeros(3, np.uint8)).numpy()  # a black pixel, normalised
+
+
+def _black(images):
+  """[..., 3] -> [...]: where a normalised image is black (AffinityNet's crop padding)."""
+  return np.isclose(images, BLACK, rtol=0, atol=1e-6).all(-1)
 
 
 def _coords(height, width):
@@ -203,38 +209,76 @@ def _write_scores(builder, split, folder, kind):
     np.savez(os.path.join(folder, ex["name"].decode() + ".npz"), la=la, ha=ha)
 
 
+def _stored_images(builder, split, size=None):
+  """The images of a split, PIL-resized to size = (h, w) when given, normalised, each also
+  flipped: float32 [h, w, 3]."""
+  images = []
+  for ex in tfds.as_numpy(builder.as_dataset(split=split)):
+    image = ex["image"]
+    if size is not None:
+      image = np.asarray(Image.fromarray(image).resize(size[::-1], Image.Resampling.BICUBIC))
+    image = transforms.normalize(image).numpy()
+    images += [image, image[:, ::-1]]
+  return images
+
+
+def _window(crop, images):
+  """(top, left, h, w) such that crop[top:top + h, left:left + w] is one of `images`."""
+  for im in images:
+    h, w = im.shape[:2]
+    for top in range(crop.shape[0] - h + 1):
+      for left in range(crop.shape[1] - w + 1):
+        if (np.abs(crop[top, left] - im[0, 0]).max() < 1e-5
+            and np.abs(crop[top:top + h, left:left + w] - im).max() < 1e-5):
+          return top, left, h, w
+  raise AssertionError("no stored image in this crop")
+
+
 @pytest.mark.parametrize("kind", ["fg", "bg", "unsure"])
 def test_aff_train_labels_and_padding(tiny, tmp_path, kind):
   _write_scores(tiny, "train", tmp_path, kind)
-  kw = dict(batch_size=4, crop_size=80, seed=1, **ONE_HOST)
+  # Without colour jitter, so that the crops show the stored pixels (_window).
+  kw = dict(batch_size=4, crop_size=80, seed=1, color_jitter=None, **ONE_HOST)
   batches = _take(pipelines.aff_train(tiny, "train", str(tmp_path), **kw), 2)
   again = _take(pipelines.aff_train(tiny, "train", str(tmp_path), **kw), 2)
+  images = _stored_images(tiny, "train")
   for b, c in zip(batches, again):
     np.testing.assert_array_equal(b["image"], c["image"])
     np.testing.assert_array_equal(b["aff_label"], c["aff_label"])
     assert b["image"].shape == (4, 80, 80, 3)
     assert b["aff_label"].shape == (4, 10, 10) and b["aff_label"].dtype == np.uint8
-    # 64x64 images in an 80 crop: each 8x8 cell that is all padding (image exactly 0) is 255.
-    cells = b["image"].reshape(4, 10, 8, 10, 8, 3)
-    padding_cell = (cells == 0).all(axis=(2, 4, 5))
-    assert padding_cell.any()
-    np.testing.assert_array_equal(b["aff_label"][padding_cell], 255)
-    inside = b["aff_label"][~padding_cell]
-    if kind == "fg":
-      assert ((inside >= 1) & (inside <= 3)).all()
-    else:
-      assert (inside == {"bg": 0, "unsure": 255}[kind]).all()
+    for image, label in zip(b["image"], b["aff_label"]):
+      # A 64x64 image in an 80 crop. Its padding is black, normalised, as the original crops
+      # the 0..255 image and normalises after; not 0, the mean colour.
+      top, left, h, w = _window(image, images)
+      padding = np.ones((80, 80), bool)
+      padding[top:top + h, left:left + w] = False
+      assert _black(image[padding]).all() and not (image[padding] == 0).any()
+      # Each 8x8 cell that is all padding has no score, so its label is 255.
+      padding_cell = padding.reshape(10, 8, 10, 8).all(axis=(1, 3))
+      assert padding_cell.any()
+      np.testing.assert_array_equal(label[padding_cell], 255)
+      inside = label[~padding_cell]
+      if kind == "fg":
+        assert ((inside >= 1) & (inside <= 3)).all()
+      else:
+        assert (inside == {"bg": 0, "unsure": 255}[kind]).all()
 
 
 def test_aff_train_image_scale(tiny, tmp_path):
-  """image_scale resizes the image and both score maps before the crop: a 64x64 image at 1.5 is
-  96x96 in a 128 crop, so 12x12 to 13x13 of its 16x16 cells (placement) are labelled."""
+  """image_scale resizes the image (PIL bicubic, as inference) and both score maps before the
+  crop: a 64x64 image at 1.5 is 96x96 in a 128 crop, so 12x12 to 13x13 of its 16x16 cells
+  (placement) are labelled."""
   _write_scores(tiny, "train", tmp_path, "fg")
   kw = dict(batch_size=4, crop_size=128, seed=1, color_jitter=None, **ONE_HOST)
+  images = _stored_images(tiny, "train", size=(96, 96))
   for b in _take(pipelines.aff_train(tiny, "train", str(tmp_path), image_scale=1.5, **kw), 2):
     assert b["image"].shape == (4, 128, 128, 3) and b["aff_label"].shape == (4, 16, 16)
-    content = ~(b["image"] == 0).all(-1)
-    assert (content.sum(axis=(1, 2)) == 96 * 96).all()
+    for image in b["image"]:
+      top, left, _, _ = _window(image, images)  # PIL's pixels, exactly
+      padding = np.ones((128, 128), bool)
+      padding[top:top + 96, left:left + 96] = False
+      assert _black(image[padding]).all()
     labelled = b["aff_label"] != 255
     count = labelled.sum(axis=(1, 2))
     assert ((count >= 12 * 12) & (count <= 13 * 13)).all()

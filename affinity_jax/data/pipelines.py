@@ -8,9 +8,13 @@ seeded from (seed, host, example counter), so two runs with one seed give identi
 Inference: no randomness, fixed shapes, and masked dummy examples that make every host run the
 same number of batches.
 
-Images come out NHWC float32, normalised as (x / 255 - mean) / std with the ImageNet statistics,
+Images are decoded as PIL decodes them (records.decode_rgb) and resized with PIL's bicubic on
+the uint8 image (transforms.resize_image), as the original does, so they have its pixels.
+They come out NHWC float32, normalised as (x / 255 - mean) / std with the ImageNet statistics,
 or, with `convention="caffe_bgr"` (VGG-16), as BGR minus the Caffe mean pixel
-(transforms.normalize); padding of a normalised image is 0, of a label 255.
+(transforms.normalize). Padding of a normalised image is 0 (the mean colour), except in
+AffinityNet training crops, padded black before normalising as the original's are; padding of
+a label is 255.
 """
 
 from __future__ import annotations
@@ -92,9 +96,11 @@ def cls_train(builder, split: str, *, batch_size: int, crop_size: int,
               convention: str = "imagenet") -> Iterator[Batch]:
   """Classification (CAM network) training batches, endless.
 
-  Per image, as the original: resize so the long side is uniform in `resize_long` (bilinear,
-  antialiased), horizontal flip, colour jitter (brightness, contrast, saturation, hue; fixed
-  order, see transforms.color_jitter), normalise, random crop_size crop with zero fill.
+  Per image, as the original's train_cls.py: resize so the long side is a uniform integer in
+  `resize_long` (`RandomResizeLong`: PIL bicubic on the uint8 image, transforms.resize_image),
+  horizontal flip, colour jitter (brightness, contrast, saturation, hue; fixed order, see
+  transforms.color_jitter), normalise, random crop_size crop with zero fill. The crop comes
+  after normalising, as in the original, so its padding is the mean colour (0), not black.
 
   Yields:
     {"image": float32 [B, S, S, 3], "label": float32 [B, C]} with S = crop_size.
@@ -109,9 +115,9 @@ def cls_train(builder, split: str, *, batch_size: int, crop_size: int,
 
   def preprocess(example, seed):
     s_resize, s_flip, s_jitter, s_crop = transforms.split_seed(seed, 4)
-    image = tf.cast(records.decode(example)["image"], tf.float32)
-    [image] = transforms.random_resize_long([image], ["bilinear"], low, high, s_resize)
-    [image] = transforms.random_flip([image], s_flip)
+    image = records.decode(example)["image"]
+    [image] = transforms.random_resize_long([image], ["pil_bicubic"], low, high, s_resize)
+    [image] = transforms.random_flip([tf.cast(image, tf.float32)], s_flip)
     image = _jitter(image, s_jitter, color_jitter)
     image = transforms.normalize(image, convention)
     [image] = transforms.random_crop([image], [0.0], crop_size, s_crop)
@@ -138,11 +144,13 @@ def aff_train(builder, split: str, score_dir: str, *, batch_size: int, crop_size
   """AffinityNet training batches, endless (without the images in `exclude`).
 
   Reads `{score_dir}/{name}.npz` (keys "la", "ha": float32 [H, W, K+1], channel 0 background,
-  K present classes). With `image_scale` != 1 the image (bicubic, rounded to 0..255, as the
+  K present classes). With `image_scale` != 1 the image (PIL bicubic on the uint8 image, as the
   inference pipeline resizes) and both score maps (bilinear) are first resized by that factor
-  (the original: 1). The image and both score maps are flipped and cropped together (zero fill,
-  so padding has no score and becomes 255); colour jitter touches the image only. Affinity
-  labels on the stride-8 grid then follow PSA step 3 (geometry.affinity_labels_tf).
+  (the original: 1). The image and both score maps are flipped and cropped together with zero
+  fill; colour jitter touches the image only, before the crop. As in the original's
+  train_aff.py, the crop takes the 0..255 image and normalising comes after it, so padding is
+  black, normalised (and has no score, so its labels are 255). Affinity labels on the stride-8
+  grid then follow PSA step 3 (geometry.affinity_labels_tf).
   With `check`, every score file of this host's images must exist before the first batch.
 
   Yields:
@@ -166,7 +174,7 @@ def aff_train(builder, split: str, score_dir: str, *, batch_size: int, crop_size
 
   def preprocess(example, seed):
     s_flip, s_jitter, s_crop = transforms.split_seed(seed, 3)
-    image = tf.cast(records.decode(example)["image"], tf.float32)
+    image = records.decode(example)["image"]
     shape = tf.shape(image)
     path = tf.strings.join([score_dir, "/", example["name"], ".npz"])
     la, ha = tf.numpy_function(_load_scores, [path, shape[0], shape[1], channels],
@@ -175,12 +183,13 @@ def aff_train(builder, split: str, score_dir: str, *, batch_size: int, crop_size
     ha = tf.ensure_shape(ha, [None, None, None])
     if image_scale != 1.0:
       size = transforms.scaled_size(shape[0], shape[1], image_scale)
-      image = transforms.resize_image(image, size, antialias=image_scale < 1)
+      image = transforms.resize_image(image, size)
       la, ha = transforms.resize([la, ha], size, ["bilinear", "bilinear"],
                                  antialias=image_scale < 1)
-    image, la, ha = transforms.random_flip([image, la, ha], s_flip)
-    image = transforms.normalize(_jitter(image, s_jitter, color_jitter), convention)
+    image, la, ha = transforms.random_flip([tf.cast(image, tf.float32), la, ha], s_flip)
+    image = _jitter(image, s_jitter, color_jitter)
     image, la, ha = transforms.random_crop([image, la, ha], [0.0, 0.0, 0.0], crop_size, s_crop)
+    image = transforms.normalize(image, convention)
     # Zero channels up to 1 + num_classes give the static channel count that the label rule
     # wants; a zero score never wins an argmax that a real score could win, and does not change
     # the "no score" test. Done after the crop, where the maps are smallest.
@@ -275,8 +284,9 @@ def inference(builder, split: str, *, scales: Sequence[float] = (1.0, 0.5, 1.5, 
               convention: str = "imagenet") -> Iterator[Batch]:
   """Multi-scale inference batches of fixed shapes, in the split's stored order.
 
-  For each image and scale s (index i): the image resized by s (bicubic, antialiased like PIL,
-  to round(h * s) x round(w * s), rounded to 0..255), normalised, padded bottom/right with 0 to
+  For each image and scale s (index i): the image resized by s to round(h * s) x round(w * s)
+  (Python's round) with PIL's bicubic on the uint8 image (transforms.resize_image), as the
+  original's multi-scale inference does, normalised, padded bottom/right with 0 to
   canvas_for_scale(canvas, s). Flips are for the consumer to do on device. The last batch is
   completed with dummy examples (valid False), and every host runs `inference_num_batches`.
   An image larger than the canvas is never resized (memory stays what the canvas allows): it
@@ -286,7 +296,7 @@ def inference(builder, split: str, *, scales: Sequence[float] = (1.0, 0.5, 1.5, 
   Yields:
     image_s{i}: float32 [B, Hc_i, Wc_i, 3]; size_s{i}: int32 [B, 2] (resized h, w);
     orig_size: int32 [B, 2] (h, w of what the canvas holds); image_size: int32 [B, 2] (h, w of
-    the stored image); raw: uint8 [B, Hc, Wc, 3] (original image, zero padded, for dCRF);
+    the stored image); raw: uint8 [B, Hc, Wc, 3] (the image as decoded, zero padded, for dCRF);
     name: bytes [B]; label: float32 [B, C]; mask: uint8 [B, Hc, Wc] (255 padded);
     valid: bool [B].
   """
@@ -307,7 +317,7 @@ def inference(builder, split: str, *, scales: Sequence[float] = (1.0, 0.5, 1.5, 
     out = {}
     for i, s in enumerate(scales):
       size = transforms.scaled_size(shape[0], shape[1], s)
-      resized = transforms.resize_image(image, size, antialias=s < 1)
+      resized = transforms.resize_image(image, size)
       out[f"image_s{i}"] = transforms.pad_to(transforms.normalize(resized, convention),
                                              *canvas_for_scale((canvas_h, canvas_w), s), 0.0)
       out[f"size_s{i}"] = size

@@ -2,7 +2,9 @@
 
 Every random op is stateless: it takes a `seed`, an int32/int64 tensor of shape [2], so a
 pipeline seeded once gives the same batches on every run, eagerly or inside tf.data.
-Images are float32 [H, W, 3] in 0..255 until `normalize`; maps (masks, pseudo labels, score
+Images are uint8 [H, W, 3] as decoded; where the original resizes them (CAM training, inference)
+they are resized while still uint8 with PIL's bicubic (`resize_image`), as it resizes its PIL
+images. Then they are float32 in 0..255 until `normalize`. Maps (masks, pseudo labels, score
 maps) are [H, W, C] tensors of any dtype that follow the image's geometry.
 """
 
@@ -10,7 +12,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import tensorflow as tf
+from PIL import Image
 
 from affinity_jax.constants import CAFFE_MEAN_RGB, IMAGENET_MEAN, IMAGENET_STD, INPUT_CONVENTIONS
 
@@ -77,7 +81,8 @@ def random_crop(tensors: Sequence[tf.Tensor], fills: Sequence[float], crop_size:
 
   Per axis, as the original's random crop: when the image is longer than the crop, a random
   window of it; when shorter, the whole image at a random offset in the crop, the rest filled
-  with each tensor's `fill` (0 for normalised images and score maps, 255 for labels).
+  with each tensor's `fill` (0: black for 0..255 images, the mean colour for normalised ones, no
+  score for score maps; 255 for labels).
   """
   tensors = [tf.convert_to_tensor(t) for t in tensors]
   shape = tf.shape(tensors[0])
@@ -104,24 +109,44 @@ def resize(tensors: Sequence[tf.Tensor], size: tf.Tensor, methods: Sequence[str]
            antialias: bool = True) -> list[tf.Tensor]:
   """Resizes [H, W, C] tensors to size = [h, w]; "nearest" keeps dtype (labels).
 
-  Continuous methods ("bilinear", "bicubic") return float32 and, with `antialias`, widen their
-  kernel when shrinking, as PIL does (it changes nothing when enlarging, only costs time).
+  "pil_bicubic" is `resize_image` (uint8 RGB in and out, PIL's bicubic). The other continuous
+  methods ("bilinear", "bicubic") return float32 and, with `antialias`, widen their kernel when
+  shrinking, as PIL does (it changes nothing when enlarging, only costs time).
   """
   out = []
   for t, method in zip(tensors, methods):
     t = tf.convert_to_tensor(t)
     if method == "nearest":
       out.append(tf.image.resize(t, size, method="nearest"))
+    elif method == "pil_bicubic":
+      out.append(resize_image(t, size))
     else:
       out.append(tf.image.resize(tf.cast(t, tf.float32), size, method=method,
                                  antialias=antialias))
   return out
 
 
-def resize_image(image: tf.Tensor, size: tf.Tensor, antialias: bool) -> tf.Tensor:
-  """An RGB image resized like the original's inference: bicubic, rounded and clipped to 0..255."""
-  [resized] = resize([image], size, ["bicubic"], antialias=antialias)
-  return tf.clip_by_value(tf.round(resized), 0.0, 255.0)
+def _pil_bicubic(image: np.ndarray, size: np.ndarray) -> np.ndarray:
+  height, width = int(size[0]), int(size[1])
+  if image.shape[:2] == (height, width):
+    return image  # PIL returns a copy at the same size.
+  resized = Image.fromarray(image).resize((width, height), Image.Resampling.BICUBIC)
+  return np.asarray(resized)
+
+
+def resize_image(image: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
+  """uint8 [H, W, 3] -> uint8 [h, w, 3] at size = [h, w], resized by PIL's bicubic filter.
+
+  As the original resizes its images (`img.resize(size, PIL.Image.CUBIC)`, CUBIC being
+  BICUBIC) in multi-scale inference and in `RandomResizeLong`: the same call on the same uint8
+  image, so the same pixels (PIL widens the kernel when shrinking and rounds in fixed point;
+  tf.image.resize, even antialiased, differs on 15 to 22 % of the values, mostly by a level).
+  It runs in a `tf.numpy_function`; PIL releases the GIL while resampling, so parallel tf.data
+  maps resize in parallel.
+  """
+  resized = tf.numpy_function(_pil_bicubic, [tf.cast(image, tf.uint8), size], tf.uint8,
+                              stateful=False)
+  return tf.ensure_shape(resized, [None, None, 3])
 
 
 def scaled_size(height: tf.Tensor, width: tf.Tensor, scale: tf.Tensor) -> tf.Tensor:
@@ -133,13 +158,38 @@ def scaled_size(height: tf.Tensor, width: tf.Tensor, scale: tf.Tensor) -> tf.Ten
   return tf.maximum(tf.cast(tf.round(hw), tf.int32), 1)
 
 
+def _round_div(numerator: tf.Tensor, denominator: tf.Tensor) -> tf.Tensor:
+  """round(numerator / denominator) of non-negative ints, half to even, exactly."""
+  quotient = numerator // denominator
+  twice_rest = 2 * (numerator - quotient * denominator)
+  up = (twice_rest > denominator) | ((twice_rest == denominator) & (quotient % 2 == 1))
+  return quotient + tf.cast(up, quotient.dtype)
+
+
+def long_side_size(height: tf.Tensor, width: tf.Tensor, target: tf.Tensor) -> tf.Tensor:
+  """[h, w] int32 with the long side `target`, aspect kept: the original's `RandomResizeLong`.
+
+  The short side is round(short * target / long) (Python's round, half to even, computed
+  exactly in integers), at least 1; a square image becomes target x target. Elementwise: sizes
+  of shape [..., 2] for heights and widths of shape [...].
+  """
+  height, width, target = (tf.cast(v, tf.int32) for v in (height, width, target))
+  tall = width < height
+  new_height = tf.where(tall, target, _round_div(height * target, width))
+  new_width = tf.where(tall, _round_div(width * target, height), target)
+  return tf.maximum(tf.stack([new_height, new_width], axis=-1), 1)
+
+
 def random_resize_long(tensors: Sequence[tf.Tensor], methods: Sequence[str], low: int,
                        high: int, seed: tf.Tensor) -> list[tf.Tensor]:
-  """Resizes so that the long side is a uniform integer in [low, high], aspect kept."""
+  """Resizes so that the long side is a uniform integer in [low, high], aspect kept.
+
+  Sizes follow `long_side_size`; with method "pil_bicubic" for a uint8 image this is the
+  original's `RandomResizeLong(low, high)` (its images are PIL images resized with bicubic).
+  """
   shape = tf.shape(tensors[0])
   target = tf.random.stateless_uniform([], seed, low, high + 1, dtype=tf.int32)
-  scale = tf.cast(target, tf.float32) / tf.cast(tf.maximum(shape[0], shape[1]), tf.float32)
-  return resize(tensors, scaled_size(shape[0], shape[1], scale), methods)
+  return resize(tensors, long_side_size(shape[0], shape[1], target), methods)
 
 
 def random_scale(tensors: Sequence[tf.Tensor], methods: Sequence[str], low: float, high: float,

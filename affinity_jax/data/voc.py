@@ -16,7 +16,7 @@ Splits:
              present; without it, asking for `train_aug` fails with tfds' unknown-split error.
 
 Features (the same as `synthetic_wsss`, so the rest of the code treats both alike):
-  image     uint8 [H, W, 3], the JPEG bytes as stored.
+  image     uint8 [H, W, 3], the JPEG bytes as stored, decoded as PIL decodes them (`VocImage`).
   name      the VOC id, e.g. "2007_000032".
   label     float32 [20] multi-hot image-level label, class order of `VOC_CLASSES`.
   mask      uint8 [H, W, 1]: class index 0..20, 255 = boundary / ignore.
@@ -51,7 +51,7 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
-from affinity_jax.data import voc_files
+from affinity_jax.data import records, voc_files
 from affinity_jax.data.base import LocalBuilder
 from affinity_jax.data.voc_files import NUM_CLASSES, VOC_CLASSES
 from affinity_jax.errors import UserError
@@ -63,6 +63,20 @@ _SBD = os.path.join("benchmark_RELEASE", "dataset")
 # Unreadable files a split may lose before the build calls the copy damaged and stops.
 _MAX_UNREADABLE_SHARE = 0.01
 _MAX_UNREADABLE_FLOOR = 10
+
+
+class VocImage(tfds.features.Image):
+  """tfds' JPEG image feature, decoded to the pixels PIL gives (libjpeg's accurate DCT).
+
+  The original opens every image with PIL; tfds' own Image feature decodes with tf's fast DCT,
+  which differs on most values. Every reader of the dataset that lets tfds decode (the dCRF of
+  the affinity-label stage, evaluation, tests) gets the same pixels as the input pipelines,
+  which decode with the same `records.decode_rgb`. Stored bytes are unchanged: a dataset
+  prepared with tfds' plain Image feature reads the same.
+  """
+
+  def decode_example(self, example):
+    return records.decode_rgb(example)
 
 
 @dataclasses.dataclass(eq=False)
@@ -97,7 +111,7 @@ class Voc2012Aug(LocalBuilder):
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
         features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
+            "image": VocImage(shape=(None, None, 3), encoding_format="jpeg"),
             "name": tfds.features.Text(),
             "label": tfds.features.Tensor(shape=(NUM_CLASSES,), dtype=np.float32),
             "mask": tfds.features.Image(shape=(None, None, 1), encoding_format="png"),
