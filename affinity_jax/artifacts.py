@@ -45,13 +45,14 @@ AFF_NET = Network("aff_net", "affinity", "aff", "train_aff")
 SEG_NET = Network("seg_net", "seg", "seg", "train_seg")
 NETWORKS = (CAM_NET, AFF_NET, SEG_NET)
 
-CAMS, AFF_LABELS, PSEUDO_LABELS, SEG_PRED, PANELS, REPORTS, FINGERPRINTS = (
-    "cams", "aff_labels", "pseudo_labels", "seg_pred", "panels", "reports", "fingerprints")
+CAMS, CAM_PRED, AFF_LABELS, PSEUDO_LABELS, SEG_PRED, PANELS, REPORTS, FINGERPRINTS = (
+    "cams", "cam_pred", "aff_labels", "pseudo_labels", "seg_pred", "panels", "reports",
+    "fingerprints")
 RESULTS_JSON, RESULTS_MD = "results.json", "results.md"
 
 # What each stage writes (glob patterns under the workdir), besides reports/{stage}.json.
 STAGE_OUTPUTS = {
-    "train_cam": (CAM_NET.folder,), "infer_cam": (CAMS,), "aff_labels": (AFF_LABELS,),
+    "train_cam": (CAM_NET.folder,), "infer_cam": (CAMS, CAM_PRED), "aff_labels": (AFF_LABELS,),
     "train_aff": (AFF_NET.folder,), "random_walk": (PSEUDO_LABELS, PANELS + "/rw_*.npz"),
     "train_seg": (SEG_NET.folder,), "infer_seg": (SEG_PRED,),
     "evaluate": (PANELS + "/*.png", RESULTS_JSON, RESULTS_MD),
@@ -79,6 +80,10 @@ class Workdir:
 
   def cam(self, name: str) -> str:
     return self.path(CAMS, name + ".npz")
+
+  def cam_prediction(self, name: str) -> str:
+    """The CAM-only label map (the original's --out_cam_pred)."""
+    return self.path(CAM_PRED, name + ".png")
 
   def scores(self, name: str) -> str:
     return self.path(AFF_LABELS, name + ".npz")
@@ -222,8 +227,8 @@ def load_scores(path: str, image_hw, max_channels: int) -> tuple[np.ndarray, np.
 
 
 # ---------------------------------------------------------------------------------------------
-# Label maps (random_walk's pseudo labels, infer_seg's predictions): uint8 PNG [H, W],
-# 0 background, c + 1 class c.
+# Label maps (infer_cam's CAM-only predictions, random_walk's pseudo labels, infer_seg's
+# predictions): uint8 PNG [H, W], 0 background, c + 1 class c.
 
 
 def save_label(path: str, label: np.ndarray) -> None:

@@ -5,8 +5,12 @@ top-left of a fixed canvas (`data.pipelines.inference`), so one compiled functio
 split whatever the image sizes. Per-image geometry (its own stride-8 extent, its size, its flip)
 enters as data, not shapes:
 
+* the network gets each image's size on the canvas (`sizes`) and zeroes its activations
+  outside the image wherever positions mix (models/canvas.py), so that its output on the
+  image's cells equals the original's forward of the unpadded image;
 * a flip pass flips each image within its own width (a per-example gather), so its stride-8
-  grid is aligned as when the original flips the unpadded image;
+  grid is aligned as when the original flips the unpadded image, and the flipped image keeps
+  its place and size;
 * bilinear upsampling with half-pixel centres (PyTorch's align_corners=False) of a grid cropped
   to the image's own extent, rows [0, ceil(H_s / 8)) and columns [0, ceil(W_s / 8)), is a pair
   of interpolation matrices Ry [H, h] and Rx [W, w], built on the host per image and zero outside
@@ -103,7 +107,8 @@ def upsample(grid: jax.Array, ry: jax.Array, rx: jax.Array) -> jax.Array:
 
 
 def pass_inputs(batch: dict, scales, out_key: str = "orig_size") -> list[dict]:
-  """Host-side per-scale inputs of one inference batch: images, flip index, matrices."""
+  """Host-side per-scale inputs of one inference batch: images [B, Hc_s, Wc_s, 3], sizes
+  [B, 2] int32 (each resized image's h, w on the canvas), flip index, matrices."""
   out_sizes = np.asarray(batch[out_key])
   canvas_hw = batch["raw"].shape[1:3]
   passes = []
@@ -113,21 +118,27 @@ def pass_inputs(batch: dict, scales, out_key: str = "orig_size") -> list[dict]:
     grid_hw = (grid_size(images.shape[1]), grid_size(images.shape[2]))
     ry, rx = upsample_matrices(sizes, out_sizes, grid_hw, canvas_hw)
     _, rx_flip = upsample_matrices(sizes, out_sizes, grid_hw, canvas_hw, flipped=True)
-    passes.append({"images": images, "flip": flip_index(sizes[:, 1], images.shape[2]),
+    passes.append({"images": images, "sizes": sizes.astype(np.int32),
+                   "flip": flip_index(sizes[:, 1], images.shape[2]),
                    "ry": ry, "rx": rx, "rx_flip": rx_flip})
   return passes
 
 
 def multiscale_flip_sum(apply_fn):
-  """jit(variables, passes) -> sum over scales and flips of `apply_fn(variables, images)` grids
-  upsampled to the canvas, [B, Hc, Wc, C] float32. `passes` from `pass_inputs`."""
+  """jit(variables, passes) -> sum over scales and flips of `apply_fn(variables, images, sizes)`
+  grids upsampled to the canvas, [B, Hc, Wc, C] float32. `passes` from `pass_inputs`.
+
+  apply_fn(variables, images [2B, Hc_s, Wc_s, 3], sizes [2B, 2] int32) -> [2B, h, w, C]: the
+  network's grids, given each image's size on its canvas (a network's `sizes` argument); the
+  second half of the batch is the first flipped within each image, same sizes.
+  """
   @jax.jit
   def run(variables, passes: list[dict]) -> jax.Array:
     total = 0.0
     for p in passes:
       b = p["images"].shape[0]
       both = jnp.concatenate([p["images"], flip_within(p["images"], p["flip"])], axis=0)
-      grids = apply_fn(variables, both)
+      grids = apply_fn(variables, both, jnp.concatenate([p["sizes"], p["sizes"]], axis=0))
       total = total + upsample(grids[:b], p["ry"], p["rx"])
       total = total + upsample(grids[b:], p["ry"], p["rx_flip"])
     return total

@@ -11,7 +11,9 @@ Per-pair arrays are laid out per offset, [B, h, w, K]: entry [b, y, x, k] belong
 
 Both give the same affinity and the same labels for every pair they share; pairs outside a scheme
 are masked to 0. An optional per-image validity mask [B, h, w] (True = a real image position,
-False = padding of a canvas) removes every pair with an invalid end.
+False = padding of a canvas; the image's own grid at the top-left) removes every pair with an
+invalid end, and for "psa" also makes the from positions those of each image's own grid (rows
+0..h_i-r, columns r-1..w_i-r), as the original builds the pair set on the image's feature grid.
 
 The random walk uses the *symmetric neighbourhood*: 2K+1 offsets (identity, the K forward ones,
 then the K backward ones), whose affinities are the forward ones shifted, identity = 1.
@@ -106,6 +108,8 @@ def pair_mask(h: int, w: int, *, radius: int = 5, scheme: str = "full",
     radius: gamma of the paper (5 in PSA).
     scheme: "psa" (the original's enumeration) or "full" (every position, masked at the edge).
     valid: optional [B, h, w] bool, False on padding of a canvas; a pair needs both ends valid.
+      With "psa", a from position p also needs p + (r-1, -(r-1)) and p + (r-1, r-1) valid:
+      for an image's grid at the canvas's top-left, the original's pair set on that grid.
 
   Returns:
     [h, w, K] bool without `valid`, [B, h, w, K] bool with it.
@@ -118,14 +122,18 @@ def pair_mask(h: int, w: int, *, radius: int = 5, scheme: str = "full",
   valid = jnp.asarray(valid, bool)
   if valid.ndim != 3 or valid.shape[1:] != (h, w):
     raise ValueError(f"valid must be [B, {h}, {w}] (got {tuple(valid.shape)}).")
-  return _mask_with_valid(mask, valid, radius=radius)
+  return _mask_with_valid(mask, valid, radius=radius, psa=scheme == "psa")
 
 
-@functools.partial(jax.jit, static_argnames=("radius",))
-def _mask_with_valid(mask, valid, *, radius):
+@functools.partial(jax.jit, static_argnames=("radius", "psa"))
+def _mask_with_valid(mask, valid, *, radius, psa):
   ends = jnp.stack([_shift(valid, dy, dx, fill=False)
                     for dy, dx in forward_offsets(radius)], axis=-1)
-  return mask[None] & valid[..., None] & ends
+  start = valid
+  if psa:  # The from positions of the image's own grid: r-1 rows below, r-1 columns each side.
+    r = radius - 1
+    start = start & _shift(valid, r, -r, fill=False) & _shift(valid, r, r, fill=False)
+  return mask[None] & start[..., None] & ends
 
 
 def psa_pair_indices(h: int, w: int, radius: int = 5) -> tuple[np.ndarray, np.ndarray]:

@@ -58,7 +58,7 @@ def get_config(arg=None):
   c.aff.update(dict(optimizer="adam", lr=3e-4, batch_size=8, epochs=-1, steps=300,
                     crop_size=192, image_scale=2.0, scheme="full", color_jitter=no_hue,
                     checkpoint_every=100, log_every=50))
-  c.random_walk.update(dict(scheme="full", batch_size=8, beta=4.0))
+  c.random_walk.update(dict(scheme="full", batch_size=8, beta=4.0, crf=False))
   # The segmentation network likewise sees the images about doubled, so that its stride-8
   # output keeps the pseudo labels' finer outlines.
   c.seg.update(dict(optimizer="adam", lr=3e-4, batch_size=8, epochs=-1, steps=800,

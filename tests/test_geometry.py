@@ -10,15 +10,22 @@ from tests import reference_geometry
 
 
 def _brute_pairs(h, w, radius, scheme, valid=None):
-  """{(y, x, k): (y2, x2)} of the scheme's forward pairs, by explicit loops."""
+  """{(y, x, k): (y2, x2)} of the scheme's forward pairs, by explicit loops.
+
+  `valid` is an image's own grid at the top-left; "psa" enumerates on that grid, as the original.
+  """
   pairs = {}
+  if valid is not None:  # The image's own grid.
+    h_img, w_img = int(valid.any(1).sum()), int(valid.any(0).sum())
+  else:
+    h_img, w_img = h, w
   for k, (dy, dx) in enumerate(geometry.forward_offsets(radius)):
     for y in range(h):
       for x in range(w):
         y2, x2 = y + dy, x + dx
         if not (0 <= y2 < h and 0 <= x2 < w):
           continue
-        if scheme == "psa" and not (y <= h - radius and radius - 1 <= x <= w - radius):
+        if scheme == "psa" and not (y <= h_img - radius and radius - 1 <= x <= w_img - radius):
           continue
         if valid is not None and not (valid[y, x] and valid[y2, x2]):
           continue
@@ -68,6 +75,38 @@ def test_pair_mask_matches_loops(scheme):
     pairs = _brute_pairs(h, w, r, scheme, None if v is None else v[0])
     got = set(zip(*np.nonzero(mask if v is None else mask[0])))
     assert got == set(pairs)
+
+
+def _original_pairs(h, w, radius):
+  """(from, to) flat-index pairs of the original's pair set on an h x w grid, written from its
+  definition: from positions drop the last r-1 rows and the first and last r-1 columns, to
+  positions are the from positions moved by each forward offset."""
+  r1 = radius - 1
+  pairs = set()
+  for dy, dx in geometry.forward_offsets(radius):
+    for y in range(h - r1):
+      for x in range(r1, w - r1):
+        pairs.add((y * w + x, (y + dy) * w + x + dx))
+  return pairs
+
+
+def test_psa_pairs_on_a_canvas_are_the_original_pairs_of_the_image_grid():
+  # A 47 x 63 image grid at the top-left of a 64 x 64 canvas grid: the walk's pair set must be
+  # the original's on 47 x 63, not the canvas's set cut to the image (5,132 pairs more).
+  h, w, hc, wc, r = 47, 63, 64, 64, 5
+  valid = np.zeros((1, hc, wc), bool)
+  valid[0, :h, :w] = True
+  mask = np.asarray(geometry.pair_mask(hc, wc, radius=r, scheme="psa", valid=valid))[0]
+  offsets = geometry.forward_offsets(r)
+  got = {(y * w + x, (y + offsets[k][0]) * w + x + offsets[k][1])
+         for y, x, k in zip(*np.nonzero(mask))}
+  want = _original_pairs(h, w, r)
+  assert len(want) == 34 * (h - 4) * (w - 8)
+  assert got == want
+  # The canvas's own set cut to the image has the extra pairs from the last rows and columns.
+  canvas = np.asarray(geometry.pair_mask(hc, wc, radius=r, scheme="psa"))
+  ends = np.asarray(geometry.pair_mask(hc, wc, radius=r, scheme="full", valid=valid))[0]
+  assert int((canvas & ends).sum()) - len(want) == 5132
 
 
 def test_pair_affinities_brute_force_and_schemes_agree():

@@ -27,6 +27,7 @@ def test_every_stage_wrote_its_outputs(run_dir):
     assert os.path.isdir(workdir / net / "final"), net
   n_train, n_val = 16, 8  # the tiny synthetic config
   assert len(os.listdir(workdir / "cams")) == n_train + n_val
+  assert len(os.listdir(workdir / "cam_pred")) == n_train + n_val
   assert len(os.listdir(workdir / "aff_labels")) == n_train + n_val
   assert len(os.listdir(workdir / "pseudo_labels")) == n_train + n_val
   assert len(os.listdir(workdir / "seg_pred")) == n_val
@@ -48,6 +49,22 @@ def test_outputs_have_the_documented_format(run_dir):
   assert label.shape == cam["cam"].shape[:2] and label.dtype == np.uint8
   allowed = {0} | {int(c) + 1 for c in cam["class_ids"]}
   assert set(np.unique(label)) <= allowed
+  # The CAM-only label map: argmax over (background 0.2, the CAMs), 0 background, c + 1 class c.
+  cam_pred = io.load_png(workdir / "cam_pred" / f"{name}.png")
+  stack = np.concatenate([np.full(cam["cam"].shape[:2] + (1,), 0.2), cam["cam"]], axis=-1)
+  ids = np.concatenate([[0], cam["class_ids"] + 1])
+  np.testing.assert_array_equal(cam_pred, ids[np.argmax(stack, axis=-1)])
+
+
+def test_cam_predictions_are_made_again_from_existing_cams(run_dir, capsys):
+  workdir, argv = run_dir
+  pred_dir = workdir / "cam_pred"
+  victim = sorted(os.listdir(pred_dir))[0]
+  before = (pred_dir / victim).read_bytes()
+  os.unlink(pred_dir / victim)
+  assert cli.main(argv + ["--stages", "infer_cam"]) == 0
+  assert "wrote 1 CAM-only label maps from existing CAM files" in capsys.readouterr().out
+  assert (pred_dir / victim).read_bytes() == before
 
 
 def test_results_json_and_table(run_dir):
@@ -105,6 +122,39 @@ def test_bad_image_scale_is_a_clear_error(run_dir, tmp_path, capsys):
     assert cli.main(argv + ["--stages", stage, "--config.aff.image_scale=0"]) == 2
     assert "config key aff.image_scale must be > 0" in capsys.readouterr().err
   assert not (copy / "pseudo_labels").exists() or not os.listdir(copy / "pseudo_labels")
+
+
+def test_random_walk_crf_refines_the_pseudo_labels(run_dir, tmp_path):
+  copy, argv = _copy_run(run_dir, tmp_path, "pseudo_labels", "panels")
+  assert cli.main(argv + ["--stages", "random_walk", "--config.random_walk.crf=True"]) == 0
+  workdir, _ = run_dir
+  changed = 0
+  for f in sorted(os.listdir(copy / "cams")):
+    cam = io.load_npz(copy / "cams" / f)
+    label = io.load_png(copy / "pseudo_labels" / (f[:-4] + ".png"))
+    plain = io.load_png(workdir / "pseudo_labels" / (f[:-4] + ".png"))
+    assert label.shape == plain.shape
+    assert set(np.unique(label)) <= {0} | {int(c) + 1 for c in cam["class_ids"]}
+    changed += int(np.any(label != plain))
+  assert changed > 0  # dCRF moved the outlines of some image
+
+
+def test_crf_label_cleans_a_noisy_walk_along_the_image_edges():
+  from affinity_jax.stages import random_walk  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  h, w = 40, 48
+  truth = np.zeros((h, w), np.int64)
+  truth[8:32, 10:30] = 1                                 # the object: class 2 of 3 -> label 3
+  image = np.where(truth[..., None] == 1, [200, 40, 40], [30, 60, 200]).astype(np.uint8)
+  p_obj = np.clip(np.where(truth == 1, 0.7, 0.3) + rng.uniform(-0.35, 0.35, (h, w)), 0.01, 0.99)
+  share = np.zeros((h, w, 4), np.float32)
+  share[..., 0], share[..., 3] = 1 - p_obj, p_obj
+  noisy = np.where(p_obj > 0.5, 3, 0)
+  label = random_walk.crf_label(image, share, np.array([0.0, 0.0, 1.0]), iters=10)
+  assert label.dtype == np.uint8 and set(np.unique(label)) <= {0, 3}
+  want = np.where(truth == 1, 3, 0)
+  assert np.mean(noisy == want) < 0.9
+  assert np.mean(label == want) > 0.99
 
 
 @pytest.mark.parametrize("scale", [1.0, 1.5])

@@ -15,6 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from affinity_jax.models import canvas
+
 Dtype = Any
 
 BN_EPS = 1e-5
@@ -180,13 +182,17 @@ def bn_relu(x: jax.Array, name: str, dtype: Dtype) -> jax.Array:
   return nn.relu(FrozenBatchNorm(dtype=dtype, name=name)(x))
 
 
-def residual_block(x: jax.Array, spec: BlockSpec, width: float, dtype: Dtype,
-                   train: bool) -> tuple[jax.Array, jax.Array]:
+def residual_block(x: jax.Array, spec: BlockSpec, width: float, dtype: Dtype, train: bool,
+                   valid_in: jax.Array | None = None,
+                   valid_out: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """One pre-activation block, built inside the calling module (names under `spec.name`).
 
+  valid_in / valid_out: [B, h, w, 1] bool (canvas.valid_cells) at the block's input and output
+  resolution, or None; activations outside are zeroed before each 3x3 convolution.
   Returns (output, the block's BN-ReLU input activation), the latter being the taps conv4/conv5.
   """
-  return _Block(spec=spec, width=width, dtype=dtype, name=spec.name)(x, train)
+  return _Block(spec=spec, width=width, dtype=dtype, name=spec.name)(x, train, valid_in,
+                                                                     valid_out)
 
 
 class _Block(nn.Module):
@@ -195,22 +201,25 @@ class _Block(nn.Module):
   dtype: Dtype
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
+  def __call__(self, x: jax.Array, train: bool, valid_in: jax.Array | None,
+               valid_out: jax.Array | None) -> tuple[jax.Array, jax.Array]:
     s, w, dt = self.spec, self.width, self.dtype
     pre = bn_relu(x, "bn_branch2a", dt)
+    if s.kind == "basic":  # A bottleneck's first convolutions are 1x1.
+      pre = canvas.zero_outside(pre, valid_in)
     shortcut = (conv(scaled(s.out_channels, w), 1, stride=s.stride, name="conv_branch1",
                      dtype=dt)(pre) if has_projection(s) else x)
     if s.kind == "basic":
       y = conv(scaled(s.mid_channels, w), 3, stride=s.stride, dilation=s.first_dilation,
                name="conv_branch2a", dtype=dt)(pre)
-      y = bn_relu(y, "bn_branch2b1", dt)
+      y = canvas.zero_outside(bn_relu(y, "bn_branch2b1", dt), valid_out)
       y = conv(scaled(s.out_channels, w), 3, dilation=s.dilation, name="conv_branch2b1",
                dtype=dt)(y)
     else:
       y = conv(scaled(s.out_channels // 4, w), 1, stride=s.stride, name="conv_branch2a",
                dtype=dt)(pre)
       y = bn_relu(y, "bn_branch2b1", dt)
-      y = channel_dropout(y, s.dropout, train, "dropout_2b1")
+      y = canvas.zero_outside(channel_dropout(y, s.dropout, train, "dropout_2b1"), valid_out)
       y = conv(scaled(s.out_channels // 2, w), 3, dilation=s.dilation, name="conv_branch2b1",
                dtype=dt)(y)
       y = bn_relu(y, "bn_branch2b2", dt)
@@ -219,18 +228,27 @@ class _Block(nn.Module):
     return y + shortcut, pre
 
 
-def resnet38_taps(images: jax.Array, width: float, dtype: Dtype,
-                  train: bool) -> dict[str, jax.Array]:
+def resnet38_taps(images: jax.Array, width: float, dtype: Dtype, train: bool,
+                  sizes: jax.Array | None = None) -> dict[str, jax.Array]:
   """The backbone, built as submodules of the calling (compact) module so that every network
   keeps the original's flat names (params['conv1a'], params['b2'], ..., batch_stats['bn7']).
 
-  images: [B, H, W, 3] normalised. Returns taps at stride 8 (h = ceil(ceil(ceil(H/2)/2)/2)):
-  "conv4" [B, h, w, 512w], "conv5" [B, h, w, 1024w], "conv6" [B, h, w, 4096w], in `dtype`.
+  images: [B, H, W, 3] normalised. sizes: None, or [B, 2] int (height, width) of each image at
+  the top-left of its canvas: the taps on its cells are then those of the unpadded image
+  (models/canvas.py); outside them they are unspecified. Returns taps at stride 8
+  (h = ceil(ceil(ceil(H/2)/2)/2)): "conv4" [B, h, w, 512w], "conv5" [B, h, w, 1024w],
+  "conv6" [B, h, w, 4096w], in `dtype`.
   """
-  x = conv(scaled(STEM_CHANNELS, width), 3, name="conv1a", dtype=dtype)(images.astype(dtype))
+  hw = images.shape[1:3]
+  valid = {s: canvas.valid_cells(sizes, tuple(-(-n // s) for n in hw), s) for s in (1, 2, 4, 8)}
+  x = canvas.zero_outside(images.astype(dtype), valid[1])
+  x = conv(scaled(STEM_CHANNELS, width), 3, name="conv1a", dtype=dtype)(x)
   taps = {}
+  stride = 1
   for spec in BLOCKS:
-    x, pre = residual_block(x, spec, width, dtype, train)
+    x, pre = residual_block(x, spec, width, dtype, train, valid[stride],
+                            valid[stride * spec.stride])
+    stride *= spec.stride
     if spec.name == "b5":
       taps["conv4"] = pre
     elif spec.name == "b6":
@@ -249,9 +267,11 @@ class ResNet38(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
-    """x: [B, H, W, 3] normalised images -> taps, each [B, h, w, C] at stride 8."""
-    return resnet38_taps(x, self.width, self.dtype, train)
+  def __call__(self, x: jax.Array, train: bool = False,
+               sizes: jax.Array | None = None) -> dict[str, jax.Array]:
+    """x: [B, H, W, 3] normalised images -> taps, each [B, h, w, C] at stride 8; sizes
+    [B, 2] (optional): each image's (height, width) on its canvas (resnet38_taps)."""
+    return resnet38_taps(x, self.width, self.dtype, train, sizes)
 
 
 def calibrate_batch_norm(model, variables: dict, images) -> dict:

@@ -9,7 +9,9 @@ channel dropout 0.5 (training only), `fc7` 1x1 to 1024, ReLU. The original also 
 pool5a, which its forward never uses, so they are absent here. No BatchNorm: `batch_stats` is
 empty. Module names are the original's state-dict names (conv1_1 ... fc7, fc8, f8_3 ... f9,
 gn8_3 ...), so weight conversion is a renaming. Inputs: BGR minus the Caffe mean pixel
-(`data.transforms.normalize(..., "caffe_bgr")`).
+(`data.transforms.normalize(..., "caffe_bgr")`). As on ResNet-38, every network takes an optional
+`sizes` [B, 2] (each image's height and width at the top-left of a padded canvas) for the
+unpadded forward on the image's cells (models/canvas.py).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from affinity_jax.constants import STRIDE
+from affinity_jax.models import canvas
 from affinity_jax.models.heads import (AFFINITY_HEAD_CHANNELS, AffinityNet, CAMNet, SegNet,
                                        affinity_head, class_scores, segmentation_head)
 from affinity_jax.models.resnet38 import channel_dropout, scaled, torch_default_init
@@ -111,26 +115,37 @@ class TrunkConv(nn.Module):
 
 
 def vgg16_taps(images: jax.Array, width: float, dtype: Dtype, train: bool,
-               fc6_dilation: int) -> dict[str, jax.Array]:
+               fc6_dilation: int, sizes: jax.Array | None = None) -> dict[str, jax.Array]:
   """The trunk, built as submodules of the calling (compact) module (flat original names).
 
-  images: [B, H, W, 3] BGR minus the mean pixel. Returns the original's forward_as_dict taps at
-  stride 8 (h = ceil(ceil(ceil(H/2)/2)/2)), in `dtype`: "conv4" [B, h, w, 512w] (after conv4_3's
-  ReLU), "conv5" [B, h, w, 512w] (after conv5_3's), "conv5fc" [B, h, w, 1024w] (after fc7's).
+  images: [B, H, W, 3] BGR minus the mean pixel. sizes: None, or [B, 2] int (height, width) of
+  each image at the top-left of its canvas: the taps on its cells are then those of the unpadded
+  image (models/canvas.py). Returns the original's forward_as_dict taps at stride 8
+  (h = ceil(ceil(ceil(H/2)/2)/2)), in `dtype`: "conv4" [B, h, w, 512w] (after conv4_3's ReLU),
+  "conv5" [B, h, w, 512w] (after conv5_3's), "conv5fc" [B, h, w, 1024w] (after fc7's).
   """
   x = images.astype(dtype)
   taps = {}
+  stride = 1
+  valid = canvas.valid_cells(sizes, x.shape[1:3], stride)
   for name, k, _, out, dilation in TRUNK_CONVS:
     if name == "fc7":  # the original's drop6 sits between fc6 and fc7.
       x = channel_dropout(x, 0.5, train, "drop6")
+    if k > 1:
+      x = canvas.zero_outside(x, valid)
     x = nn.relu(TrunkConv(scaled(out, width), k, dilation or fc6_dilation, dtype, name=name)(x))
     if name == "conv4_3":
       taps["conv4"] = x
     elif name == "conv5_3":
       taps["conv5"] = x
     if name in POOL_STRIDE:  # PyTorch pads max pools with -inf, as nn.max_pool does.
+      # On a canvas, zeros outside the image act as that -inf: x >= 0 after ReLU, and the centre
+      # of every window of an output cell inside the image lies inside it.
+      x = canvas.zero_outside(x, valid)
       s = POOL_STRIDE[name]
       x = nn.max_pool(x, (3, 3), strides=(s, s), padding=((1, 1), (1, 1)))
+      stride *= s
+      valid = canvas.valid_cells(sizes, x.shape[1:3], stride)
   taps["conv5fc"] = x
   return taps
 
@@ -173,39 +188,45 @@ class VGG16(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
-    """x: [B, H, W, 3] -> {"conv4", "conv5", "conv5fc"}, each [B, h, w, C] at stride 8."""
-    return vgg16_taps(x, self.width, self.dtype, train, CAM_FC6_DILATION)
+  def __call__(self, x: jax.Array, train: bool = False,
+               sizes: jax.Array | None = None) -> dict[str, jax.Array]:
+    """x: [B, H, W, 3] -> {"conv4", "conv5", "conv5fc"}, each [B, h, w, C] at stride 8;
+    sizes [B, 2] (optional): each image's (height, width) on its canvas (vgg16_taps)."""
+    return vgg16_taps(x, self.width, self.dtype, train, CAM_FC6_DILATION, sizes)
 
 
 class VGG16CAMNet(CAMNet):
   """network/vgg16_cls.py: the trunk, channel dropout 0.5 (drop7), fc8 without bias, GAP.
 
-  As CAMNet: `__call__(images, train=False)` -> logits [B, num_classes] (float32);
-  `cam(images)` -> [B, h, w, num_classes] = sqrt(relu(fc8 . conv5fc)): the original's VGG-16
-  takes the square root, its ResNet-38 does not (docs/method.md §2).
+  As CAMNet: `__call__(images, train=False, sizes=None)` -> logits [B, num_classes] (float32);
+  `cam(images, sizes=None)` -> [B, h, w, num_classes] = sqrt(relu(fc8 . conv5fc)): the
+  original's VGG-16 takes the square root, its ResNet-38 does not (docs/method.md §2).
   """
 
   @nn.compact
-  def forward(self, images: jax.Array, train: bool, output: str) -> jax.Array:
-    x = vgg16_taps(images, self.width, self.dtype, train, CAM_FC6_DILATION)["conv5fc"]
-    scores = class_scores(x, self.num_classes, self.dtype, train, output, "drop7")
+  def forward(self, images: jax.Array, train: bool, output: str,
+              sizes: jax.Array | None = None) -> jax.Array:
+    x = vgg16_taps(images, self.width, self.dtype, train, CAM_FC6_DILATION, sizes)["conv5fc"]
+    scores = class_scores(x, self.num_classes, self.dtype, train, output, "drop7", sizes)
     return jnp.sqrt(nn.relu(scores)) if output == "cam" else scores
 
 
 class VGG16AffinityNet(AffinityNet):
   """network/vgg16_aff.py: affinity features on the trunk with fc6 dilated by 4.
 
-  `__call__(images, train=False, valid=None)`: images [B, H, W, 3] -> features
+  `__call__(images, train=False, valid=None, sizes=None)`: images [B, H, W, 3] -> features
   [B, h, w, feature_dim] (float32) = ELU(f9(concat(ELU(GN(f8_3(conv4))), ELU(GN(f8_4(conv5))),
   ELU(GN(f8_5(conv5fc)))))); 1x1 convolutions without bias, GroupNorm of 8 / 16 / 32 groups
-  (`gn_groups` at other widths), statistics over the cells `valid` [B, h, w] when given.
+  (`gn_groups` at other widths), statistics over the cells `valid` [B, h, w] when given, else
+  over each image's cells ceil(sizes / 8) when `sizes` [B, 2] is (which also masks the trunk).
   """
 
   @nn.compact
-  def __call__(self, images: jax.Array, train: bool = False,
-               valid: jax.Array | None = None) -> jax.Array:
-    taps = vgg16_taps(images, self.width, self.dtype, train, AFFINITY_FC6_DILATION)
+  def __call__(self, images: jax.Array, train: bool = False, valid: jax.Array | None = None,
+               sizes: jax.Array | None = None) -> jax.Array:
+    taps = vgg16_taps(images, self.width, self.dtype, train, AFFINITY_FC6_DILATION, sizes)
+    if valid is None and sizes is not None:
+      valid = canvas.valid_cells(sizes, taps["conv4"].shape[1:3], STRIDE)[..., 0]
 
     def group_norm(head: str, x: jax.Array) -> jax.Array:  # gn8_3 follows f8_3, ...
       gn = GroupNorm(gn_groups(head, self.width), self.dtype, name="gn" + head[1:])
@@ -218,10 +239,11 @@ class VGG16AffinityNet(AffinityNet):
 class VGG16SegNet(SegNet):
   """SegNet's head (heads.segmentation_head) on the trunk's conv5fc (fc6 dilation 1).
 
-  `__call__(images, train=False)` -> logits [B, h, w, num_classes + 1] (float32).
+  `__call__(images, train=False, sizes=None)` -> logits [B, h, w, num_classes + 1] (float32).
   """
 
   @nn.compact
-  def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
-    x = vgg16_taps(images, self.width, self.dtype, train, CAM_FC6_DILATION)["conv5fc"]
-    return segmentation_head(x, self.num_classes, self.width, self.dtype)
+  def __call__(self, images: jax.Array, train: bool = False,
+               sizes: jax.Array | None = None) -> jax.Array:
+    x = vgg16_taps(images, self.width, self.dtype, train, CAM_FC6_DILATION, sizes)["conv5fc"]
+    return segmentation_head(x, self.num_classes, self.width, self.dtype, sizes)

@@ -3,7 +3,9 @@
 The method: docs/method.md §2.
 
 Writes `{workdir}/cams/{name}.npz` (artifacts.save_cam): the present classes, each divided by its
-own maximum + 1e-5.
+own maximum + 1e-5; and `{workdir}/cam_pred/{name}.png`, the CAM-only label map (argmax over a
+constant background 0.2 and the CAMs: 0 background, c + 1 class c; the original's
+`--out_cam_pred`), for inspecting or scoring CAMs with any tool.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ def run(cfg) -> dict:
       batch_size=cfg.cam_infer.batch_size, report=report):
     if model is None:
       model, variables = checkpoint.load_network(cfg, artifacts.CAM_NET)
-      cam_fn = cam.multiscale_flip_sum(lambda v, x: model.apply(v, x, method="cam"))
+      cam_fn = cam.multiscale_flip_sum(
+          lambda v, x, sizes: model.apply(v, x, sizes, method="cam"))
       normalise = jax.jit(cam.normalise)
     for i in [i for i in keep if not artifacts.has_positive_class(batch["label"][i])]:
       report.skip(names[i], artifacts.NO_POSITIVE_CLASS)
@@ -57,6 +60,23 @@ def run(cfg) -> dict:
       h, w = sizes[i]
       class_ids = np.flatnonzero(batch["label"][i] > 0).astype(np.int32)
       artifacts.save_cam(workdir.cam(names[i]), cams[i, :h, :w][..., class_ids], class_ids)
+      artifacts.save_label(workdir.cam_prediction(names[i]), cam.cam_prediction(cams[i, :h, :w]))
       written += 1
   print(f"[infer_cam] wrote {written} CAM files to {out_dir}")
-  return report.finish({"written": written})
+  derived = _derive_cam_predictions(cfg, workdir, builder) if jax.process_index() == 0 else 0
+  return report.finish({"written": written, "cam_predictions_derived": derived})
+
+
+def _derive_cam_predictions(cfg, workdir: artifacts.Workdir, builder) -> int:
+  """Writes the CAM-only label map of every image that has a CAM file but no map (CAMs made
+  before this output existed, or a map deleted by hand); returns how many it wrote."""
+  names = [n for split in cfg.data.pseudo_splits for n in data.split_names(builder, split)]
+  have_cam = set(names) - set(artifacts.missing(names, workdir.path(artifacts.CAMS), ".npz"))
+  derived = 0
+  for name in artifacts.missing(sorted(have_cam), workdir.path(artifacts.CAM_PRED), ".png"):
+    full = artifacts.load_cam(workdir.cam(name), cfg.model.num_classes)
+    artifacts.save_label(workdir.cam_prediction(name), cam.cam_prediction(full))
+    derived += 1
+  if derived:
+    print(f"[infer_cam] wrote {derived} CAM-only label maps from existing CAM files")
+  return derived

@@ -33,8 +33,8 @@ def run(cfg) -> dict:
       batch_size=cfg.seg_infer.batch_size, report=report):
     if model is None:
       model, variables = checkpoint.load_network(cfg, artifacts.SEG_NET)
-      seg_fn = cam.multiscale_flip_sum(
-          lambda v, x: jax.nn.softmax(model.apply(v, x).astype("float32"), axis=-1))
+      seg_fn = cam.multiscale_flip_sum(lambda v, x, sizes: jax.nn.softmax(
+          model.apply(v, x, sizes=sizes).astype("float32"), axis=-1))
     if not keep:
       continue
     probs = np.asarray(seg_fn(variables, cam.pass_inputs(batch, scales))) / (2 * len(scales))

@@ -6,7 +6,9 @@ For a batch of canvases: AffinityNet features at stride 8 of the image resized b
 `aff.image_scale` (the original: 1, the image as it is), the CAM stack (background
 (1 - max)^alpha + classes) resized likewise and pooled by 8 onto each image's own grid, the sparse
 walk of 2^logt steps with positions outside the image excluded, bilinear upsampling of the padded
-grid to the original resolution (cam.walk_to_image), crop, argmax. Writes
+grid to the original resolution (cam.walk_to_image), crop, argmax; with `random_walk.crf` (the
+paper's refinement, docs/method.md §6) the argmax of the dCRF marginals of the walked scores
+(background and present classes, divided by their sum) instead. Writes
 `{workdir}/pseudo_labels/{name}.png` (0 background, c + 1 class c) and, for the first
 `eval.panels` images of each split, the walked foreground heat map for pictures.
 """
@@ -17,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from affinity_jax import artifacts, cam, checkpoint, config, data, geometry
+from affinity_jax import artifacts, cam, checkpoint, config, crf, data, geometry
 from affinity_jax import random_walk as rw
 from affinity_jax.constants import STRIDE
 from affinity_jax.stages import per_image
@@ -25,8 +27,8 @@ from affinity_jax.stages import per_image
 # What its outputs are made from (affinity_jax/fingerprints.py): the config keys it reads
 # (a section stands for all its keys) and the stages whose outputs it consumes.
 READS = ("model", "random_walk.beta", "random_walk.logt", "random_walk.alpha",
-         "random_walk.radius", "random_walk.scheme", "random_walk.tol", "aff.image_scale",
-         "data.canvas")
+         "random_walk.radius", "random_walk.scheme", "random_walk.tol", "random_walk.crf",
+         "random_walk.crf_iters", "aff.image_scale", "data.canvas")
 CONSUMES = ("train_aff", "infer_cam")
 
 
@@ -36,18 +38,29 @@ def make_walk_fn(model, cfg):
   tol = float(cfg.random_walk.tol) if cfg.random_walk.tol > 0 else None
 
   @jax.jit
-  def walk(variables, images, cams, valid, ry, rx):
-    # `valid`: VGG-16's GroupNorm takes its statistics over each image's own grid, as the
-    # original, which pads an image only to a multiple of 8 (not to the canvas).
-    features = model.apply(variables, images, valid=valid).astype(jnp.float32)
+  def walk(variables, images, cams, valid, sizes, ry, rx):
+    # The original pads an image only to a multiple of 8 (not to the canvas): `sizes` [B, 2]
+    # = 8 * each image's grid makes the network's canvas forward equal that (models/canvas.py),
+    # `valid` [B, h, w] its grid (VGG-16's GroupNorm statistics, the walk).
+    features = model.apply(variables, images, valid=valid, sizes=sizes).astype(jnp.float32)
     aff_sym = geometry.neighbourhood_affinities(features, radius=radius, scheme=scheme,
                                                 valid=valid)
     walked = rw.propagate(aff_sym, cams, radius=radius, beta=beta, t=t, valid=valid, tol=tol)
     up = cam.upsample(walked, ry, rx)
     labels = jnp.argmax(up, axis=-1).astype(jnp.uint8)
     share = up / jnp.maximum(jnp.sum(up, axis=-1, keepdims=True), 1e-12)
-    return labels, jnp.max(share[..., 1:], axis=-1)
+    # The scores leave the device only for the dCRF (a 21-channel canvas per image on VOC).
+    return labels, jnp.max(share[..., 1:], axis=-1), (share if with_scores else None)
+  with_scores = bool(cfg.random_walk.crf)
   return walk
+
+
+def crf_label(image: np.ndarray, share: np.ndarray, label: np.ndarray, iters: int) -> np.ndarray:
+  """[H, W] pseudo label from dCRF on the walked scores `share` [H, W, 1 + C] (summing to one
+  at each pixel) of the background and the image's classes `label` [C] (> 0 present)."""
+  channels = np.concatenate([[0], np.flatnonzero(np.asarray(label) > 0) + 1])
+  q = crf.crf_inference(np.ascontiguousarray(image), share[..., channels], t=iters)
+  return channels[np.argmax(q, axis=-1)].astype(np.uint8)
 
 
 def run(cfg) -> dict:
@@ -94,11 +107,15 @@ def run(cfg) -> dict:
     grid = np.stack([[cam.grid_size(h), cam.grid_size(w)] for h, w in scaled])
     valid = cam.valid_mask(grid, (hc8, wc8))
     ry, rx = cam.walk_to_image(grid, sizes, scaled, (hc8, wc8), scale)
-    labels, heat = walk(variables, images, cams, valid, ry, rx)
+    labels, heat, share = walk(variables, images, cams, valid, grid * STRIDE, ry, rx)
     labels, heat = np.asarray(labels), np.asarray(heat)
     for i in keep:
       h, w = sizes[i]
-      artifacts.save_label(workdir.pseudo_label(batch_names[i]), labels[i, :h, :w])
+      label = labels[i, :h, :w]
+      if share is not None:
+        label = crf_label(batch["raw"][i, :h, :w], np.asarray(share[i, :h, :w]),
+                          batch["label"][i], int(cfg.random_walk.crf_iters))
+      artifacts.save_label(workdir.pseudo_label(batch_names[i]), label)
       if batch_names[i] in panel_names:
         artifacts.save_walk_heat(workdir.walk_heat(batch_names[i]), heat[i, :h, :w])
       written += 1
