@@ -30,13 +30,26 @@ The images are synthetic (coloured ellipses on a gradient, with noise), normalis
 original's Normalize (resnet38d.py's, or vgg16d.py's BGR minus the mean) and fed to both sides
 as the same float32 array.
 
+With `--stages` it compares the stages around the networks instead (experiments/stage_parity.py):
+the original's own infer_cls.py and infer_aff.py, run unmodified in subprocesses, against our
+infer_cam, aff_labels and random_walk run through our CLI, on the same small VOC tree of JPEGs
+(`--sizes`, default 375x500,500x375,333x500,281x500) and the same full-width ResNet-38 weights
+(converted with `affinity-jax convert psa-pytorch`): per image the CAMs of the present classes
+(max relative difference), the la / ha dCRF label maps and the random-walk pseudo labels
+(share of equal pixels), over the image and its 32-px border band, against the targets (CAMs
+within 1e-4; label maps equal on >= 99.9% of every image, band included).
+
 Speed against the original is measured by experiments/benchmark_models.py.
 
 Usage:
   python experiments/compare_pytorch.py --psa-root /tmp/psa [--backbone resnet38|vgg16]
       [--weights-cam F.pth --weights-aff F.pth] [--device cpu|cuda] [--quick]
       [--sizes 320x320,281x353] [--ms-size 121x153]
-`--quick` shrinks the work for a small CPU (fewer parity sizes, a small multi-scale image). The
+  python experiments/compare_pytorch.py --psa-root /tmp/psa --stages [--quick]
+      [--sizes 375x500,500x375] [--canvas 512x512] [--workdir DIR] [--json F.json]
+      [--weights-cam F.pth --weights-aff F.pth] [--seed 0] [--parallel]
+`--quick` shrinks the work for a small CPU (fewer parity sizes, a small multi-scale image; with
+`--stages`, images of a fifth of the size on a canvas that just holds them). Sizes are HxW. The
 last line printed is JSON.
 """
 
@@ -80,9 +93,26 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--quick", action="store_true",
                  help="less work for a small CPU: 2 parity sizes, small multi-scale image")
   p.add_argument("--sizes", type=lambda s: tuple(po.parse_size(v) for v in s.split(",")),
-                 help="parity image sizes, e.g. 320x320,281x353 (default: by --quick)")
+                 help="parity image sizes, e.g. 320x320,281x353 (default: by --quick); with "
+                      "--stages the images' sizes")
   p.add_argument("--ms-size", type=po.parse_size, help="image size of the multi-scale CAM check")
   p.add_argument("--seed", type=int, default=0)
+  stages = p.add_argument_group(
+      "stage parity (--stages)", "the original's infer_cls.py / infer_aff.py against our "
+      "infer_cam, aff_labels and random_walk (experiments/stage_parity.py); --sizes are then "
+      "the images' sizes, --quick makes them a fifth as large")
+  stages.add_argument("--stages", action="store_true",
+                      help="compare the stages around the networks instead of the networks")
+  stages.add_argument("--canvas", type=po.parse_size,
+                      help="our inference canvas, config key data.canvas (default: the "
+                           "config's 512x512; with --quick the smallest that holds the images)")
+  stages.add_argument("--workdir", help="folder for the tree, weights and both sides' outputs "
+                                        "(default: a new temporary folder); a rerun with the "
+                                        "same sizes and seed reuses the original's outputs")
+  stages.add_argument("--json", help="also write every figure to this JSON file")
+  stages.add_argument("--parallel", action="store_true",
+                      help="run the original's scripts and ours at the same time (less wall "
+                           "time; their seconds then overlap)")
   args = p.parse_args(argv)
   try:
     args.psa_root = po.check_psa_root(args.psa_root, args.backbone)
@@ -92,6 +122,21 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise ValueError(f"--{flag.replace('_', '-')} {path!r}: no such file")
   except ValueError as e:
     p.error(str(e))
+  if args.stages:
+    import stage_parity
+    if args.backbone != "resnet38" or args.device != "cpu":
+      p.error("--stages compares the original's ResNet-38 scripts on the CPU: leave --backbone "
+              "and --device at their defaults")
+    args.sizes = args.sizes or (stage_parity.QUICK_SIZES if args.quick else stage_parity.SIZES)
+    if args.quick and not args.canvas:
+      args.canvas = tuple(max(s[i] for s in args.sizes) for i in (0, 1))
+    canvas = args.canvas or tuple(stage_parity.load_config().data.canvas)
+    if any(h > canvas[0] or w > canvas[1] for h, w in args.sizes):
+      p.error(f"--sizes: an image larger than the canvas {canvas[0]}x{canvas[1]}; "
+              "give a larger --canvas")
+    return args
+  if args.canvas or args.workdir or args.json or args.parallel:
+    p.error("--canvas, --workdir, --json and --parallel go with --stages")
   args.sizes = args.sizes or (QUICK_SIZES if args.quick else SIZES)
   args.ms_size = args.ms_size or (QUICK_MS_SIZE if args.quick else MS_SIZE)
   # The walk runs on the last parity size (non-square in both default lists).
@@ -288,6 +333,9 @@ def run_parity(args, orig, t_cam, t_aff, js, results, rows):
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
+  if args.stages:
+    import stage_parity
+    return stage_parity.run(args)
   orig = po.load_original(args.psa_root, args.device, backbone=args.backbone)
   import flax
   import jax

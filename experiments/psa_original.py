@@ -11,7 +11,13 @@ sibling module (`python experiments/x.py` puts experiments/ first on sys.path):
   BatchNorm statistics and GroupNorm scales and shifts), `to_torch`, and one step of its
   train_aff.py (`torch_train_step_fn`);
 - inputs and measures: `parse_size`, `synthetic_image`, `normalise`, `diff`,
-  `interleaved_median`.
+  `interleaved_median`;
+- its inference scripts as they are (infer_cls.py, infer_aff.py): `run_script`, also the entry
+  point of this file, `python experiments/psa_original.py PSA_ROOT SCRIPT.py [ARGS...]`, which
+  runs SCRIPT.py of the checkout as `__main__` with ARGS after `patch_for_scripts` has made, in
+  its own process only, what this machine lacks behave as the script expects (no CUDA, a newer
+  numpy, scipy and torch; see there). The script reads `voc12/cls_labels.npy` relative to the
+  current folder, so run it from a folder of your own holding that file.
 Nothing here imports torch or JAX at module level, so argument checks run without them.
 """
 
@@ -20,6 +26,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import runpy
 import statistics
 import sys
 import time
@@ -233,3 +240,94 @@ def interleaved_median(fn_torch, fn_jax, repeats: int, warmup: int = 1,
     fn_jax()
     times_j.append(time.perf_counter() - t0)
   return reduce(times_t), reduce(times_j)
+
+
+# ---------------------------------------------------------------------------------------------
+# The original's inference scripts, run unmodified.
+
+
+def patch_for_scripts() -> None:
+  """What infer_cls.py and infer_aff.py need on a CPU-only machine with current libraries, in
+  this process only; the computation is untouched:
+  - no CUDA: `Tensor.cuda` and `Module.cuda` return their object, `torch.cuda.device_count()` is
+    1, `torch.cuda.device(i)` is an empty context, `torch.nn.parallel.replicate(model, devices)`
+    returns the model itself for each device (the CPU has one copy to run);
+  - DataLoader loads in the calling process (num_workers 0, no pinned memory): its order and
+    batches are the same;
+  - `scipy.misc.imsave` (removed from scipy) writes the array with PIL as it is: the scripts
+    give it uint8 label maps, which scipy's version (bytescale, then PIL) left unscaled;
+  - `np.load` allows pickles (the scripts save dicts with np.save and read them with .item());
+  - `PIL.Image.CUBIC` (removed in Pillow 10) is its other name, `PIL.Image.BICUBIC`;
+  - torchvision, if absent, is a stand-in module whose `transforms.Compose` applies the given
+    functions in order (the only part the scripts use).
+  """
+  import contextlib
+
+  import numpy
+  import scipy.misc
+  import torch
+  import torch.utils.data
+  from PIL import Image
+
+  torch.Tensor.cuda = lambda self, *args, **kwargs: self
+  torch.nn.Module.cuda = lambda self, *args, **kwargs: self
+  torch.cuda.device_count = lambda: 1
+  torch.cuda.device = lambda *args, **kwargs: contextlib.nullcontext()
+  torch.nn.parallel.replicate = lambda network, devices, *args, **kwargs: [network] * len(devices)
+
+  class InProcessLoader(torch.utils.data.DataLoader):
+    def __init__(self, *args, **kwargs):
+      kwargs.update(num_workers=0, pin_memory=False)
+      super().__init__(*args, **kwargs)
+  torch.utils.data.DataLoader = InProcessLoader
+
+  def imsave(path, array):
+    Image.fromarray(numpy.asarray(array)).save(path)
+  scipy.misc.imsave = imsave
+
+  load = numpy.load
+
+  def load_with_pickles(*args, **kwargs):
+    kwargs.setdefault("allow_pickle", True)
+    return load(*args, **kwargs)
+  numpy.load = load_with_pickles
+  if not hasattr(Image, "CUBIC"):
+    Image.CUBIC = Image.BICUBIC
+
+  try:
+    import torchvision  # noqa: F401
+  except ImportError:
+    class Compose:
+      def __init__(self, transforms):
+        self.transforms = transforms
+
+      def __call__(self, x):
+        for t in self.transforms:
+          x = t(x)
+        return x
+    transforms = types.ModuleType("torchvision.transforms")
+    transforms.Compose = Compose
+    stand_in = types.ModuleType("torchvision")
+    stand_in.transforms = transforms
+    sys.modules["torchvision"], sys.modules["torchvision.transforms"] = stand_in, transforms
+  warnings.filterwarnings("ignore", category=DeprecationWarning)
+  warnings.filterwarnings("ignore", category=UserWarning)
+
+
+def run_script(psa_root: str, script: str, argv: list[str]) -> None:
+  """Runs the checkout's `script` (e.g. "infer_cls.py") as `__main__` with arguments `argv`,
+  after `patch_for_scripts`; its modules (network/, tool/, voc12/) come from the checkout."""
+  psa_root = check_psa_root(psa_root)
+  path = os.path.join(psa_root, script)
+  if not os.path.isfile(path):
+    raise ValueError(f"{path}: no such script in the checkout")
+  patch_for_scripts()
+  sys.path.insert(0, psa_root)
+  sys.argv = [path, *argv]
+  runpy.run_path(path, run_name="__main__")
+
+
+if __name__ == "__main__":
+  if len(sys.argv) < 3:
+    raise SystemExit("usage: python experiments/psa_original.py PSA_ROOT SCRIPT.py [ARGS...]")
+  run_script(sys.argv[1], sys.argv[2], sys.argv[3:])

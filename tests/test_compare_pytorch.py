@@ -3,10 +3,13 @@
 experiments/compare_pytorch.py (parity) and experiments/benchmark_models.py (speed) check their
 arguments before torch is imported, so those tests need no torch.
 
-The parity test needs torch and a checkout of github.com/jiwoon-ahn/psa named by the environment
-variable PSA_ROOT; without them it is skipped. It runs the script's own code paths (a subprocess,
-so that its process-wide torch patch stays out of this one) at one small non-square size with
-the original's full-width networks on random weights, and checks the targets of the comparison.
+The parity tests need torch and a checkout of github.com/jiwoon-ahn/psa named by the
+environment variable PSA_ROOT; without them they are skipped. They run the script's own code
+paths (a subprocess, so that its process-wide torch patch stays out of this one) with the
+original's full-width networks on random weights: the networks at one small non-square size,
+checking the targets of the comparison; and `--stages --quick`, the original's infer_cls.py and
+infer_aff.py against our stages through our CLI on four small VOC-shaped JPEGs (a few minutes
+on two cores), checking that every figure is reported.
 """
 
 import json
@@ -81,8 +84,21 @@ def test_speed_script_help_lists_the_flags():
 def test_help_describes_the_comparison():
   res = _run("--help")
   assert res.returncode == 0
-  for flag in ("--psa-root", "--weights-cam", "--weights-aff", "--device", "--quick"):
+  for flag in ("--psa-root", "--weights-cam", "--weights-aff", "--device", "--quick",
+               "--stages", "--canvas", "--workdir", "--json", "--parallel"):
     assert flag in res.stdout
+
+
+def test_stage_options_are_checked_before_any_work(tmp_path):
+  root = _fake_checkout(tmp_path)
+  res = _run("--psa-root", root, "--canvas", "512x512")
+  assert res.returncode == 2 and "go with --stages" in res.stderr
+  for name in ("network/vgg16d.py", "network/vgg16_cls.py", "network/vgg16_aff.py"):
+    (tmp_path / name).write_text("")
+  res = _run("--psa-root", root, "--stages", "--backbone", "vgg16")
+  assert res.returncode == 2 and "leave --backbone" in res.stderr
+  res = _run("--psa-root", root, "--stages", "--sizes", "600x400")
+  assert res.returncode == 2 and "--canvas" in res.stderr and "512x512" in res.stderr
 
 
 def test_parity_with_the_original():
@@ -103,3 +119,34 @@ def test_parity_with_the_original():
   assert results["rw_scores_max_abs"] <= 1e-4
   # The walk must actually move labels for "identical" to mean something.
   assert results["rw_walk_moved_cells_pct"] > 1.0
+
+
+def test_stage_parity_with_the_original(tmp_path):
+  psa_root = os.environ.get("PSA_ROOT")
+  if not psa_root:
+    pytest.skip("set PSA_ROOT to a checkout of github.com/jiwoon-ahn/psa to compare with it")
+  pytest.importorskip("torch", reason="the comparison with the PyTorch original needs torch")
+  pytest.importorskip("pydensecrf", reason="both sides' dCRF needs pydensecrf (pydensecrf2)")
+  out = tmp_path / "figures.json"
+  res = _run("--psa-root", psa_root, "--stages", "--quick", "--parallel", "--workdir",
+             str(tmp_path / "work"), "--json", str(out), timeout=1200)
+  assert res.returncode == 0, (res.stdout[-2000:], res.stderr[-3000:])
+  lines = res.stdout.splitlines()
+  header = next(i for i, line in enumerate(lines) if line.startswith("image "))
+  names = [f"2011_{i:06d}" for i in range(4)]
+  for name, line in zip(names, lines[header + 2: header + 6]):
+    assert line.startswith(name), line
+  assert any(line.startswith("targets (") for line in lines)
+  results = json.loads(lines[-1])
+  assert results == json.loads(out.read_text())
+  assert results["mode"] == "stages" and sorted(results["images"]) == names
+  for name, r in results["images"].items():
+    assert len(r["classes"]) == 1 + int(name[-1]) % 2 == len(r["cam_max_rel"]), (name, r)
+    for v in r["cam_max_rel"].values():
+      assert 0 <= v["border"] <= v["all"] < float("inf"), (name, r)
+    for key in ("la_equal_pct", "ha_equal_pct", "rw_equal_pct"):
+      assert 0 <= r[key]["all"] <= 100 and 0 <= r[key]["border"] <= 100, (name, key, r)
+  # The original's walk must move labels for equal walks to mean something.
+  assert max(r["rw_moved_pct"] for r in results["images"].values()) > 1.0
+  # CAMs within 1e-4, la / ha / random-walk labels equal on >= 99.9% of every image and band.
+  assert results["targets_met"] == dict.fromkeys(("cam", "la", "ha", "rw", "all"), True), results
