@@ -1,9 +1,12 @@
 """Stage fingerprints: every output is keyed on what it was made from, so none is ever stale.
 
 A stage's record `{workdir}/fingerprints/{stage}.json` holds its *inputs* (the config keys the
-stage reads, the dataset, and the fingerprint of every stage whose outputs it consumes) and
-their hash, the *fingerprint*. The runner (stages/__init__.py) writes it before the stage runs
-(`complete: false`) and again when the stage has finished (`complete: true`, its seconds).
+stage reads, the dataset, the fingerprint of every stage whose outputs it consumes, and the
+version of the stage's code when it is past 1) and their hash, the *fingerprint*. A stage module
+bumps its `VERSION` when the same inputs give other outputs than before (a fix), so outputs of
+an older affinity_jax count as changed, never as current. The runner (stages/__init__.py)
+writes the record before the stage runs (`complete: false`) and again when the stage has
+finished (`complete: true`, its seconds).
 Before a stage runs:
 
 * same fingerprint: its outputs are reused and it does only what is missing, as always;
@@ -111,10 +114,12 @@ def upstream_fingerprint(workdir: artifacts.Workdir, stage: str) -> str | None:
 
 
 def make_record(cfg, stage: str, reads: Sequence[str], consumes: Sequence[str],
-                dataset: str) -> dict:
+                dataset: str, version: int = 1) -> dict:
   workdir = artifacts.Workdir(cfg.workdir)
   inputs = {"config": config_values(cfg, reads), "dataset": dataset,
             "upstream": {s: upstream_fingerprint(workdir, s) for s in consumes}}
+  if version != 1:  # Records written before versions existed are version 1.
+    inputs["version"] = version
   if "init.backbone" in inputs["config"] and cfg.init.backbone:
     # The pretrained weights count by their files, not their path (a file replaced in place).
     inputs["backbone"] = network_identity(cfg.init.backbone)
@@ -126,6 +131,7 @@ def changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
   def flat(inputs):
     out = {f"--config.{k}": v for k, v in inputs["config"].items()}
     out["dataset"] = inputs["dataset"]
+    out["the stage's code version"] = inputs.get("version", 1)
     if "backbone" in inputs:
       out["the files of --config.init.backbone"] = inputs["backbone"]
     out.update({f"the {s} run": v for s, v in inputs["upstream"].items()})

@@ -13,8 +13,10 @@ same defaults for both backbones) with what differs for VGG-16, each with its so
 - frozen conv1_* and conv2_* (vgg16_cls.py / vgg16_aff.py `not_training`), init.freeze_stem;
 - the CAM network's learning rate 0.1: the README's command (`--lr 0.1`) and train_cls.py's
   default, whose default network is vgg16_cls (the ResNet-38 config departs from it, not this).
-Everything else (batch 16 / 15 epochs / crop 448 for the CAM network, batch 8 / 8 epochs / lr
-0.1 for AffinityNet, weight decay 5e-4, the poly schedule and the four groups; alpha 4 / 16 / 32,
+- AffinityNet's learning rate 0.1 (train_aff.py's default and the README's command; the
+  ResNet-38 config uses 0.01 for it, psa #8, #18).
+Everything else (batch 16 / 15 epochs / crop 448 for the CAM network, batch 8 / 8 epochs for
+AffinityNet, weight decay 5e-4, the poly schedule and the four groups; alpha 4 / 16 / 32,
 beta 8, t = 256) is the same for both backbones in the README and the scripts. The segmentation
 network is not in the original repository; its section is configs/voc_resnet38.py's.
 

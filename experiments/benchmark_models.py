@@ -4,8 +4,8 @@ Measures, in one process and on the same weights and inputs (`--parts`, default 
 the ResNet-38 networks or, with `--backbone vgg16`, the VGG-16 ones (network/vgg16_cls.py,
 vgg16_aff.py against VGG16CAMNet, VGG16AffinityNet; inputs normalised by vgg16d.py's Normalize):
 - cam: CAM inference, batch 1, at each of `--cam-sizes` (default 448x448 and 320x320), width
-  1.0: the jitted `model.apply(v, x, method="cam")` that the pipeline's multi-scale CAM sum
-  (affinity_jax.cam.multiscale_flip_sum) calls, vs the original's resnet38_cls.Net.forward_cam
+  1.0: the jitted `model.apply(v, x, sizes, method="cam")` (with the image's size, as the
+  pipeline's multi-scale CAM sum affinity_jax.cam.multiscale_flip_sum calls it), vs the original's resnet38_cls.Net.forward_cam
   under torch.no_grad. The CAMs of the two sides are compared as a sanity check.
 - train: one AffinityNet training step, forward + the affinity loss + backward + SGD update.
   PyTorch: the original's resnet38_aff.Net in its train() mode (BN frozen, conv1a / b2* without
@@ -107,7 +107,8 @@ def time_cam(args, orig, results: dict) -> list:
   t_net, state, _ = po.build_torch_net(orig, "cam", None, args.seed)
   model = models.build("cam", backbone=args.backbone)
   variables = jax.device_put(psa_state_dict_to_variables(state, "cam", backbone=args.backbone))
-  cam_fn = jax.jit(lambda v, x: model.apply(v, x, method="cam"))
+  cam_fn = jax.jit(lambda v, x: model.apply(v, x, np.array([x.shape[1:3]], np.int32),
+                                            method="cam"))
   rows = []
   for h, w in args.cam_sizes:
     x = po.normalise(orig, po.synthetic_image(h, w, args.seed + 7))

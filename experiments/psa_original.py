@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import os
 import runpy
 import statistics
@@ -294,9 +295,7 @@ def patch_for_scripts() -> None:
   if not hasattr(Image, "CUBIC"):
     Image.CUBIC = Image.BICUBIC
 
-  try:
-    import torchvision  # noqa: F401
-  except ImportError:
+  if importlib.util.find_spec("torchvision") is None:
     class Compose:
       def __init__(self, transforms):
         self.transforms = transforms

@@ -59,6 +59,8 @@ import xml.sax.saxutils
 import numpy as np
 from PIL import Image
 
+from affinity_jax import io as aj_io  # no JAX: atomic writes
+
 import psa_original as po
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -464,8 +466,7 @@ def prepare_folder(args, root: str) -> list[dict]:
   for d in ("manual", "original", "weights", "ours", "tfds", "logs"):
     shutil.rmtree(os.path.join(root, d), ignore_errors=True)
   images = write_voc_tree(os.path.join(root, "manual"), args.sizes, args.seed)
-  with open(path, "w") as f:
-    json.dump({"manifest": manifest, "images": images}, f, indent=1)
+  aj_io.save_json(path, {"manifest": manifest, "images": images})  # whole or absent
   return images
 
 
@@ -512,8 +513,7 @@ def run(args) -> dict:
              "weights": dict(weights), "config": CONFIG,
              "canvas": list(args.canvas) if args.canvas else None, "config_drift": drift}
   if args.json:
-    with open(args.json, "w") as f:
-      json.dump(results, f, indent=1, sort_keys=True)
+    aj_io.save_json(args.json, results)
   if not args.workdir:  # ~1.6 GB of weights: a temporary folder goes once compared
     shutil.rmtree(root, ignore_errors=True)
     results["folder"] = None

@@ -67,3 +67,15 @@ def test_pretrained_backbone_counts_by_its_files(cfg, tmp_path):
   (backbone / "weights").write_bytes(b"two")  # replaced in place, same path
   with pytest.raises(UserError, match="the files of --config.init.backbone: '[0-9a-f]+' -> "):
     fingerprints.prepare(cfg, "train_cam", _record(cfg), outputs_exist=True)
+
+
+def test_outputs_of_an_older_stage_code_are_not_current(cfg):
+  # A record of before code versions (version 1, no key) against the stage's VERSION now.
+  old = fingerprints.make_record(cfg, "train_cam", train_cam.READS, train_cam.CONSUMES, "d")
+  assert "version" not in old["inputs"]
+  fingerprints.save_record(artifacts.Workdir(cfg.workdir), {**old, "complete": True})
+  new = fingerprints.make_record(cfg, "train_cam", train_cam.READS, train_cam.CONSUMES, "d",
+                                 train_cam.VERSION)
+  assert train_cam.VERSION > 1 and new["fingerprint"] != old["fingerprint"]
+  with pytest.raises(UserError, match=r"the stage's code version: 1 -> 2"):
+    fingerprints.prepare(cfg, "train_cam", new, outputs_exist=True)

@@ -144,15 +144,19 @@ def test_random_resize_long_is_the_originals(height, width):
     target = max(eager.shape[:2])
     assert 60 <= target <= 260
     targets.add(target)
-    # tool/imutils.py RandomResizeLong: (w, h) for PIL's resize.
-    if width < height:
-      size = (int(round(width * target / height)), target)
-    else:
-      size = (target, int(round(height * target / width)))
+    size = _long_side_wh(height, width, target)
     assert eager.dtype == np.uint8 and eager.shape == (size[1], size[0], 3)
     np.testing.assert_array_equal(
         eager, np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BICUBIC)))
   assert len(targets) > 1
+
+
+def _long_side_wh(h, w, target):
+  """(width, height) with the long side `target` (the width on a tie) and the other side
+  Python's round of other * target / long, the rule of the original's RandomResizeLong."""
+  long_is_height = h > w
+  other = round((w if long_is_height else h) * target / (h if long_is_height else w))
+  return (other, target) if long_is_height else (target, other)
 
 
 def test_long_side_size_rounds_as_python():
@@ -162,8 +166,7 @@ def test_long_side_size_rounds_as_python():
   for target in (57, 258, 512):
     got = transforms.long_side_size(heights.ravel(), widths.ravel(), target).numpy()
     for (h, w), (gh, gw) in zip(zip(heights.ravel(), widths.ravel()), got):
-      want_w, want_h = ((int(round(w * target / h)), target) if w < h
-                        else (target, int(round(h * target / w))))
+      want_w, want_h = _long_side_wh(h, w, target)
       assert (gh, gw) == (max(want_h, 1), max(want_w, 1)), (h, w, target)
   assert transforms.long_side_size(375, 500, 258).numpy().tolist() == [194, 258]
 

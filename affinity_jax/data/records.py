@@ -56,7 +56,8 @@ def decode_rgb(encoded_image: tf.Tensor) -> tf.Tensor:
   JPEGs are decoded with libjpeg's accurate integer DCT (ISLOW), the method PIL uses, which is
   what the original reads its images with; tf's default (the fast integer DCT) moves about two
   thirds of the values of a VOC photograph by up to a few levels. Greyscale JPEGs come out as
-  three equal channels and CMYK ones converted, as PIL does. Other formats (the PNGs of
+  three equal channels (CMYK ones are converted to RGB when the dataset is built, see
+  voc_files.py). Other formats (the PNGs of
   `synthetic_wsss`) are lossless and decode alike everywhere.
   """
   image = tf.cond(

@@ -144,8 +144,10 @@ def resize_image(image: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
   It runs in a `tf.numpy_function`; PIL releases the GIL while resampling, so parallel tf.data
   maps resize in parallel.
   """
-  resized = tf.numpy_function(_pil_bicubic, [tf.cast(image, tf.uint8), size], tf.uint8,
-                              stateful=False)
+  image = tf.convert_to_tensor(image)
+  if image.dtype != tf.uint8:  # A cast would wrap or truncate a float image silently.
+    raise TypeError(f"resize_image: expects a uint8 image, got {image.dtype.name}")
+  resized = tf.numpy_function(_pil_bicubic, [image, size], tf.uint8, stateful=False)
   return tf.ensure_shape(resized, [None, None, 3])
 
 

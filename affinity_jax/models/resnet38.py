@@ -258,7 +258,8 @@ def resnet38_taps(images: jax.Array, width: float, dtype: Dtype, train: bool,
 
 
 class ResNet38(nn.Module):
-  """The ResNet-38 backbone alone. `__call__(x, train=False)` -> {"conv4", "conv5", "conv6"}.
+  """The ResNet-38 backbone alone. `__call__(x, train=False, sizes=None)` -> {"conv4",
+  "conv5", "conv6"}; `sizes` [B, 2] makes a canvas forward exact (models/canvas.py).
 
   width scales every channel count (1.0 = the original, which loads its weights).
   dtype is the compute dtype; parameters and BN statistics stay float32.

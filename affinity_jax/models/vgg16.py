@@ -183,7 +183,8 @@ class GroupNorm(nn.Module):
 
 
 class VGG16(nn.Module):
-  """The trunk alone (`backbone` checkpoints). `__call__(x, train=False)` -> its taps."""
+  """The trunk alone (`backbone` checkpoints). `__call__(x, train=False, sizes=None)` -> its
+  taps; `sizes` [B, 2] makes a canvas forward exact (models/canvas.py)."""
   width: float = 1.0
   dtype: Dtype = jnp.float32
 

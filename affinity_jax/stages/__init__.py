@@ -63,7 +63,8 @@ def _run_locked(cfg, names: list[str], main_process: bool) -> dict[str, dict]:
   for name in names:
     module = modules[name]
     fingerprints.check_consumed(workdir, name, module.CONSUMES)
-    record = fingerprints.make_record(cfg, name, module.READS, module.CONSUMES, dataset)
+    record = fingerprints.make_record(cfg, name, module.READS, module.CONSUMES, dataset,
+                                      getattr(module, "VERSION", 1))
     verdict = fingerprints.prepare(cfg, name, record, bool(workdir.stage_outputs(name)),
                                    reuses_outputs=name != "evaluate")
     old = fingerprints.load_record(workdir, name) if verdict == "same" else None

@@ -22,6 +22,9 @@ from affinity_jax import artifacts, crf
 # (a section stands for all its keys) and the stages whose outputs it consumes.
 READS = ("aff_labels",)
 CONSUMES = ("infer_cam",)
+# The version of this stage's code: bumped when the same inputs give other outputs
+# (fingerprints.py). 2: its dCRF sees PIL's JPEG pixels.
+VERSION = 2
 
 
 def _die_with_parent() -> None:

@@ -19,7 +19,7 @@ from affinity_jax.errors import UserError
 
 # What its outputs are made from (affinity_jax/fingerprints.py): the config keys it reads
 # (a section stands for all its keys) and the stages whose outputs it consumes.
-READS = ("model.num_classes", "eval.cam_splits", "eval.seg_splits")
+READS = ("model.num_classes", "eval.cam_splits", "eval.seg_splits", "random_walk.crf")
 CONSUMES = ("infer_cam", "random_walk", "infer_seg")
 
 
@@ -100,7 +100,9 @@ def run(cfg) -> dict:
   results = {"splits": {}}
   report = artifacts.SkipReport(workdir, "evaluate", jax.process_index() == 0)
   rows = []
-  labels = {"cam": "CAM", "rw": "CAM + RW", "seg": "Segmentation"}
+  # With random_walk.crf the pseudo labels are the paper's "CAM + RW + dCRF", not infer_aff.py's.
+  labels = {"cam": "CAM", "rw": "CAM + RW + dCRF" if cfg.random_walk.crf else "CAM + RW",
+            "seg": "Segmentation"}
   plan = {}
   for split in cfg.eval.cam_splits:
     plan.setdefault(split, {})["cam"] = workdir.path(artifacts.CAMS)

@@ -10,11 +10,14 @@ constant background 0.2 and the CAMs: 0 background, c + 1 class c; the original'
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from affinity_jax import artifacts, cam, checkpoint, data
+from affinity_jax.data import records
 from affinity_jax.stages import per_image
 from affinity_jax.errors import NonFiniteOutputError
 
@@ -22,6 +25,9 @@ from affinity_jax.errors import NonFiniteOutputError
 # (a section stands for all its keys) and the stages whose outputs it consumes.
 READS = ("model", "cam_infer.scales", "data.canvas")
 CONSUMES = ("train_cam",)
+# The version of this stage's code: bumped when the same inputs give other outputs
+# (fingerprints.py). 2: the exact canvas forward, PIL's pixels and resizes.
+VERSION = 2
 
 
 def run(cfg) -> dict:
@@ -63,17 +69,21 @@ def run(cfg) -> dict:
       artifacts.save_label(workdir.cam_prediction(names[i]), cam.cam_prediction(cams[i, :h, :w]))
       written += 1
   print(f"[infer_cam] wrote {written} CAM files to {out_dir}")
-  derived = _derive_cam_predictions(cfg, workdir, builder) if jax.process_index() == 0 else 0
+  derived = _derive_cam_predictions(cfg, workdir, builder)
   return report.finish({"written": written, "cam_predictions_derived": derived})
 
 
 def _derive_cam_predictions(cfg, workdir: artifacts.Workdir, builder) -> int:
-  """Writes the CAM-only label map of every image that has a CAM file but no map (CAMs made
-  before this output existed, or a map deleted by hand); returns how many it wrote."""
-  names = [n for split in cfg.data.pseudo_splits for n in data.split_names(builder, split)]
-  have_cam = set(names) - set(artifacts.missing(names, workdir.path(artifacts.CAMS), ".npz"))
+  """Writes the CAM-only label map of every image of this host's share that has a CAM file but
+  no map (a map deleted by hand, a run killed between the two files); returns how many it
+  wrote. Only this host's images: another host may still be writing its own."""
+  index, count = jax.process_index(), jax.process_count()
+  names = [n for split in cfg.data.pseudo_splits
+           for n in data.split_names(builder, records.host_split(builder, split, index, count))]
   derived = 0
-  for name in artifacts.missing(sorted(have_cam), workdir.path(artifacts.CAM_PRED), ".png"):
+  for name in names:
+    if not os.path.exists(workdir.cam(name)) or os.path.exists(workdir.cam_prediction(name)):
+      continue
     full = artifacts.load_cam(workdir.cam(name), cfg.model.num_classes)
     artifacts.save_label(workdir.cam_prediction(name), cam.cam_prediction(full))
     derived += 1

@@ -18,6 +18,9 @@ from affinity_jax.stages import per_image
 # (a section stands for all its keys) and the stages whose outputs it consumes.
 READS = ("model", "seg_infer.scales", "seg_infer.crf", "data.canvas")
 CONSUMES = ("train_seg",)
+# The version of this stage's code: bumped when the same inputs give other outputs
+# (fingerprints.py). 2: the exact canvas forward, PIL's pixels and resizes.
+VERSION = 2
 
 
 def run(cfg) -> dict:

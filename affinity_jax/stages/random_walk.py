@@ -22,6 +22,7 @@ import numpy as np
 from affinity_jax import artifacts, cam, checkpoint, config, crf, data, geometry
 from affinity_jax import random_walk as rw
 from affinity_jax.constants import STRIDE
+from affinity_jax.errors import NonFiniteOutputError
 from affinity_jax.stages import per_image
 
 # What its outputs are made from (affinity_jax/fingerprints.py): the config keys it reads
@@ -30,12 +31,16 @@ READS = ("model", "random_walk.beta", "random_walk.logt", "random_walk.alpha",
          "random_walk.radius", "random_walk.scheme", "random_walk.tol", "random_walk.crf",
          "random_walk.crf_iters", "aff.image_scale", "data.canvas")
 CONSUMES = ("train_aff", "infer_cam")
+# The version of this stage's code: bumped when the same inputs give other outputs
+# (fingerprints.py). 2: the exact canvas forward, the original's pair set per image.
+VERSION = 2
 
 
 def make_walk_fn(model, cfg):
   radius, scheme = int(cfg.random_walk.radius), cfg.random_walk.scheme
   t, beta = 2 ** int(cfg.random_walk.logt), float(cfg.random_walk.beta)
   tol = float(cfg.random_walk.tol) if cfg.random_walk.tol > 0 else None
+  with_scores = bool(cfg.random_walk.crf)
 
   @jax.jit
   def walk(variables, images, cams, valid, sizes, ry, rx):
@@ -51,7 +56,6 @@ def make_walk_fn(model, cfg):
     share = up / jnp.maximum(jnp.sum(up, axis=-1, keepdims=True), 1e-12)
     # The scores leave the device only for the dCRF (a 21-channel canvas per image on VOC).
     return labels, jnp.max(share[..., 1:], axis=-1), (share if with_scores else None)
-  with_scores = bool(cfg.random_walk.crf)
   return walk
 
 
@@ -109,12 +113,20 @@ def run(cfg) -> dict:
     ry, rx = cam.walk_to_image(grid, sizes, scaled, (hc8, wc8), scale)
     labels, heat, share = walk(variables, images, cams, valid, grid * STRIDE, ry, rx)
     labels, heat = np.asarray(labels), np.asarray(heat)
+    if share is not None:
+      share = np.asarray(share)
+      if not np.all(np.isfinite(share[keep])):
+        raise NonFiniteOutputError(
+            f"{workdir.network(artifacts.AFF_NET)}: the walk gives non-finite scores (images "
+            f"{', '.join(batch_names[i] for i in keep)}); AffinityNet's training diverged. "
+            f"Delete {workdir.network_dir(artifacts.AFF_NET)} and retrain with a lower "
+            "--config.aff.lr")
     for i in keep:
       h, w = sizes[i]
       label = labels[i, :h, :w]
       if share is not None:
-        label = crf_label(batch["raw"][i, :h, :w], np.asarray(share[i, :h, :w]),
-                          batch["label"][i], int(cfg.random_walk.crf_iters))
+        label = crf_label(batch["raw"][i, :h, :w], share[i, :h, :w], batch["label"][i],
+                          int(cfg.random_walk.crf_iters))
       artifacts.save_label(workdir.pseudo_label(batch_names[i]), label)
       if batch_names[i] in panel_names:
         artifacts.save_walk_heat(workdir.walk_heat(batch_names[i]), heat[i, :h, :w])

@@ -19,6 +19,9 @@ from affinity_jax.stages.training import TrainingSpec, run_training
 # (a section stands for all its keys) and the stages whose outputs it consumes.
 READS = ("seed", "model", "init", "aff", "data.train_split", "data.shuffle_buffer")
 CONSUMES = ("aff_labels", "train_cam")
+# The version of this stage's code: bumped when the same inputs give other outputs
+# (fingerprints.py). 2: black crop fill, PIL's pixels and resize.
+VERSION = 2
 
 
 def make_loss(radius: int, scheme: str):

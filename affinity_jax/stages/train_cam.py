@@ -17,6 +17,9 @@ from affinity_jax.stages.training import TrainingSpec, run_training
 READS = ("seed", "model", "init.backbone", "init.freeze_stem", "cam", "data.train_split",
          "data.shuffle_buffer")
 CONSUMES = ()
+# The version of this stage's code: bumped when the same inputs give other outputs
+# (fingerprints.py). 2: PIL bicubic resize and PIL's JPEG pixels in its batches.
+VERSION = 2
 
 
 def loss(logits, batch):

@@ -20,6 +20,9 @@ from affinity_jax.stages.training import TrainingSpec, run_training
 # (a section stands for all its keys) and the stages whose outputs it consumes.
 READS = ("seed", "model", "init", "seg", "data.train_split", "data.shuffle_buffer")
 CONSUMES = ("random_walk", "train_cam")
+# The version of this stage's code: bumped when the same inputs give other outputs
+# (fingerprints.py). 2: PIL's JPEG pixels, the original's long-side size rule.
+VERSION = 2
 
 
 def loss(logits, batch):
