@@ -28,7 +28,7 @@ from typing import Iterable, Mapping
 import numpy as np
 
 from affinity_jax import io
-from affinity_jax.errors import UserError
+from affinity_jax.errors import NonFiniteOutputError, UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +59,18 @@ STAGE_OUTPUTS = {
 }
 
 NO_POSITIVE_CLASS = "no positive class in its image-level label"
+
+
+def require_finite(workdir: "Workdir", net: Network, values: np.ndarray, names: Iterable[str],
+                   what: str) -> None:
+  """Stops with what to redo when `values` (a network's outputs for the images `names`) hold
+  NaN or Inf: its training diverged, and every later stage would be garbage. `what` says what
+  was non-finite ("the CAM network gives non-finite CAMs")."""
+  if not np.all(np.isfinite(values)):
+    raise NonFiniteOutputError(
+        f"{workdir.network(net)}: {what} (images {', '.join(names)}); its training "
+        f"diverged. Delete {workdir.network_dir(net)} and retrain with a lower "
+        f"--config.{net.section}.lr")
 
 
 class Workdir:

@@ -19,7 +19,6 @@ import numpy as np
 from affinity_jax import artifacts, cam, checkpoint, data
 from affinity_jax.data import records
 from affinity_jax.stages import per_image
-from affinity_jax.errors import NonFiniteOutputError
 
 # What its outputs are made from (affinity_jax/fingerprints.py): the config keys it reads
 # (a section stands for all its keys) and the stages whose outputs it consumes.
@@ -55,13 +54,8 @@ def run(cfg) -> dict:
     sizes = np.asarray(batch["orig_size"])
     valid = cam.valid_mask(sizes, batch["raw"].shape[1:3])
     cams = np.asarray(normalise(total, jnp.asarray(batch["label"]), jnp.asarray(valid)))
-    if not np.all(np.isfinite(cams[keep])):
-      # A diverged network gives NaN/Inf scores: every later stage would be garbage.
-      raise NonFiniteOutputError(
-          f"{workdir.network(artifacts.CAM_NET)}: the CAM network gives non-finite CAMs "
-          f"(images {', '.join(names[i] for i in keep)}); its training diverged. Delete "
-          f"{workdir.network_dir(artifacts.CAM_NET)} and retrain with a lower "
-          "--config.cam.lr")
+    artifacts.require_finite(workdir, artifacts.CAM_NET, cams[keep], [names[i] for i in keep],
+                             "the CAM network gives non-finite CAMs")
     for i in keep:
       h, w = sizes[i]
       class_ids = np.flatnonzero(batch["label"][i] > 0).astype(np.int32)

@@ -22,7 +22,6 @@ import numpy as np
 from affinity_jax import artifacts, cam, checkpoint, config, crf, data, geometry
 from affinity_jax import random_walk as rw
 from affinity_jax.constants import STRIDE
-from affinity_jax.errors import NonFiniteOutputError
 from affinity_jax.stages import per_image
 
 # What its outputs are made from (affinity_jax/fingerprints.py): the config keys it reads
@@ -115,12 +114,8 @@ def run(cfg) -> dict:
     labels, heat = np.asarray(labels), np.asarray(heat)
     if share is not None:
       share = np.asarray(share)
-      if not np.all(np.isfinite(share[keep])):
-        raise NonFiniteOutputError(
-            f"{workdir.network(artifacts.AFF_NET)}: the walk gives non-finite scores (images "
-            f"{', '.join(batch_names[i] for i in keep)}); AffinityNet's training diverged. "
-            f"Delete {workdir.network_dir(artifacts.AFF_NET)} and retrain with a lower "
-            "--config.aff.lr")
+      artifacts.require_finite(workdir, artifacts.AFF_NET, share[keep],
+                               [batch_names[i] for i in keep], "the walk gives non-finite scores")
     for i in keep:
       h, w = sizes[i]
       label = labels[i, :h, :w]
