@@ -8,7 +8,10 @@
   {workdir}/panels/                        random_walk (rw_{name}.npz heat) and evaluate (PNGs)
   {workdir}/reports/{stage}.json           every per-image stage: the images it skipped
   {workdir}/results.json, results.md       evaluate (scores), then the runner (stage seconds)
+  {workdir}/results_iou.png                evaluate: IoU per class, a bar per row of the table
+  {workdir}/results_confusion.png          evaluate: the segmentation row's confusion matrix
   {workdir}/fingerprints/{stage}.json      the runner: what each stage's outputs were made from
+  {workdir}/config.json                    the runner: the config of the latest run (predict)
   {workdir}/.lock                          the runner: the run that holds the workdir
 
 Each load validates what it reads and raises a `UserError` naming the file and the stage to
@@ -49,13 +52,16 @@ CAMS, CAM_PRED, AFF_LABELS, PSEUDO_LABELS, SEG_PRED, PANELS, REPORTS, FINGERPRIN
     "cams", "cam_pred", "aff_labels", "pseudo_labels", "seg_pred", "panels", "reports",
     "fingerprints")
 RESULTS_JSON, RESULTS_MD = "results.json", "results.md"
+RESULTS_IOU_PNG, RESULTS_CONFUSION_PNG = "results_iou.png", "results_confusion.png"
+RUN_CONFIG = "config.json"
 
 # What each stage writes (glob patterns under the workdir), besides reports/{stage}.json.
 STAGE_OUTPUTS = {
     "train_cam": (CAM_NET.folder,), "infer_cam": (CAMS, CAM_PRED), "aff_labels": (AFF_LABELS,),
     "train_aff": (AFF_NET.folder,), "random_walk": (PSEUDO_LABELS, PANELS + "/rw_*.npz"),
     "train_seg": (SEG_NET.folder,), "infer_seg": (SEG_PRED,),
-    "evaluate": (PANELS + "/*.png", RESULTS_JSON, RESULTS_MD),
+    "evaluate": (PANELS + "/*.png", RESULTS_JSON, RESULTS_MD, RESULTS_IOU_PNG,
+                 RESULTS_CONFUSION_PNG),
 }
 
 NO_POSITIVE_CLASS = "no positive class in its image-level label"
@@ -117,6 +123,10 @@ class Workdir:
 
   def fingerprint(self, stage: str) -> str:
     return self.path(FINGERPRINTS, stage + ".json")
+
+  def run_config(self) -> str:
+    """The config of the latest run, which `affinity-jax predict` reads."""
+    return self.path(RUN_CONFIG)
 
   def stage_outputs(self, stage: str) -> list[str]:
     """The paths of `stage`'s outputs that exist (its report excluded)."""
@@ -352,6 +362,33 @@ def add_provenance(workdir: Workdir, stage_seconds: Mapping[str, float],
   results["seconds"] = round(sum(stage_seconds.values()), 1)
   results["fingerprints"] = dict(fingerprints)
   io.save_json(path, results)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run's config (config.json): the config dict of the latest run, without `workdir` (the
+# folder it is in), for `affinity-jax predict --workdir`.
+
+
+def save_run_config(workdir: Workdir, config: Mapping) -> None:
+  io.save_json(workdir.run_config(), {k: v for k, v in config.items() if k != "workdir"})
+
+
+def load_run_config(workdir: Workdir) -> dict:
+  """The config dict that the latest run in `workdir` recorded, checked."""
+  path = workdir.run_config()
+  if not os.path.isfile(path):
+    raise UserError(f"{path} does not exist: {workdir.root} is not a workdir of "
+                    "`affinity-jax run`, or its last run predates config records; give the "
+                    "config it was run with (--config configs/X.py[:variant])")
+  try:
+    with open(path) as f:
+      config = json.load(f)
+  except (OSError, ValueError) as e:
+    raise UserError(f"{path}: unreadable run config ({e}); rerun any stage to write it again, "
+                    "or give --config") from None
+  if not isinstance(config, dict):
+    raise UserError(f"{path}: not a run config (a JSON object of config keys)")
+  return config
 
 
 def _load_npz(path: str, stage: str) -> dict[str, np.ndarray]:

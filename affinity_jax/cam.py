@@ -16,7 +16,9 @@ enters as data, not shapes:
   of interpolation matrices Ry [H, h] and Rx [W, w], built on the host per image and zero outside
   the image; on the device it is one einsum. For a flip pass Rx also flips the result back.
 
-The multi-scale sum (`multiscale_flip_sum`) serves the segmentation network's scores too.
+The multi-scale sum (`multiscale_flip_sum`) serves the segmentation network's scores too;
+`cam_fn` and `segmentation_fn` are the whole computation on an inference batch that the stages
+(infer_cam, infer_seg) and `affinity-jax predict` run.
 Then `normalise` zeroes absent classes and divides each class by its maximum (+1e-5), and
 `background_stack` / `cam_prediction` add the background channel that every later stage uses.
 Layout: channels last; C = number of classes (no background channel) unless stated.
@@ -30,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from affinity_jax import crf as crf_lib
 from affinity_jax.constants import STRIDE
 
 NORM_EPS = 1e-5
@@ -164,6 +167,75 @@ def normalise(total: jax.Array, labels: jax.Array, valid: jax.Array) -> jax.Arra
   total = jnp.where(present[:, None, None, :] & valid[..., None], total, 0.0)
   peak = jnp.max(total, axis=(1, 2), keepdims=True)
   return total / (peak + NORM_EPS)
+
+
+def _as_given(tree):
+  return tree
+
+
+def cam_fn(model):
+  """The CAM network's CAMs of an inference batch, as infer_cam and predict compute them.
+
+  Returns run(variables, batch, scales, labels, put=None) -> [B, Hc, Wc, C] float32 numpy:
+  `multiscale_flip_sum` of `model`'s CAMs over `pass_inputs(batch, scales)`, then `normalise`
+  with the multi-hot `labels` [B, C] inside each image's extent (batch["orig_size"] on the
+  canvas of batch["raw"]). `put` places the per-example arrays (all batch first) on the
+  devices, e.g. `jax.device_put` with a batch sharding; by default they go as they are.
+  """
+  total_fn = multiscale_flip_sum(lambda v, x, sizes: model.apply(v, x, sizes, method="cam"))
+  normalise_fn = jax.jit(normalise)
+
+  def run(variables, batch: dict, scales, labels, put=None) -> np.ndarray:
+    put = put or _as_given
+    total = total_fn(variables, put(pass_inputs(batch, scales)))
+    valid = valid_mask(np.asarray(batch["orig_size"]), batch["raw"].shape[1:3])
+    return np.asarray(normalise_fn(total, *put((jnp.asarray(labels), jnp.asarray(valid)))))
+  return run
+
+
+def segmentation_fn(model):
+  """The segmentation network's scores of an inference batch, as infer_seg and predict compute
+  them.
+
+  Returns run(variables, batch, scales, put=None) -> [B, Hc, Wc, 1 + C] float32 numpy: the
+  softmax scores averaged over the scales and flips of `pass_inputs(batch, scales)`; `put` as
+  in `cam_fn`.
+  """
+  sum_fn = multiscale_flip_sum(lambda v, x, sizes: jax.nn.softmax(
+      model.apply(v, x, sizes=sizes).astype("float32"), axis=-1))
+
+  def run(variables, batch: dict, scales, put=None) -> np.ndarray:
+    put = put or _as_given
+    return np.asarray(sum_fn(variables, put(pass_inputs(batch, scales)))) / (2 * len(scales))
+  return run
+
+
+def segmentation_label(image: np.ndarray, probs: np.ndarray, *, crf: bool = False) -> np.ndarray:
+  """[H, W] int label map (0 background, c + 1 class c): the argmax of the segmentation scores
+  `probs` [H, W, 1 + C], with `crf` refined first by dCRF on the uint8 RGB `image` [H, W, 3]."""
+  if crf:
+    probs = crf_lib.crf_inference(np.ascontiguousarray(image), probs)
+  return np.argmax(probs, -1)
+
+
+def class_probability_fn(model):
+  """jit(variables, images [B, H, W, 3], sizes [B, 2]) -> [B, C] float32: the sigmoid of the
+  CAM network's logits (global average pool over each image's own cells), i.e. its own
+  image-level classification, for when no image-level labels are given (predict)."""
+  @jax.jit
+  def run(variables, images, sizes):
+    return jax.nn.sigmoid(model.apply(variables, images, sizes=sizes).astype(jnp.float32))
+  return run
+
+
+def predicted_labels(probs: np.ndarray, threshold: float) -> np.ndarray:
+  """[B, C] multi-hot float32 image labels from class probabilities `probs` [B, C]: the classes
+  scoring above `threshold`, and always the top class (an image holds at least one object)."""
+  probs = np.asarray(probs, np.float32)
+  labels = (probs > threshold).astype(np.float32)
+  if probs.shape[-1]:
+    labels[np.arange(len(probs)), np.argmax(probs, axis=-1)] = 1.0
+  return labels
 
 
 def background_stack(cam, *, alpha: Optional[float] = None,

@@ -172,13 +172,15 @@ def merge_backbone(variables: dict, backbone: dict, source: str) -> dict:
   return out
 
 
-def load_network(cfg, net: artifacts.Network) -> tuple[object, dict]:
-  """(model, variables) of the trained `net` in the config's workdir, checked against the
-  config's model section; a user error naming the stage to run if it has not been trained."""
-  path = artifacts.Workdir(cfg.workdir).network(net)
-  if not os.path.isdir(path):
-    raise UserError(f"{path} does not exist: run the {net.stage} stage first "
-                    f"(--stages {net.stage})")
+def load_network(cfg, net: artifacts.Network, path: str | None = None) -> tuple[object, dict]:
+  """(model, variables) of the trained `net` in the config's workdir (or in the checkpoint
+  folder `path`), checked against the config's model section; a user error naming the stage
+  to run if it has not been trained."""
+  if path is None:
+    path = artifacts.Workdir(cfg.workdir).network(net)
+    if not os.path.isdir(path):
+      raise UserError(f"{path} does not exist: run the {net.stage} stage first "
+                      f"(--stages {net.stage})")
   variables, meta = load_variables(path)
   check_compatible(meta, arch=net.arch, width=cfg.model.width,
                    num_classes=cfg.model.num_classes, path=path,

@@ -1,15 +1,25 @@
 """`affinity-jax`: the command line.
 
-  affinity-jax run --config configs/synthetic.py[:variant] [--stages train_cam,infer_cam,...]
+  affinity-jax run --config NAME|path.py[:variant] [--stages train_cam,infer_cam,...]
                    [--workdir DIR] [--config.key=value ...] [--debug]
+  affinity-jax prepare --config NAME|path.py[:variant] [--config.key=value ...]
+                                           # builds the dataset once, prints its split sizes
   affinity-jax demo [--workdir DIR]        # all stages on the synthetic default + results table
+  affinity-jax evaluate --pred DIR (--gt DIR | --gt-dataset NAME | --config SPEC) [--split val]
+                   [--data-dir D] [--manual-dir M] [--num-classes N | --class-names a,b,..]
+                   [--out DIR] [--partial]   # mIoU of any label PNGs; JSON + confusion PNG
+  affinity-jax predict (--workdir W | --seg-net DIR | --cam-net DIR --aff-net DIR)
+                   --images PATH... --out DIR [--config SPEC] [--config.key=value ...]
+                   [--method auto|seg|walk] [--crf|--no-crf] [--heatmaps] [--threshold 0.5]
+                                           # label maps of your own images (predict.py)
   affinity-jax convert psa-pytorch IN.pth OUT_DIR --arch cam|affinity [--backbone vgg16]
   affinity-jax convert mxnet IN.params OUT_DIR
   affinity-jax convert caffe vgg16_20M.caffemodel OUT_DIR
 
 User errors (a bad file, config key or dataset) print one message and exit with status 2; so
 does a diverged run (NaN/Inf loss or network outputs: the message names the step and the last
-good checkpoint, or the network to retrain). With --debug the traceback is shown too. SIGTERM /
+good checkpoint, or the network to retrain). With --debug the traceback is shown too; with
+--verbose the logs of TensorFlow, XLA, tfds and orbax, hidden by default. SIGTERM /
 SIGINT during training save a checkpoint and exit with status 130; rerunning resumes. Anything
 else is a bug: it shows its traceback and exits with status 1.
 """
@@ -17,30 +27,96 @@ else is a bug: it shows its traceback and exits with status 1.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import traceback
 
 from affinity_jax.constants import BACKBONES, ORIGINAL_ARCHS
 
-DEMO_CONFIG = "configs/synthetic.py"
+DEMO_CONFIG = "synthetic"  # shipped with the package (configs/ as affinity_jax.configs)
+CONFIG_HELP = ("a shipped config's name (e.g. synthetic, voc_resnet38) or a .py file, "
+               "optionally with :variant (synthetic:tiny, configs/synthetic.py:tiny)")
 
 
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="affinity-jax", description=__doc__.split("\n\n")[0])
   p.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
+  p.add_argument("--verbose", action="store_true",
+                 help="show the logs of TensorFlow, XLA, tfds and orbax (hidden by default)")
   sub = p.add_subparsers(dest="command", required=True)
 
   run = sub.add_parser("run", help="run pipeline stages from a config")
-  run.add_argument("--config", required=True, help="configs/X.py or configs/X.py:variant")
+  run.add_argument("--config", required=True, help=CONFIG_HELP)
   run.add_argument("--stages", default="all",
                    help="comma-separated stages (default: all, in order)")
   run.add_argument("--workdir", default=None, help="output folder (default: config.workdir)")
   run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
 
+  prep = sub.add_parser("prepare", help="build the config's dataset (before launching a run)")
+  prep.add_argument("--config", required=True, help=CONFIG_HELP)
+  prep.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
+
   demo = sub.add_parser("demo", help="every stage on the synthetic dataset, then the table")
   demo.add_argument("--workdir", default=None)
   demo.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
+
+  ev = sub.add_parser("evaluate", help="mIoU of a folder of label PNGs against ground truth")
+  ev.add_argument("--pred", required=True, help="folder of predicted label PNGs ({name}.png)")
+  truth = ev.add_mutually_exclusive_group(required=True)
+  truth.add_argument("--gt", help="folder of ground-truth label PNGs ({name}.png)")
+  truth.add_argument("--gt-dataset", help="a dataset's masks: synthetic_wsss or voc2012_aug")
+  truth.add_argument("--config", help="the masks of this config's dataset; " + CONFIG_HELP)
+  ev.add_argument("--split", default="val", help="dataset split to score (default: val)")
+  ev.add_argument("--data-dir", help="tfds data dir of --gt-dataset (default: tfds')")
+  ev.add_argument("--manual-dir", help="folder with VOCdevkit/ to build voc2012_aug from")
+  ev.add_argument("--dataset-config", help="which prepared config of --gt-dataset (default: "
+                  "the only one prepared, or that of the run holding --pred)")
+  ev.add_argument("--num-classes", type=int, help="with --gt: labels 0..N-1 (default: VOC's 21)")
+  ev.add_argument("--class-names", help="with --gt: names of labels 0, 1, ... (comma-separated, "
+                  "or a file with one a line; default: VOC's background + 20)")
+  ev.add_argument("--out", help="folder for {pred}_eval.json and {pred}_confusion.png "
+                  "(default: the folder holding --pred)")
+  ev.add_argument("--partial", action="store_true",
+                  help="score only images with both files, instead of stopping on a missing one")
+  ev.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
+
+  pr = sub.add_parser(
+      "predict", help="label maps of your own images with a run's trained networks",
+      description="Label maps of your own images (JPEG, PNG, ... of any size; greyscale, CMYK, "
+      "alpha, 16-bit and EXIF-rotated images are read as a viewer shows them) with a run's "
+      "segmentation network, or with its CAM network and AffinityNet (the method without the "
+      "segmentation stage). Writes {stem}.png (VOC-palette label map: 0 background, c + 1 "
+      "class c), {stem}_overlay.jpg and predict.json (per image, and the files skipped). "
+      "Multi-scale and flips as the config's infer stages; see affinity_jax/predict.py.")
+  pr.add_argument("--images", nargs="+", required=True, metavar="PATH",
+                  help="image files, folders (their .jpg/.jpeg/.png/... files) or glob "
+                       "patterns (quoted; ** for subfolders)")
+  pr.add_argument("--out", required=True, help="output folder")
+  pr.add_argument("--workdir", help="a workdir of `affinity-jax run`: its trained networks and "
+                  "the config its last run recorded (config.json)")
+  pr.add_argument("--seg-net", help="a segmentation network's checkpoint folder (W/seg_net/final)")
+  pr.add_argument("--cam-net", help="a CAM network's checkpoint folder (with --aff-net)")
+  pr.add_argument("--aff-net", help="an AffinityNet checkpoint folder (with --cam-net)")
+  pr.add_argument("--method", choices=("auto", "seg", "walk"), default="auto",
+                  help="seg: the segmentation network; walk: the CAM network's CAMs spread by "
+                       "the random walk over AffinityNet's affinities; auto (default): seg "
+                       "when there is a segmentation network, else walk")
+  pr.add_argument("--config", help="default: the workdir's config.json (or that of the workdir "
+                  "holding the networks); " + CONFIG_HELP)
+  pr.add_argument("--crf", action=argparse.BooleanOptionalAction, default=None,
+                  help="refine by dCRF (default: the config's seg_infer.crf or random_walk.crf)")
+  pr.add_argument("--threshold", type=float, default=0.5,
+                  help="walk: images come without image-level labels, so the CAM network's "
+                       "own classification picks the classes to walk: those whose sigmoid "
+                       "score exceeds this (default 0.5), and the top class always")
+  pr.add_argument("--heatmaps", action="store_true",
+                  help="walk: also write {stem}_cam.png and {stem}_rw.png, the CAMs' and the "
+                       "walk's heat over the image")
+  pr.add_argument("--batch-size", type=int, default=None, help="images per batch, a multiple "
+                  "of the local devices (default: the config's seg_infer or random_walk one)")
+  pr.add_argument("--max-side", type=int, default=1024,
+                  help="longer images are resized down to this for the networks, their label "
+                       "map brought back to their size (default 1024; 0: never)")
+  pr.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
 
   conv = sub.add_parser("convert", help="convert the original's checkpoints")
   conv.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
@@ -78,18 +154,43 @@ def _run(config_spec: str, stages: str, workdir: str | None, overrides: list[str
   stages_lib.run_stages(cfg, names)
 
 
+def _prepare(config_spec: str, overrides: list[str]) -> None:
+  from affinity_jax import config as config_lib
+  from affinity_jax import data
+  cfg = config_lib.load_config(config_spec)
+  config_lib.apply_overrides(cfg, overrides)
+  import tensorflow_datasets as tfds
+  tfds.disable_progress_bar()
+  print(data.describe(data.from_config(cfg)))
+
+
 def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   overrides = [a for a in argv if a.startswith("--config.")]
-  args = _parser().parse_args([a for a in argv if not a.startswith("--config.")])
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  # --verbose, like --config.*, goes before or after any subcommand.
+  verbose = "--verbose" in argv
+  args = _parser().parse_args([a for a in argv
+                               if not a.startswith("--config.") and a != "--verbose"])
+  from affinity_jax import console  # before TensorFlow or JAX is imported
+  console.setup(verbose)
   from affinity_jax.errors import REPORTED, TrainingInterrupted
   try:
     if args.command == "run":
       _run(args.config, args.stages, args.workdir, overrides)
+    elif args.command == "prepare":
+      _prepare(args.config, overrides)
     elif args.command == "demo":
-      here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-      _run(os.path.join(here, DEMO_CONFIG), "all", args.workdir, overrides)
+      _run(DEMO_CONFIG, "all", args.workdir, overrides)
+    elif args.command == "evaluate":
+      from affinity_jax import evaluation
+      evaluation.command(args.pred, gt=args.gt, gt_dataset=args.gt_dataset, config=args.config,
+                         overrides=overrides, split=args.split, data_dir=args.data_dir,
+                         manual_dir=args.manual_dir, dataset_config=args.dataset_config,
+                         num_classes=args.num_classes, class_names=args.class_names,
+                         out=args.out, partial=args.partial)
+    elif args.command == "predict":
+      from affinity_jax import predict
+      predict.run(args, overrides)
     elif args.command == "convert":
       from affinity_jax import convert
       if args.source == "psa-pytorch":

@@ -1,9 +1,12 @@
-"""Loading ml-collections configs: `configs/x.py[:variant]` plus `--config.a.b=value` overrides.
+"""Loading ml-collections configs: `NAME[:variant]` or `path/x.py[:variant]`, plus
+`--config.a.b=value` overrides.
 
 Also the checked reading of keys that more than one stage reads (`aff_image_scale`).
 
-Every config file defines `get_config(arg: str | None) -> ml_collections.ConfigDict`; the text
-after the colon is passed as `arg` (e.g. `configs/synthetic.py:tiny`). Overrides must name keys
+A NAME (no path separator, no `.py`: `synthetic`, `voc_resnet38:tiny`) is a config shipped with
+the package (the checkout's configs/, installed as `affinity_jax.configs`); anything else is a
+file path. Every config file defines `get_config(arg: str | None) -> ml_collections.ConfigDict`;
+the text after the colon is passed as `arg` (e.g. `synthetic:tiny`). Overrides must name keys
 that exist; their values are parsed to the type of the value they replace.
 """
 
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+import importlib.resources
 import importlib.util
 import math
 import os
@@ -21,11 +25,38 @@ import ml_collections
 from affinity_jax.errors import ConfigError
 
 
+def shipped_configs() -> dict[str, str]:
+  """{name: path} of the configs shipped with the package (`affinity_jax.configs`)."""
+  try:
+    folder = importlib.resources.files("affinity_jax.configs")
+  except ModuleNotFoundError:  # a checkout on sys.path that was never installed
+    raise ConfigError("the shipped configs (affinity_jax.configs) are not installed: run "
+                      "`pip install -e .` in the checkout, or give a config file's path") from None
+  return {f.name[:-3]: os.fspath(f) for f in sorted(folder.iterdir(), key=lambda f: f.name)
+          if f.name.endswith(".py") and not f.name.startswith("_")}
+
+
+def config_path(name_or_path: str) -> str:
+  """The file of a shipped config's name (`synthetic`), or `name_or_path` itself when it is a
+  path (it holds a path separator or ends in `.py`); ConfigError when neither exists."""
+  is_path = "/" in name_or_path or os.sep in name_or_path or name_or_path.endswith(".py")
+  if is_path and os.path.isfile(name_or_path):
+    return name_or_path
+  shipped = shipped_configs()
+  names = ", ".join(shipped)
+  if is_path:
+    raise ConfigError(f"config file {name_or_path!r} not found (or name a shipped config: "
+                      f"{names})")
+  if name_or_path not in shipped:
+    raise ConfigError(f"unknown config {name_or_path!r}; shipped configs: {names} (or give "
+                      "the path of a .py file)")
+  return shipped[name_or_path]
+
+
 def load_config(spec: str) -> ml_collections.ConfigDict:
-  """Loads `path.py` or `path.py:arg` and returns its (unlocked) ConfigDict."""
-  path, _, arg = spec.partition(":")
-  if not os.path.isfile(path):
-    raise ConfigError(f"config file {path!r} not found (expected e.g. configs/synthetic.py)")
+  """Loads `NAME`, `path.py`, `NAME:arg` or `path.py:arg`; returns its (unlocked) ConfigDict."""
+  name_or_path, _, arg = spec.partition(":")
+  path = config_path(name_or_path)
   name = "affinity_jax_config_" + os.path.splitext(os.path.basename(path))[0]
   module_spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(module_spec)

@@ -4,6 +4,12 @@
 STRIDE = 8
 # Label of pixels (and affinity-grid cells) that no loss or metric counts.
 IGNORE_LABEL = 255
+# PASCAL VOC's 20 classes in label order (mask value c + 1 is class c; 0 is the background).
+# Here, not in data/, so that scoring masks (`affinity-jax evaluate`) needs no TensorFlow.
+VOC_CLASSES = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+    "train", "tvmonitor")
 # ImageNet statistics of the backbone's pretraining (RGB, on x / 255).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

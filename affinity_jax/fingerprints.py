@@ -34,8 +34,9 @@ from affinity_jax import artifacts, io
 from affinity_jax.errors import UserError
 
 ON_CHANGE = ("error", "redo", "keep")
-# Keys that never change a result: how often to log or save, how many dCRF workers.
-_NO_EFFECT = ("checkpoint_every", "log_every", "workers")
+# Keys that never change a result: how often to log, draw TensorBoard pictures or save, how
+# many dCRF workers.
+_NO_EFFECT = ("checkpoint_every", "log_every", "workers", "image_every")
 
 
 def config_values(cfg, keys: Sequence[str]) -> dict[str, Any]:
@@ -66,6 +67,13 @@ def _plain(value):
 
 def digest(inputs: Mapping[str, Any]) -> str:
   return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def dataset_digest(info) -> str:
+  """What a prepared dataset (its tfds `DatasetInfo`) counts as in the records: its name,
+  config and version, and its metadata (what its build left out or converted: a fixed file
+  changes it)."""
+  return digest({"name": info.full_name, "metadata": dict(info.metadata or {})})
 
 
 def network_identity(path: str) -> str | None:

@@ -79,6 +79,16 @@ def check_writable_dir(folder: str | os.PathLike) -> None:
   os.unlink(probe)
 
 
+def _read_umask() -> int:
+  mask = os.umask(0)  # reading the umask means setting it; set it straight back.
+  os.umask(mask)
+  return mask
+
+
+# Read once, at import: os.umask changes the whole process's, which threads must not race.
+_UMASK = _read_umask()
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
   """Opens a temporary file beside `path`; renames it to `path` only if the block succeeds."""
@@ -89,6 +99,9 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
   except OSError as e:
     raise (disk_error(path, e) or e) from None
   try:
+    # mkstemp makes the file private (0600); give it the mode open() would (0666 less umask),
+    # so that others sharing a workdir or an output folder can read what we write.
+    os.fchmod(fd, 0o666 & ~_UMASK)
     with os.fdopen(fd, mode) as f:
       yield f
       f.flush()
@@ -127,14 +140,31 @@ def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
                     "the stage that writes it") from e
 
 
-def save_png(path: str | os.PathLike, array: np.ndarray) -> None:
-  """Writes a uint8 [H, W] or [H, W, 3] array as PNG atomically."""
+def save_png(path: str | os.PathLike, array: np.ndarray,
+             palette: np.ndarray | None = None) -> None:
+  """Writes a uint8 [H, W] or [H, W, 3] array as PNG atomically; with `palette` ([N, 3] uint8
+  RGB), [H, W] as a palette ('P') PNG whose indices are the array's values."""
   from PIL import Image  # Pillow is a dependency; imported lazily to keep `import` light.
   array = np.asarray(array)
   if array.dtype != np.uint8:
     raise ValueError(f"{os.fspath(path)}: PNG output must be uint8, got {array.dtype}")
+  image = Image.fromarray(array)
+  if palette is not None:  # an 'L' image with a palette becomes 'P', indices unchanged
+    image.putpalette(np.asarray(palette, np.uint8).reshape(-1).tolist())
   buf = io.BytesIO()
-  Image.fromarray(array).save(buf, format="PNG")
+  image.save(buf, format="PNG")
+  atomic_write(path, buf.getvalue())
+
+
+def save_jpeg(path: str | os.PathLike, array: np.ndarray, quality: int = 90) -> None:
+  """Writes a uint8 [H, W, 3] RGB array as JPEG atomically."""
+  from PIL import Image
+  array = np.asarray(array)
+  if array.dtype != np.uint8 or array.ndim != 3 or array.shape[-1] != 3:
+    raise ValueError(f"{os.fspath(path)}: JPEG output must be uint8 [H, W, 3], got "
+                     f"{array.dtype} {array.shape}")
+  buf = io.BytesIO()
+  Image.fromarray(array).save(buf, format="JPEG", quality=quality)
   atomic_write(path, buf.getvalue())
 
 

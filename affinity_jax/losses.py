@@ -9,6 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from affinity_jax import geometry
 from affinity_jax.constants import IGNORE_LABEL
 
 # The original's epsilons: inside the logs and in the pair counts.
@@ -84,3 +85,32 @@ def segmentation_loss(logits: jax.Array, labels: jax.Array, *,
   nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
   count = jnp.sum(keep)
   return jnp.sum(jnp.where(keep, nll, 0.0)) / jnp.maximum(count, 1)
+
+
+# The trainer's losses: (network output, batch) -> (loss, {name: partial loss}), what
+# train.make_train_step takes; the training stages and experiments/benchmark_models.py use them.
+
+
+def cam_training_loss(logits: jax.Array, batch) -> tuple[jax.Array, dict]:
+  """The CAM network's: multilabel soft margin on the image-level labels batch["label"]."""
+  return multilabel_soft_margin_loss(logits, batch["label"]), {}
+
+
+def affinity_training_loss(radius: int, scheme: str):
+  """AffinityNet's: (features [B, h, w, D], batch with "aff_label" [B, h, w]) -> (loss, its three
+  parts), over the pairs within `radius` of the pair set `scheme` (geometry.py)."""
+  def aff_loss(features, batch):
+    features = features.astype(jnp.float32)
+    aff = geometry.pair_affinities(features, radius=radius, scheme=scheme)
+    pairs = geometry.pair_labels(batch["aff_label"], radius=radius, scheme=scheme)
+    return affinity_loss(aff, pairs["fg_pos"], pairs["bg_pos"], pairs["neg"])
+  return aff_loss
+
+
+def seg_training_loss(logits: jax.Array, batch) -> tuple[jax.Array, dict]:
+  """The segmentation network's: cross-entropy of the stride-8 logits upsampled (bilinear) to
+  the label batch["label"] [B, H, W], 255 ignored."""
+  labels = batch["label"]
+  b, h, w = labels.shape
+  logits = jax.image.resize(logits.astype(jnp.float32), (b, h, w, logits.shape[-1]), "bilinear")
+  return segmentation_loss(logits, labels), {}

@@ -7,6 +7,9 @@ Conventions (docs/method.md §9):
 - IoU_c = TP / (TP + FP + FN). A class absent from both ground truth and prediction over the
   whole split has no IoU: NaN, and mIoU is the mean over the other classes (nanmean), as the
   usual VOC scripts do. A class predicted but never in the ground truth has IoU 0.
+- A prediction of 255 ("no class": a method that abstains) is not a class: `confusion_matrix`
+  refuses it, and evaluation.py counts such pixels per ground-truth class apart (`unlabelled`),
+  as misses of that class: FN, and FP of no class. Abstaining never raises a score.
 """
 
 from __future__ import annotations
@@ -70,16 +73,22 @@ def confusion_matrix(ground_truth: np.ndarray, prediction: np.ndarray, num_class
       num_classes, num_classes)
 
 
-def iou_from_confusion(counts: np.ndarray) -> np.ndarray:
-  """Per-class IoU [num_classes] float64; NaN for classes absent from GT and prediction."""
+def iou_from_confusion(counts: np.ndarray, unlabelled: np.ndarray | None = None) -> np.ndarray:
+  """Per-class IoU [num_classes] float64; NaN for classes absent from GT and prediction.
+
+  `unlabelled` [num_classes]: ground-truth pixels of each class predicted 255 (no class),
+  counted as false negatives of that class.
+  """
   counts = np.asarray(counts, np.float64)
   tp = np.diag(counts)
   union = counts.sum(0) + counts.sum(1) - tp
+  if unlabelled is not None:
+    union = union + np.asarray(unlabelled, np.float64)
   with np.errstate(invalid="ignore", divide="ignore"):
     return np.where(union > 0, tp / np.where(union > 0, union, 1.0), np.nan)
 
 
-def mean_iou(counts: np.ndarray) -> float:
+def mean_iou(counts: np.ndarray, unlabelled: np.ndarray | None = None) -> float:
   """nanmean of the per-class IoU (NaN when no pixel was scored at all)."""
-  iou = iou_from_confusion(counts)
+  iou = iou_from_confusion(counts, unlabelled)
   return float(np.nanmean(iou)) if np.any(~np.isnan(iou)) else float("nan")

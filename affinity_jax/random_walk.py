@@ -21,6 +21,9 @@ Public API:
   propagate(aff_sym, cam, radius=5, beta=8, t=256, valid=None, tol=None) -> [B, h, w, C].
   random_walk(features, cam, radius=5, beta=8, t=256, scheme="full", valid=None, tol=None).
   prepare_cam(cam, alpha=16, stride=8) -> [h, w, C+1] walk input of one image.
+The pipeline's walk of a batch of canvases (AffinityNet, the walk, back to the images), which
+the random_walk stage and `affinity-jax predict` run:
+  make_walk_fn(model, cfg), walk_batch(walk, variables, images, cams, ...), crf_label(...).
 The original's dense walk, used to check this one, lives in tests/reference_walk.py.
 """
 
@@ -28,12 +31,14 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Optional
+from typing import Mapping, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from affinity_jax import geometry
+from affinity_jax import cam as cam_lib
+from affinity_jax import crf, geometry
 from affinity_jax.cam import background_stack
 from affinity_jax.constants import STRIDE
 
@@ -198,3 +203,81 @@ def prepare_cam(cam: jax.Array, *, alpha: float = 16.0, stride: int = STRIDE) ->
   gh, gw = -(-h // stride), -(-w // stride)
   stack = jnp.pad(stack, ((0, gh * stride - h), (0, gw * stride - w), (0, 0)))
   return stack.reshape(gh, stride, gw, stride, -1).mean(axis=(1, 3))
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline's walk (docs/method.md §6): AffinityNet's features at stride 8 of the image
+# resized by `aff.image_scale`, the CAM stack (background (1 - max)^alpha + classes) resized
+# likewise and pooled by 8 onto each image's own grid, the walk of 2^logt steps with positions
+# outside the image excluded, bilinear upsampling of the padded grid to the original resolution
+# (cam.walk_to_image), argmax; or dCRF on the walked scores (`crf_label`).
+
+
+def make_walk_fn(model, cfg):
+  """jit(variables, images, cams, valid, sizes, ry, rx) -> (labels [B, Ho, Wo] uint8, heat
+  [B, Ho, Wo] (the largest foreground share), share [B, Ho, Wo, 1 + C] (the walked scores
+  divided by their sum; None unless cfg.random_walk.crf)) with `model` AffinityNet and the walk
+  of the config's random_walk section. Its inputs are made by `walk_batch`."""
+  radius, scheme = int(cfg.random_walk.radius), cfg.random_walk.scheme
+  t, beta = 2 ** int(cfg.random_walk.logt), float(cfg.random_walk.beta)
+  tol = float(cfg.random_walk.tol) if cfg.random_walk.tol > 0 else None
+  with_scores = bool(cfg.random_walk.crf)
+
+  @jax.jit
+  def walk(variables, images, cams, valid, sizes, ry, rx):
+    # The original pads an image only to a multiple of 8 (not to the canvas): `sizes` [B, 2]
+    # = 8 * each image's grid makes the network's canvas forward equal that (models/canvas.py),
+    # `valid` [B, h, w] its grid (VGG-16's GroupNorm statistics, the walk).
+    features = model.apply(variables, images, valid=valid, sizes=sizes).astype(jnp.float32)
+    aff_sym = geometry.neighbourhood_affinities(features, radius=radius, scheme=scheme,
+                                                valid=valid)
+    walked = propagate(aff_sym, cams, radius=radius, beta=beta, t=t, valid=valid, tol=tol)
+    up = cam_lib.upsample(walked, ry, rx)
+    labels = jnp.argmax(up, axis=-1).astype(jnp.uint8)
+    share = up / jnp.maximum(jnp.sum(up, axis=-1, keepdims=True), 1e-12)
+    # The scores leave the device only for the dCRF (a 21-channel canvas per image on VOC).
+    return labels, jnp.max(share[..., 1:], axis=-1), (share if with_scores else None)
+  return walk
+
+
+def walk_batch(walk, variables, images, cams: Mapping[int, np.ndarray], sizes, scaled, *,
+               num_classes: int, alpha: float, image_scale: float, put=None):
+  """Walks the CAMs of one batch of canvases.
+
+  Args:
+    walk: `make_walk_fn(model, cfg)`.
+    images: [B, Hc, Wc, 3] AffinityNet's inputs: each image resized by `image_scale`,
+      normalised, at the top-left of a canvas (`image_s0` of an inference batch at that scale).
+    cams: {example index: [H, W, C] normalised CAMs at the image's own size, absent classes
+      zero}; examples without one (dummies, skipped images) have nothing to walk.
+    sizes: [B, 2] each image's own (h, w); scaled: [B, 2] its size resized by `image_scale`.
+    num_classes, alpha, image_scale: the config's model.num_classes, random_walk.alpha and
+      aff.image_scale.
+    put: places the per-example arrays (all batch first) on the devices; by default they go
+      as they are.
+
+  Returns:
+    numpy (labels, heat, share) of `make_walk_fn`, each image at the top-left: crop to `sizes`.
+  """
+  b, hc8, wc8 = images.shape[0], images.shape[1] // STRIDE, images.shape[2] // STRIDE
+  sizes, scaled = np.asarray(sizes), np.asarray(scaled)
+  stacks = np.zeros((b, hc8, wc8, num_classes + 1), np.float32)
+  for i, full in cams.items():
+    if image_scale != 1.0:
+      full = cam_lib.resize_bilinear(full, scaled[i])
+    stack = np.asarray(prepare_cam(full, alpha=alpha))
+    stacks[i, :stack.shape[0], :stack.shape[1]] = stack
+  grid = np.stack([[cam_lib.grid_size(h), cam_lib.grid_size(w)] for h, w in scaled])
+  valid = cam_lib.valid_mask(grid, (hc8, wc8))
+  ry, rx = cam_lib.walk_to_image(grid, sizes, scaled, (hc8, wc8), image_scale)
+  inputs = (images, stacks, valid, grid * STRIDE, ry, rx)
+  labels, heat, share = walk(variables, *(put(inputs) if put else inputs))
+  return np.asarray(labels), np.asarray(heat), None if share is None else np.asarray(share)
+
+
+def crf_label(image: np.ndarray, share: np.ndarray, label: np.ndarray, iters: int) -> np.ndarray:
+  """[H, W] pseudo label from dCRF on the walked scores `share` [H, W, 1 + C] (summing to one
+  at each pixel) of the background and the image's classes `label` [C] (> 0 present)."""
+  channels = np.concatenate([[0], np.flatnonzero(np.asarray(label) > 0) + 1])
+  q = crf.crf_inference(np.ascontiguousarray(image), share[..., channels], t=iters)
+  return channels[np.argmax(q, axis=-1)].astype(np.uint8)

@@ -30,13 +30,16 @@ from flax import traverse_util
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from affinity_jax import io
+from affinity_jax import console, io
 from affinity_jax.errors import NonFiniteLossError, TrainingInterrupted, UserError
 
 PyTree = Any
 Batch = Mapping[str, np.ndarray]
 # loss_fn(model_output, batch) -> (scalar loss, dict of scalar metrics)
 LossFn = Callable[[Any, Batch], tuple[jax.Array, dict[str, jax.Array]]]
+# pictures(variables, host batch) -> {tag: uint8 [N, H, W, 3]}: what TensorBoard shows of the
+# network at a step (its own jitted forward, outside the training step).
+PictureFn = Callable[[Mapping[str, PyTree], Batch], Mapping[str, np.ndarray]]
 
 GROUP_MULTIPLIERS = {  # label -> (lr multiplier, weight decay applies)
     "pretrained_weight": (1.0, True),
@@ -129,43 +132,52 @@ def global_batch(local: Batch, sharding: NamedSharding) -> dict[str, jax.Array]:
   return out
 
 
-class _Progress:
-  """Console lines with rate and ETA, and TensorBoard scalars (process 0 only)."""
+class _Summaries:
+  """TensorBoard event files of a training (process 0 only): scalars and pictures."""
 
-  def __init__(self, name: str, total: int, start: int, logdir: str | None, batch_size: int):
-    self.name, self.total, self.start, self.batch_size = name, total, start, batch_size
-    self.t0 = time.time()
-    self.writer = None
-    self.main = jax.process_index() == 0
-    if logdir and self.main:
-      import tensorflow as tf  # only for the event-file writer.
-      self.writer = tf.summary.create_file_writer(logdir)
+  def __init__(self, name: str, logdir: str):
+    import tensorflow as tf  # only for the event-file writer.
+    self.name, self.tf = name, tf
+    self.writer = tf.summary.create_file_writer(logdir)
 
-  def log(self, step: int, metrics: Mapping[str, float]) -> None:
-    if not self.main:
-      return
-    done = step - self.start
-    elapsed = time.time() - self.t0
-    rate = done / elapsed if elapsed > 0 else 0.0
-    eta = (self.total - step) / rate if rate > 0 else float("nan")
-    pct = 100.0 * step / self.total
-    bar = "#" * int(pct // 5) + "." * (20 - int(pct // 5))
-    vals = " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-    print(f"[{self.name}] [{bar}] step {step}/{self.total} {vals} "
-          f"{rate * self.batch_size:.1f} img/s ETA {_fmt_seconds(eta)}", flush=True)
-    if self.writer is not None:
-      import tensorflow as tf
-      with self.writer.as_default(step=step):
-        for k, v in metrics.items():
-          tf.summary.scalar(f"{self.name}/{k}", v)
-      self.writer.flush()
+  def scalars(self, step: int, metrics: Mapping[str, float]) -> None:
+    with self.writer.as_default(step=step):
+      for k, v in metrics.items():
+        self.tf.summary.scalar(f"{self.name}/{k}", v)
+    self.writer.flush()
+
+  def images(self, step: int, pictures: Mapping[str, np.ndarray]) -> None:
+    """pictures: tag -> uint8 [N, H, W, 3], shown as `{name}/{tag}`."""
+    with self.writer.as_default(step=step):
+      for tag, images in pictures.items():
+        self.tf.summary.image(f"{self.name}/{tag}", images, max_outputs=len(images))
+    self.writer.flush()
+
+  def close(self) -> None:
+    self.writer.close()
 
 
-def _fmt_seconds(s: float) -> str:
-  if not np.isfinite(s):
-    return "?"
-  s = int(s)
-  return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+# Images of the fixed batch that the TensorBoard pictures show.
+PICTURE_IMAGES = 4
+
+
+def _picture_batch(batches: Callable[[int], Iterator[Batch]]) -> Batch:
+  """The first PICTURE_IMAGES examples of the batch of step 0: the same images at every step
+  and after a resume (the input is deterministic in the step)."""
+  it = batches(0)
+  batch = next(it)
+  if hasattr(it, "close"):
+    it.close()
+  return {k: np.asarray(v)[:PICTURE_IMAGES] for k, v in batch.items()}
+
+
+def _local_variables(state: dict, constants: dict) -> dict[str, PyTree]:
+  """The network's variables as this process's own copy (each replicated array's shard on its
+  first device), so that one process can run a forward without the others."""
+  def local(tree):
+    return jax.tree.map(lambda x: x.addressable_data(0), tree)
+  return {"params": merge_params(local(state["params"]), local(constants["frozen"])),
+          "batch_stats": local(constants["batch_stats"])}
 
 
 def init_state(variables: Mapping[str, PyTree], labels: PyTree, optim: OptimConfig,
@@ -277,7 +289,8 @@ def _resume(name: str, ckpt_dir: str, state: dict, max_to_keep: int
 def train(*, name: str, model, variables: Mapping[str, PyTree], labels: PyTree,
           loss_fn: LossFn, batches: Callable[[int], Iterator[Batch]], optim: OptimConfig,
           workdir: str, batch_size: int, seed: int = 0, checkpoint_every: int = 100,
-          log_every: int = 10, max_to_keep: int = 2) -> dict[str, PyTree]:
+          log_every: int = 10, max_to_keep: int = 2, pictures: PictureFn | None = None,
+          image_every: int = 0) -> dict[str, PyTree]:
   """Trains `model` from `variables` for `optim.total_steps` steps, resuming if it can.
 
   Args:
@@ -290,6 +303,10 @@ def train(*, name: str, model, variables: Mapping[str, PyTree], labels: PyTree,
     batches: start_step -> iterator of host batches for steps start_step, start_step+1, ...
       (global batch size / process_count examples each, numpy).
     workdir: checkpoints go to `{workdir}/checkpoints`, event files to `{workdir}/logs`.
+    log_every: steps between console lines off a terminal and TensorBoard scalars.
+    pictures, image_every: with image_every > 0, `pictures` of the first PICTURE_IMAGES
+      examples of step 0's batch go to TensorBoard (as `{name}/{tag}`) at step 1, every
+      `image_every` steps and at the end.
   Returns:
     The trained {"params", "batch_stats"} as host numpy arrays.
   """
@@ -309,44 +326,60 @@ def train(*, name: str, model, variables: Mapping[str, PyTree], labels: PyTree,
     stop["signal"] = signum
   old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
 
-  progress = _Progress(name, optim.total_steps, start, os.path.join(workdir, "logs"), batch_size)
+  main = jax.process_index() == 0
+  summaries = None
   last_saved = start if start else None
   try:
+    summaries = _Summaries(name, os.path.join(workdir, "logs")) if main else None
+    fixed = (_picture_batch(batches) if main and pictures is not None and image_every > 0
+             else None)
     it = batches(start)
-    for step in range(start, optim.total_steps):
-      try:
-        host_batch = next(it)
-      except StopIteration:
-        raise RuntimeError(f"{name}: the input pipeline ended at step {step} of "
-                           f"{optim.total_steps}; it must repeat") from None
-      state, metrics = step_fn(state, constants, global_batch(host_batch, data_sharding))
-      done = step + 1
-      loss = float(metrics["loss"])
-      if not np.isfinite(loss):
-        where = (f"the last good checkpoint is step {last_saved} in {ckpt_dir}"
-                 if last_saved is not None else "no checkpoint was saved yet")
-        raise NonFiniteLossError(
-            f"{name}: loss is {loss} at step {done}; {where}. Lower the learning rate or "
-            "check the input data.")
-      if done % log_every == 0 or done == optim.total_steps or done == start + 1:
-        progress.log(done, {k: float(v) for k, v in metrics.items()})
-      if done % checkpoint_every == 0 or done == optim.total_steps or stop["signal"]:
+    with console.progress(optim.total_steps, name, unit="step", start=start,
+                          rate_scale=batch_size, enabled=main) as bar:
+      for step in range(start, optim.total_steps):
         try:
-          manager.save(done, args=ocp.args.StandardSave(state), force=True)
-        except (OSError, ValueError) as e:  # a full disk is the user's to fix, not a bug.
-          refused = io.disk_error(ckpt_dir, e)
-          if refused is None:
-            raise
-          raise refused from e
-        last_saved = done
-      if stop["signal"] and done < optim.total_steps:
-        manager.wait_until_finished()
-        raise TrainingInterrupted(
-            f"{name}: stopped by signal {stop['signal']} at step {done}; checkpoint saved in "
-            f"{ckpt_dir}. Run the same command again to resume.")
+          host_batch = next(it)
+        except StopIteration:
+          raise RuntimeError(f"{name}: the input pipeline ended at step {step} of "
+                             f"{optim.total_steps}; it must repeat") from None
+        state, metrics = step_fn(state, constants, global_batch(host_batch, data_sharding))
+        done = step + 1
+        loss = float(metrics["loss"])
+        if not np.isfinite(loss):
+          where = (f"the last good checkpoint is step {last_saved} in {ckpt_dir}"
+                   if last_saved is not None else "no checkpoint was saved yet")
+          raise NonFiniteLossError(
+              f"{name}: loss is {loss} at step {done}; {where}. Lower the learning rate or "
+              "check the input data.")
+        # Before the bar counts the step, so that its rate leaves out the first compilation.
+        if fixed is not None and (done == 1 or done % image_every == 0
+                                  or done == optim.total_steps):
+          summaries.images(done, pictures(_local_variables(state, constants), fixed))
+        log = done % log_every == 0 or done == optim.total_steps or done == start + 1
+        # The loss is on the host already; the other metrics only cross over when logged.
+        fields = {"loss": loss, **({k: float(v) for k, v in metrics.items()} if log else {})}
+        bar.update(1, force=log, **fields)
+        if log and summaries is not None:
+          summaries.scalars(done, fields)
+        if done % checkpoint_every == 0 or done == optim.total_steps or stop["signal"]:
+          try:
+            manager.save(done, args=ocp.args.StandardSave(state), force=True)
+          except (OSError, ValueError) as e:  # a full disk is the user's to fix, not a bug.
+            refused = io.disk_error(ckpt_dir, e)
+            if refused is None:
+              raise
+            raise refused from e
+          last_saved = done
+        if stop["signal"] and done < optim.total_steps:
+          manager.wait_until_finished()
+          raise TrainingInterrupted(
+              f"{name}: stopped by signal {stop['signal']} at step {done}; checkpoint saved in "
+              f"{ckpt_dir}. Run the same command again to resume.")
   finally:
     manager.wait_until_finished()
     manager.close()
+    if summaries is not None:
+      summaries.close()
     for s, h in old_handlers.items():
       signal.signal(s, h)
 

@@ -63,6 +63,9 @@ def get_config(arg=None):
       crop_size=448, resize_long=(256, 512),
       color_jitter=(0.3, 0.3, 0.3, 0.1),  # brightness, contrast, saturation, hue.
       checkpoint_every=500, log_every=20, steps=-1,  # steps > 0 overrides epochs.
+      # Not the original's: every N steps (and at steps 1 and the last) TensorBoard
+      # ({workdir}/cam_net/logs) gets the CAMs of 4 fixed training images; 0: none.
+      image_every=500,
   ))
   # CAM inference (infer_cls.py): scales, each with its flip.
   c.cam_infer = ml_collections.ConfigDict(dict(scales=(1.0, 0.5, 1.5, 2.0), batch_size=1))
@@ -82,6 +85,10 @@ def get_config(arg=None):
       # (the original: 1). > 1 gives small images a finer affinity grid (stride 8 / scale).
       image_scale=1.0,
       checkpoint_every=500, log_every=20, steps=-1,
+      # Not the original's: every N steps (and at steps 1 and the last) TensorBoard
+      # ({workdir}/aff_net/logs) gets the boundary map of the learned affinities (1 - mean
+      # affinity to the neighbours) of 4 fixed training images; 0: none.
+      image_every=500,
   ))
   # Random walk (infer_aff.py): A = W^beta, t = 2^logt steps, background (1-max)^alpha.
   c.random_walk = ml_collections.ConfigDict(dict(

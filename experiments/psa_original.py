@@ -159,6 +159,18 @@ def to_torch(orig, images_nhwc: np.ndarray, device: str = "cpu"):
   return orig.torch.from_numpy(np.ascontiguousarray(images_nhwc.transpose(0, 3, 1, 2))).to(device)
 
 
+def _poly_optimizer(orig, net):
+  """The original's PolyOptimizer over `net`'s four learning-rate groups, as train_cls.py and
+  train_aff.py build it (lr 0.01, weight decay 5e-4 on weights)."""
+  groups = net.get_parameter_groups()
+  return orig.torchutils.PolyOptimizer([
+      {"params": groups[0], "lr": TRAIN_LR, "weight_decay": WEIGHT_DECAY},
+      {"params": groups[1], "lr": 2 * TRAIN_LR, "weight_decay": 0},
+      {"params": groups[2], "lr": 10 * TRAIN_LR, "weight_decay": WEIGHT_DECAY},
+      {"params": groups[3], "lr": 20 * TRAIN_LR, "weight_decay": 0},
+  ], lr=TRAIN_LR, weight_decay=WEIGHT_DECAY, max_step=1000)
+
+
 def torch_train_step_fn(orig, aff_net, images: np.ndarray, label_grids: np.ndarray,
                         device: str = "cpu"):
   """One step of the original's train_aff.py on a fixed batch: forward, its loss, backward, its
@@ -170,13 +182,7 @@ def torch_train_step_fn(orig, aff_net, images: np.ndarray, label_grids: np.ndarr
   """
   torch = orig.torch
   aff_net.train()
-  groups = aff_net.get_parameter_groups()
-  optimizer = orig.torchutils.PolyOptimizer([
-      {"params": groups[0], "lr": TRAIN_LR, "weight_decay": WEIGHT_DECAY},
-      {"params": groups[1], "lr": 2 * TRAIN_LR, "weight_decay": 0},
-      {"params": groups[2], "lr": 10 * TRAIN_LR, "weight_decay": WEIGHT_DECAY},
-      {"params": groups[3], "lr": 20 * TRAIN_LR, "weight_decay": 0},
-  ], lr=TRAIN_LR, weight_decay=WEIGHT_DECAY, max_step=1000)
+  optimizer = _poly_optimizer(orig, aff_net)
   extract = orig.data.ExtractAffinityLabelInRadius(cropsize=label_grids.shape[1], radius=RADIUS)
   bg, fg, neg = (torch.stack(t).to(device) for t in zip(*(extract(g) for g in label_grids)))
   x = to_torch(orig, images, device)
@@ -191,6 +197,29 @@ def torch_train_step_fn(orig, aff_net, images: np.ndarray, label_grids: np.ndarr
     loss.backward()
     optimizer.step()
     return loss.item()  # .item() waits for the step, also on a GPU.
+  return step
+
+
+def torch_cam_train_step_fn(orig, cls_net, images: np.ndarray, labels: np.ndarray,
+                            device: str = "cpu"):
+  """One step of the original's train_cls.py on a fixed batch: forward, multilabel soft margin
+  loss, backward, its PolyOptimizer with the four learning-rate groups.
+
+  images: [B, S, S, 3] normalised float32; labels: [B, 20] multi-hot. Puts `cls_net` in its
+  train() mode (BN frozen, the stem without gradients). Returns step() -> loss (float).
+  """
+  torch = orig.torch
+  cls_net.train()
+  optimizer = _poly_optimizer(orig, cls_net)
+  x = to_torch(orig, images, device)
+  y = torch.from_numpy(np.asarray(labels, np.float32)).to(device)
+
+  def step():
+    loss = torch.nn.functional.multilabel_soft_margin_loss(cls_net(x), y)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss.item()  # as train_cls.py's loss meter: waits for the step.
   return step
 
 

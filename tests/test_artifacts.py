@@ -2,6 +2,7 @@
 
 import json
 import os
+import stat
 import subprocess
 import sys
 
@@ -153,3 +154,13 @@ def test_stage_outputs_of_a_workdir_whose_name_looks_like_a_pattern(tmp_path):
   assert wd.stage_outputs("infer_cam") == [wd.path(artifacts.CAMS)]
   wd.remove_stage_outputs("infer_cam")
   assert not os.path.exists(wd.path(artifacts.CAMS))
+
+
+def test_written_files_get_the_mode_open_would_give(tmp_path):
+  """Not mkstemp's private 0600: others sharing a workdir can read the outputs."""
+  path = tmp_path / "x.npz"
+  io.save_npz(path, a=np.zeros(3))
+  mode = stat.S_IMODE(os.stat(path).st_mode)
+  assert mode == 0o666 & ~io._UMASK
+  if io._UMASK & 0o044 == 0:  # the usual umasks (022, 002): readable by all
+    assert mode & 0o044 == 0o044

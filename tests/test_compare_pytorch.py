@@ -76,9 +76,38 @@ def test_bad_parts_is_a_clear_error(tmp_path):
 def test_speed_script_help_lists_the_flags():
   res = _run("--help", script=SPEED_SCRIPT)
   assert res.returncode == 0
-  for flag in ("--psa-root", "--parts", "--cam-sizes", "--train-batch", "--train-crop",
-               "--repeats", "--warmup", "--threads", "--seed"):
+  for flag in ("--psa-root", "--parts", "--settings", "--cam-batch", "--cam-crop", "--aff-batch",
+               "--aff-crop", "--infer-size", "--dtypes", "--peak-tflops", "--steps", "--repeats",
+               "--warmup", "--threads", "--json"):
     assert flag in res.stdout
+
+
+def test_speed_script_runs_without_tensorflow_or_the_original(tmp_path):
+  """What a GPU machine without TensorFlow and tfds runs: ours only, figures in the JSON."""
+  out = tmp_path / "speed.json"
+  code = ("import runpy, sys\n"
+          "for m in ('tensorflow', 'tensorflow_datasets', 'ml_collections'): sys.modules[m] = None\n"
+          f"sys.argv = [{SPEED_SCRIPT!r}, '--parts', 'cam_train,aff_infer', '--width', '0.03125', "
+          "'--cam-batch', '2', '--cam-crop', '72', '--infer-size', '72x80', '--repeats', '1', "
+          f"'--warmup', '0', '--peak-tflops', '1', '--json', {str(out)!r}]\n"
+          f"sys.path.insert(0, {os.path.dirname(SPEED_SCRIPT)!r})\n"
+          f"runpy.run_path({SPEED_SCRIPT!r}, run_name='__main__')\n")
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+  env.pop("PSA_ROOT", None)
+  res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                       env=env, cwd=ROOT)
+  assert res.returncode == 0, res.stderr[-3000:]
+  results = json.loads(out.read_text())
+  assert results["torch"] is None and results["settings"]["cam_batch"] == 2
+  rows = {(r["part"], r["dtype"]): r for r in results["rows"]}
+  assert set(rows) == {(p, d) for p in ("cam_train", "aff_infer") for d in ("float32", "bfloat16")}
+  for row in rows.values():
+    assert row["jax_s"] > 0 and row["ratio"] is None and row["gflop"] > 0
+    assert 0 < row["jax_mfu"] < 1
+  # The same arithmetic in either dtype: XLA counts about the same FLOPs.
+  f32, bf16 = rows[("cam_train", "float32")]["gflop"], rows[("cam_train", "bfloat16")]["gflop"]
+  assert abs(f32 - bf16) / f32 < 0.1
+  assert "| measurement | dtype |" in res.stdout
 
 
 def test_help_describes_the_comparison():

@@ -2,7 +2,10 @@
 
 import os
 
+import pytest
+
 from affinity_jax import config
+from affinity_jax.errors import ConfigError
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -26,3 +29,55 @@ def test_voc_reports_follow_the_papers_protocol():
   assert tuple(cfg.eval.cam_splits) == ("train",)          # CAM, CAM + RW scored on 1,464
   assert tuple(cfg.eval.seg_splits) == ("val",)
   assert cfg.random_walk.crf  # the paper's dCRF on the walked maps (not infer_aff.py)
+
+
+# Config names: `synthetic:tiny` is the shipped configs/synthetic.py (tests/test_packaging.py
+# checks the same from an installed wheel).
+
+
+def _shipped_files():
+  return sorted(f for f in os.listdir(CONFIGS) if f.endswith(".py") and not f.startswith("_"))
+
+
+def test_the_shipped_configs_are_the_files_of_configs():
+  shipped = config.shipped_configs()
+  assert sorted(shipped) == [f[:-3] for f in _shipped_files()]
+  for f in _shipped_files():
+    with open(os.path.join(CONFIGS, f)) as ours, open(shipped[f[:-3]]) as installed:
+      assert installed.read() == ours.read(), f
+
+
+@pytest.mark.parametrize("name", ["synthetic", "voc_resnet38", "voc_vgg16"])
+@pytest.mark.parametrize("variant", ["", ":tiny"])
+def test_a_name_loads_the_same_config_as_its_path(name, variant):
+  by_name = config.load_config(name + variant)
+  by_path = config.load_config(os.path.join(CONFIGS, f"{name}.py{variant}"))
+  assert by_name.to_dict() == by_path.to_dict()
+  if variant:  # the variant reached get_config: it differs from the default
+    assert by_name.to_dict() != config.load_config(name).to_dict()
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("synthetc", r"unknown config 'synthetc'; shipped configs: synthetic, voc_resnet38, "
+                 r"voc_vgg16"),
+    ("synthetic:huge", r"unknown variant 'huge'"),
+    ("nowhere/synthetic.py:tiny", r"config file 'nowhere/synthetic.py' not found \(or name a "
+                                  r"shipped config: synthetic, "),
+    ("synthetic.py", r"config file 'synthetic.py' not found"),
+])
+def test_a_bad_config_spec_is_a_config_error(spec, message, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)  # no configs/ or synthetic.py here
+  with pytest.raises(ConfigError, match=message):
+    config.load_config(spec)
+
+
+def test_a_path_outside_configs_still_loads_and_can_load_a_shipped_config(tmp_path):
+  # A user's own file builds on a shipped one by its name.
+  own = tmp_path / "mine.py"
+  own.write_text("from affinity_jax import config\n\n"
+                 "def get_config(arg=None):\n"
+                 "  c = config.load_config('synthetic:tiny')\n"
+                 "  c.seed = 7\n"
+                 "  return c\n")
+  cfg = config.load_config(f"{own}")
+  assert cfg.seed == 7 and cfg.data.name == "synthetic_wsss"

@@ -234,3 +234,211 @@ def test_partial_rerun_keeps_the_record_of_the_whole_run(run_dir, tmp_path):
     assert again["stage_seconds"][stage] == recorded[stage]
   assert again["fingerprints"] == whole["fingerprints"]
   assert again["cam_miou"] == whole["cam_miou"]
+
+
+def test_evaluate_draws_per_class_charts_beside_the_table(run_dir):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  workdir, _ = run_dir
+  for name in ("results_iou.png", "results_confusion.png"):  # every row; segmentation's
+    with Image.open(workdir / name) as im:
+      im.load()
+      assert im.format == "PNG" and im.width >= 400 and im.height >= 300, name
+      assert np.asarray(im.convert("L")).std() > 10, name  # something is drawn
+
+
+@pytest.mark.parametrize("folder,key", [("seg_pred", "seg_miou"), ("cam_pred", "cam_miou"),
+                                        ("pseudo_labels", "rw_miou")])
+def test_evaluate_command_scores_as_the_stage_does(run_dir, tmp_path, capsys, folder, key):
+  """`affinity-jax evaluate` on the stage's own outputs gives the stage's mIoU (cam_pred and
+  pseudo_labels also hold train images, which --partial leaves out)."""
+  workdir, _ = run_dir
+  results = json.loads((workdir / "results.json").read_text())
+  argv = ["evaluate", "--pred", str(workdir / folder), "--gt-dataset", "synthetic_wsss",
+          "--split", "val", "--data-dir", str(workdir / "tfds"), "--out", str(tmp_path)]
+  assert cli.main(argv + (["--partial"] if folder != "seg_pred" else [])) == 0
+  out = capsys.readouterr().out
+  report = json.loads((tmp_path / f"{folder}_eval.json").read_text())
+  assert report["miou"] == pytest.approx(results[key], rel=1e-12)
+  assert report["images"] == 8 and len(report["classes"]) == 4  # tiny: 8 val, 3 classes + bg
+  assert f"mIoU {100 * results[key]:.1f}% over 4 classes" in out
+  assert report["ground_truth"].startswith("dataset synthetic_wsss/tiny/")
+
+
+# ---------------------------------------------------------------------------------------------
+# affinity-jax predict with the tiny run's networks and the config it recorded.
+
+
+def _odd_images(folder):
+  """What a user's folder may hold: odd sizes, modes and formats, and a broken file. Returns
+  {stem: (h, w) upright} of the readable ones."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  folder.mkdir(parents=True)
+  rng = np.random.default_rng(0)
+  Image.fromarray(rng.integers(0, 256, (37, 53, 3), np.uint8)).save(folder / "rgb.jpg")
+  Image.fromarray(rng.integers(0, 256, (70, 45), np.uint8)).save(folder / "grey.png")
+  Image.new("CMYK", (61, 40), (0, 255, 255, 0)).save(folder / "cmyk.jpg")
+  Image.fromarray(rng.integers(0, 256, (50, 50, 4), np.uint8)).save(folder / "alpha.png")
+  exif = Image.Exif()
+  exif[0x0112] = 6  # stored 40 wide and 24 high, shown turned a quarter clockwise
+  Image.fromarray(rng.integers(0, 256, (24, 40, 3), np.uint8)).save(folder / "rotated.jpg",
+                                                                      exif=exif)
+  Image.fromarray(rng.integers(0, 65536, (33, 66)).astype(np.uint16)).save(folder / "grey16.png")
+  (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 a JPEG cut short")
+  return {"rgb": (37, 53), "grey": (70, 45), "cmyk": (40, 61), "alpha": (50, 50),
+          "rotated": (40, 24), "grey16": (33, 66)}
+
+
+def _label(path):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  with Image.open(path) as im:
+    assert im.mode == "P" and im.getpalette()[:9] == [0, 0, 0, 128, 0, 0, 0, 128, 0]  # VOC's
+    return np.asarray(im)
+
+
+def test_predict_labels_odd_images_and_skips_a_broken_one(run_dir, tmp_path, capsys):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  workdir, _ = run_dir
+  sizes = _odd_images(tmp_path / "in")
+  (tmp_path / "more").mkdir()
+  Image.fromarray(np.full((64, 64, 3), 200, np.uint8)).save(tmp_path / "more" / "rgb.png")
+  before = sorted(os.listdir(workdir))
+  out = tmp_path / "out"
+  assert cli.main(["predict", "--workdir", str(workdir), "--images", str(tmp_path / "in"),
+                   str(tmp_path / "more" / "rgb.png"), "--out", str(out),
+                   "--batch-size", "8", "--max-side", "64"]) == 0
+  printed = capsys.readouterr().out
+  broken = str(tmp_path / "in" / "broken.jpg")
+  assert "[predict] labelled 7 image(s)" in printed and "skipped 1" in printed
+  assert f"  {broken} cannot be decoded" in printed
+  report = json.loads((out / "predict.json").read_text())
+  assert report["method"] == "seg" and report["written"] == 7
+  assert list(report["skipped_files"]) == [broken]
+  sizes["more_rgb"] = (64, 64)  # a second rgb.* from another folder: renamed, not overwritten
+  assert report["images"][str(tmp_path / "more" / "rgb.png")]["outputs"]["label"] == (
+      "more_rgb.png")
+  # Longer than --max-side: the networks see it resized, its label map has its own size.
+  assert report["images"][str(tmp_path / "in" / "grey.png")]["inferred_at"] == [64, 41]
+  assert "inferred_at" not in report["images"][str(tmp_path / "in" / "rgb.jpg")]
+  for stem, hw in sizes.items():
+    label = _label(out / f"{stem}.png")
+    assert label.shape == hw, stem  # the rotated image's label map is upright too
+    assert label.max() <= 3  # 0 background, 1..3 the tiny config's classes
+    with Image.open(out / f"{stem}_overlay.jpg") as im:
+      assert im.mode == "RGB" and im.size == (hw[1], hw[0])
+  assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]
+  assert sorted(os.listdir(workdir)) == before
+
+
+def _val_images(workdir, folder):
+  """The tiny run's val images as the files the dataset stores; their names."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from affinity_jax import config, data  # pylint: disable=g-import-not-at-top
+  cfg = config.load_config(TINY)
+  cfg.data.data_dir = str(workdir / "tfds")
+  ds = data.from_config(cfg).as_dataset(split="val", shuffle_files=False,
+                                        decoders={"image": tfds.decode.SkipDecoding()})
+  folder.mkdir()
+  names = []
+  for ex in tfds.as_numpy(ds):
+    names.append(ex["name"].decode())
+    (folder / f"{names[-1]}.png").write_bytes(ex["image"])
+  assert len(names) == 8
+  return names
+
+
+def test_predict_labels_equal_the_infer_seg_stage(run_dir, tmp_path):
+  workdir, _ = run_dir
+  names = _val_images(workdir, tmp_path / "val")
+  out = tmp_path / "out"
+  assert cli.main(["predict", "--workdir", str(workdir), "--images", str(tmp_path / "val"),
+                   "--out", str(out)]) == 0
+  for name in names:
+    np.testing.assert_array_equal(_label(out / f"{name}.png"),
+                                  io.load_png(workdir / "seg_pred" / f"{name}.png"), name)
+
+
+def test_predict_over_two_devices_gives_the_same_labels(run_dir, tmp_path):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  workdir, _ = run_dir
+  names = _val_images(workdir, tmp_path / "val")
+  out = tmp_path / "out"
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             JAX_PLATFORMS="cpu")
+  # Three images a batch: four over two devices, the last batch padded with dummies.
+  done = subprocess.run([sys.executable, "-m", "affinity_jax.cli", "predict", "--workdir",
+                         str(workdir), "--images", str(tmp_path / "val"), "--out", str(out),
+                         "--batch-size", "3"], env=env, cwd=REPO, capture_output=True,
+                        text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "on 2 device(s)" in done.stdout
+  for name in names:
+    np.testing.assert_array_equal(_label(out / f"{name}.png"),
+                                  io.load_png(workdir / "seg_pred" / f"{name}.png"), name)
+
+
+def test_predict_walk_picks_the_classes_it_walks_and_draws_heat_maps(run_dir, tmp_path):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  workdir, _ = run_dir
+  sizes = {"a": (37, 53), "b": (64, 48)}
+  rng = np.random.default_rng(1)
+  (tmp_path / "in").mkdir()
+  for stem, (h, w) in sizes.items():
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), np.uint8)).save(tmp_path / "in" / f"{stem}.png")
+  out = tmp_path / "out"
+  assert cli.main(["predict", "--workdir", str(workdir), "--method", "walk", "--heatmaps",
+                   "--images", str(tmp_path / "in"), "--out", str(out)]) == 0
+  report = json.loads((out / "predict.json").read_text())
+  assert report["method"] == "walk" and report["written"] == 2
+  for stem, hw in sizes.items():
+    record = report["images"][str(tmp_path / "in" / f"{stem}.png")]
+    scores = np.asarray(record["class_scores"])
+    assert scores.shape == (3,) and np.all((scores >= 0) & (scores <= 1))
+    chosen = {int(c) + 1 for c in np.flatnonzero(scores > 0.5)} | {int(np.argmax(scores)) + 1}
+    label = _label(out / f"{stem}.png")
+    assert label.shape == hw and set(np.unique(label)) <= {0} | chosen
+    for kind in ("cam", "rw"):
+      heat = io.load_png(out / record["outputs"][kind])
+      assert heat.shape == hw + (3,)
+
+
+def test_predict_names_the_stage_to_run_when_a_network_is_missing(run_dir, tmp_path, capsys):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  copy, _ = _copy_run(run_dir, tmp_path, "seg_net", "aff_net", "cams", "aff_labels",
+                      "pseudo_labels", "panels")
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+  argv = ["predict", "--workdir", str(copy), "--images", str(tmp_path / "a.png"),
+          "--out", str(tmp_path / "out")]
+  assert cli.main(argv) == 2
+  err = capsys.readouterr().err
+  assert "no trained network" in err and "train_seg stage" in err and "train_aff stage" in err
+  assert "Traceback" not in err
+  assert cli.main(argv + ["--method", "seg"]) == 2
+  assert "seg_net/final does not exist: run the train_seg stage" in capsys.readouterr().err
+  assert not (tmp_path / "out").exists()
+
+
+def test_predict_with_an_explicit_config_and_overrides(run_dir, tmp_path, capsys):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  copy, _ = _copy_run(run_dir, tmp_path, "config.json", "cams", "aff_labels", "pseudo_labels",
+                      "panels")  # a workdir whose run recorded no config
+  Image.fromarray(np.zeros((30, 20, 3), np.uint8)).save(tmp_path / "a.png")
+  argv = ["predict", "--images", str(tmp_path / "a.png"), "--out", str(tmp_path / "out")]
+  assert cli.main(argv + ["--workdir", str(copy)]) == 2
+  err = capsys.readouterr().err
+  assert "config.json does not exist" in err and "--config" in err
+  assert cli.main(argv + ["--seg-net", str(copy / "seg_net" / "final"), "--config", TINY,
+                          "--config.seg_infer.scales=(2.0,)"]) == 0
+  report = json.loads((tmp_path / "out" / "predict.json").read_text())
+  assert "scales 2 + flips" in report["described"] and report["config"] == TINY
+  assert _label(tmp_path / "out" / "a.png").shape == (30, 20)
+
+
+def test_a_run_records_its_config_for_predict(run_dir):
+  workdir, _ = run_dir
+  from affinity_jax import config  # pylint: disable=g-import-not-at-top
+  recorded = json.loads((workdir / "config.json").read_text())
+  want = json.loads(json.dumps(config.load_config(TINY).to_dict()))
+  want["data"]["data_dir"] = str(workdir / "tfds")
+  del want["workdir"]  # the folder the record is in
+  assert recorded == want

@@ -65,7 +65,10 @@ def _prepared(builder, manual_dir, prepare: bool):
                     "data.manual_dir to the folder holding VOCdevkit/ (and benchmark_RELEASE/) "
                     "to build it")
   if manual_dir and not os.path.isdir(manual_dir):
-    raise UserError(f"dataset {builder.name}: manual_dir {manual_dir} does not exist")
+    raise UserError(f"dataset {builder.name}: data.manual_dir {manual_dir} does not exist")
+  if manual_dir and not os.listdir(manual_dir):  # tfds would stop with an AssertionError
+    raise UserError(f"dataset {builder.name}: data.manual_dir {manual_dir} is empty; it must "
+                    "hold VOCdevkit/ (and benchmark_RELEASE/)")
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
       manual_dir=os.fspath(manual_dir) if manual_dir else None))
   return builder
@@ -82,6 +85,19 @@ def from_config(cfg) -> tfds.core.DatasetBuilder:
                       f"model.num_classes is {cfg.model.num_classes}; set "
                       f"--config.model.num_classes={num_classes(builder)}")
   return builder
+
+
+def describe(builder: tfds.core.DatasetBuilder) -> str:
+  """Where a prepared dataset lies and its number of examples per split, as printed by
+  `affinity-jax prepare`; images a VOC build left out (unreadable files) are counted too."""
+  lines = [f"dataset {builder.name}/{builder.builder_config.name} {builder.version} "
+           f"in {builder.data_dir}"]
+  left_out = builder.info.metadata.get("left_out", {}) if builder.info.metadata else {}
+  for split, info in sorted(builder.info.splits.items()):
+    dropped = len(left_out.get(split, {}))
+    note = f" ({dropped} left out: unreadable files)" if dropped else ""
+    lines.append(f"  {split}: {info.num_examples} examples{note}")
+  return "\n".join(lines)
 
 
 def split_names(builder: tfds.core.DatasetBuilder, split: str) -> list[str]:

@@ -278,6 +278,30 @@ def inference_num_batches(builder, split: str, batch_size: int, process_count: i
   return max(1, math.ceil(most / batch_size))
 
 
+def inference_inputs(image: tf.Tensor, *, scales: Sequence[float], canvas: tuple[int, int],
+                     convention: str = "imagenet") -> dict[str, tf.Tensor]:
+  """The multi-scale inputs of one uint8 [H, W, 3] image no larger than `canvas`, as `inference`
+  makes them (inside tf.data) and `affinity-jax predict` does (eagerly, per image).
+
+  Returns:
+    image_s{i}: float32 [Hc_i, Wc_i, 3] (the image resized by scales[i] with PIL's bicubic,
+    normalised, zero padded to canvas_for_scale(canvas, scales[i])); size_s{i}: int32 [2]
+    (resized h, w); orig_size: int32 [2] (h, w); raw: uint8 [Hc, Wc, 3] (zero padded).
+  """
+  canvas_h, canvas_w = (int(c) for c in canvas)
+  shape = tf.shape(image)
+  out = {}
+  for i, s in enumerate(scales):
+    size = transforms.scaled_size(shape[0], shape[1], s)
+    resized = transforms.resize_image(image, size)
+    out[f"image_s{i}"] = transforms.pad_to(transforms.normalize(resized, convention),
+                                           *canvas_for_scale((canvas_h, canvas_w), s), 0.0)
+    out[f"size_s{i}"] = size
+  out["orig_size"] = shape[:2]
+  out["raw"] = transforms.pad_to(image, canvas_h, canvas_w, 0)
+  return out
+
+
 def inference(builder, split: str, *, scales: Sequence[float] = (1.0, 0.5, 1.5, 2.0),
               canvas: tuple[int, int] = (512, 512), batch_size: int,
               process_index: int | None = None, process_count: int | None = None,
@@ -313,17 +337,9 @@ def inference(builder, split: str, *, scales: Sequence[float] = (1.0, 0.5, 1.5, 
     image, mask = tf.cond(fits, lambda: (example["image"], example["mask"]),
                           lambda: (tf.zeros([1, 1, 3], tf.uint8),
                                    tf.fill([1, 1, 1], tf.constant(IGNORE, tf.uint8))))
-    shape = tf.shape(image)
-    out = {}
-    for i, s in enumerate(scales):
-      size = transforms.scaled_size(shape[0], shape[1], s)
-      resized = transforms.resize_image(image, size)
-      out[f"image_s{i}"] = transforms.pad_to(transforms.normalize(resized, convention),
-                                             *canvas_for_scale((canvas_h, canvas_w), s), 0.0)
-      out[f"size_s{i}"] = size
-    out["orig_size"] = shape[:2]
+    out = inference_inputs(image, scales=scales, canvas=(canvas_h, canvas_w),
+                           convention=convention)
     out["image_size"] = image_size
-    out["raw"] = transforms.pad_to(image, canvas_h, canvas_w, 0)
     out["mask"] = transforms.pad_to(mask, canvas_h, canvas_w, IGNORE)[..., 0]
     out["name"] = example["name"]
     out["label"] = example["label"]

@@ -124,6 +124,9 @@ class Voc2012Aug(LocalBuilder):
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     root = os.fspath(dl_manager.manual_dir)
     voc = os.path.join(root, _VOC)
+    if not os.path.isdir(voc):
+      raise UserError(f"voc2012_aug: {voc} is missing: data.manual_dir ({root}) must hold "
+                      "VOCdevkit/VOC2012/ (and benchmark_RELEASE/ for train_aug)")
     for sub in ("JPEGImages", "Annotations", "SegmentationClass",
                 os.path.join("ImageSets", "Segmentation")):
       _require_dir(os.path.join(voc, sub))

@@ -15,13 +15,9 @@ import numpy as np
 from PIL import Image
 
 from affinity_jax.constants import IGNORE_LABEL as IGNORE
+from affinity_jax.constants import VOC_CLASSES
 from affinity_jax.errors import UserError
 
-VOC_CLASSES = (
-
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
-    "train", "tvmonitor")
 NUM_CLASSES = len(VOC_CLASSES)
 _CMYK_QUALITY = 95  # high enough that re-encoding costs about one grey level
 

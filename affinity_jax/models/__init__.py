@@ -5,7 +5,8 @@ Two backbones, as the original's: ResNet-38 (the default) and VGG-16 (`model.bac
 - `CAMNet`, `AffinityNet`, `SegNet`: backbone + head; `build(arch, ..., backbone=)` picks one by
   name, `from_config(cfg, arch)` with the config's `model` section. `VGG16*`: the same on VGG-16.
 - `param_labels(params)`: the original's frozen set and learning-rate groups (both backbones).
-- `normalize_images`: RGB in [0, 255] -> the input a backbone expects (`input_convention`).
+- `normalize_images`: RGB in [0, 255] -> the input a backbone expects (`input_convention`);
+  `denormalize_images` back, for pictures.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 
 from affinity_jax.constants import (ARCHS, BACKBONES, CAFFE_MEAN_RGB, IMAGENET_MEAN,
@@ -29,8 +31,8 @@ __all__ = ["ResNet38", "CAMNet", "AffinityNet", "SegNet", "FrozenBatchNorm", "Bl
            "BLOCKS", "VGG16", "VGG16CAMNet", "VGG16AffinityNet", "VGG16SegNet", "TRUNK_CONVS",
            "ARCHS", "BACKBONES", "DEFAULT_BACKBONE", "IMAGENET_MEAN", "IMAGENET_STD",
            "FROZEN_MODULES", "NEW_MODULES", "backbone_name", "build", "calibrate_batch_norm",
-           "from_config", "init_variables", "input_convention", "normalize_images",
-           "param_labels", "scaled"]
+           "denormalize_images", "from_config", "init_variables", "input_convention",
+           "normalize_images", "param_labels", "scaled"]
 
 # ARCHS and BACKBONES (constants.py): checkpoints without a "backbone" record predate VGG-16
 # and hold ResNet-38.
@@ -62,6 +64,20 @@ def normalize_images(images: Any, convention: str = "imagenet") -> jax.Array:
                      f"{', '.join(INPUT_CONVENTIONS)}")
   x = jnp.asarray(images, jnp.float32) / 255.0
   return (x - jnp.asarray(IMAGENET_MEAN, jnp.float32)) / jnp.asarray(IMAGENET_STD, jnp.float32)
+
+
+def denormalize_images(images: Any, convention: str = "imagenet") -> np.ndarray:
+  """The inverse of `normalize_images`, for looking at network inputs: [..., 3] float network
+  input -> uint8 RGB numpy [..., 3] (rounded, clipped to 0..255)."""
+  x = np.asarray(images, np.float32)
+  if convention == "caffe_bgr":
+    x = (x + np.asarray(CAFFE_MEAN_RGB[::-1], np.float32))[..., ::-1]
+  elif convention == "imagenet":
+    x = (x * np.asarray(IMAGENET_STD, np.float32) + np.asarray(IMAGENET_MEAN, np.float32)) * 255
+  else:
+    raise ValueError(f"unknown input convention {convention!r}: expected one of "
+                     f"{', '.join(INPUT_CONVENTIONS)}")
+  return np.clip(np.round(x), 0, 255).astype(np.uint8)
 
 
 def build(arch: str, num_classes: int = 20, width: float = 1.0, dtype: Any = jnp.float32,

@@ -53,9 +53,7 @@ def _run_locked(cfg, names: list[str], main_process: bool) -> dict[str, dict]:
   # Temporaries of writers killed in an earlier run, in the folders no stage's `missing` sweeps.
   for folder in ("", artifacts.REPORTS, artifacts.PANELS, artifacts.FINGERPRINTS):
     io.remove_stale_temporaries(workdir.path(folder))
-  info = data.from_config(cfg).info
-  # What the build left out or converted is part of the data (a fixed file changes it).
-  dataset = fingerprints.digest({"name": info.full_name, "metadata": dict(info.metadata or {})})
+  dataset = fingerprints.dataset_digest(data.from_config(cfg).info)
   modules = {s: importlib.import_module(f"affinity_jax.stages.{s}") for s in ORDER}
   consumes = {s: m.CONSUMES for s, m in modules.items()}
   t0 = time.time()
@@ -74,6 +72,8 @@ def _run_locked(cfg, names: list[str], main_process: bool) -> dict[str, dict]:
           workdir.remove_stage_outputs(s)
       if verdict != "same":
         fingerprints.save_record(workdir, record)
+      if name == names[0]:  # The config of this run, once a stage accepted it (for predict).
+        artifacts.save_run_config(workdir, cfg.to_dict())
     print(f"== {name}", flush=True)
     t = time.time()
     summaries[name] = module.run(cfg) or {}

@@ -16,7 +16,7 @@ import os
 
 import numpy as np
 
-from affinity_jax import artifacts, crf
+from affinity_jax import artifacts, console, crf
 
 # What its outputs are made from (affinity_jax/fingerprints.py): the config keys it reads
 # (a section stands for all its keys) and the stages whose outputs it consumes.
@@ -76,7 +76,8 @@ def run(cfg) -> dict:
         continue
       futures = {}
       ds = builder.as_dataset(split=split, shuffle_files=False)
-      for ex in tfds.as_numpy(ds):
+      for ex in console.track(tfds.as_numpy(ds), builder.info.splits[split].num_examples,
+                              "aff_labels", enabled=report.main_process):
         name = ex["name"].decode()
         if name not in todo:
           continue

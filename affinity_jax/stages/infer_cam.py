@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from affinity_jax import artifacts, cam, checkpoint, data
@@ -42,18 +41,14 @@ def run(cfg) -> dict:
       batch_size=cfg.cam_infer.batch_size, report=report):
     if model is None:
       model, variables = checkpoint.load_network(cfg, artifacts.CAM_NET)
-      cam_fn = cam.multiscale_flip_sum(
-          lambda v, x, sizes: model.apply(v, x, sizes, method="cam"))
-      normalise = jax.jit(cam.normalise)
+      cam_fn = cam.cam_fn(model)
     for i in [i for i in keep if not artifacts.has_positive_class(batch["label"][i])]:
       report.skip(names[i], artifacts.NO_POSITIVE_CLASS)
       keep.remove(i)
     if not keep:
       continue
-    total = cam_fn(variables, cam.pass_inputs(batch, scales))
+    cams = cam_fn(variables, batch, scales, batch["label"])
     sizes = np.asarray(batch["orig_size"])
-    valid = cam.valid_mask(sizes, batch["raw"].shape[1:3])
-    cams = np.asarray(normalise(total, jnp.asarray(batch["label"]), jnp.asarray(valid)))
     artifacts.require_finite(workdir, artifacts.CAM_NET, cams[keep], [names[i] for i in keep],
                              "the CAM network gives non-finite CAMs")
     for i in keep:

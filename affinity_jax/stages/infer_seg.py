@@ -9,9 +9,8 @@ by dCRF on the RGB image; writes `{workdir}/seg_pred/{name}.png` (0 background, 
 from __future__ import annotations
 
 import jax
-import numpy as np
 
-from affinity_jax import artifacts, cam, checkpoint, crf, data
+from affinity_jax import artifacts, cam, checkpoint, data
 from affinity_jax.stages import per_image
 
 # What its outputs are made from (affinity_jax/fingerprints.py): the config keys it reads
@@ -36,17 +35,15 @@ def run(cfg) -> dict:
       batch_size=cfg.seg_infer.batch_size, report=report):
     if model is None:
       model, variables = checkpoint.load_network(cfg, artifacts.SEG_NET)
-      seg_fn = cam.multiscale_flip_sum(lambda v, x, sizes: jax.nn.softmax(
-          model.apply(v, x, sizes=sizes).astype("float32"), axis=-1))
+      seg_fn = cam.segmentation_fn(model)
     if not keep:
       continue
-    probs = np.asarray(seg_fn(variables, cam.pass_inputs(batch, scales))) / (2 * len(scales))
+    probs = seg_fn(variables, batch, scales)
     for i in keep:
       h, w = batch["orig_size"][i]
-      p = probs[i, :h, :w]
-      if cfg.seg_infer.crf:
-        p = crf.crf_inference(np.ascontiguousarray(batch["raw"][i, :h, :w]), p)
-      artifacts.save_label(workdir.prediction(names[i]), np.argmax(p, -1))
+      label = cam.segmentation_label(batch["raw"][i, :h, :w], probs[i, :h, :w],
+                                     crf=cfg.seg_infer.crf)
+      artifacts.save_label(workdir.prediction(names[i]), label)
       written += 1
   print(f"[infer_seg] wrote {written} predictions to {out_dir}")
   return report.finish({"written": written})

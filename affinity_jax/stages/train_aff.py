@@ -9,9 +9,11 @@ affinities of every pair within the radius with their labels. Writes `{workdir}/
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
-from affinity_jax import artifacts, config, geometry, losses, models
+from affinity_jax import artifacts, config, geometry, losses, models, pictures
 from affinity_jax.data import pipelines
 from affinity_jax.stages.training import TrainingSpec, run_training
 
@@ -22,16 +24,6 @@ CONSUMES = ("aff_labels", "train_cam")
 # The version of this stage's code: bumped when the same inputs give other outputs
 # (fingerprints.py). 2: black crop fill, PIL's pixels and resize.
 VERSION = 2
-
-
-def make_loss(radius: int, scheme: str):
-  """(features [B, h, w, D], batch with "aff_label" [B, h, w]) -> (loss, its three parts)."""
-  def aff_loss(features, batch):
-    features = features.astype(jnp.float32)
-    aff = geometry.pair_affinities(features, radius=radius, scheme=scheme)
-    pairs = geometry.pair_labels(batch["aff_label"], radius=radius, scheme=scheme)
-    return losses.affinity_loss(aff, pairs["fg_pos"], pairs["bg_pos"], pairs["neg"])
-  return aff_loss
 
 
 def batches(cfg, builder, start, batch_size, process_index, process_count):
@@ -46,9 +38,44 @@ def batches(cfg, builder, start, batch_size, process_index, process_count):
       process_count=process_count, convention=models.input_convention(cfg))
 
 
+def boundary_map(features: jax.Array, radius: int) -> jax.Array:
+  """[B, h, w, D] affinity features -> [B, h, w]: 1 - the mean affinity of each position to
+  its neighbours within `radius` (those inside the grid): near 1 where the network separates a
+  position from what surrounds it (an object's outline), near 0 inside a region."""
+  _, h, w, _ = features.shape
+  forward = geometry.pair_affinities(features, radius=radius, scheme="full")
+  mask = geometry.pair_mask(h, w, radius=radius, scheme="full").astype(forward.dtype)[None]
+  # Both sums include the identity (1) first.
+  total = jnp.sum(geometry.symmetric_affinities(forward, radius=radius), axis=-1) - 1.0
+  count = jnp.sum(geometry.symmetric_affinities(mask, radius=radius), axis=-1) - 1.0
+  return 1.0 - total / jnp.maximum(count, 1.0)
+
+
+def affinity_pictures(cfg, model):
+  """What TensorBoard shows of AffinityNet (`aff.image_every`): each image of the fixed batch
+  beside its `boundary_map` in heat colours (bilinear from stride 8), so that the outlines the
+  network learns to see appear."""
+  radius = int(cfg.aff.radius)
+  convention = models.input_convention(cfg)
+
+  @jax.jit
+  def boundary(variables, images):
+    features = model.apply(variables, images).astype(jnp.float32)
+    return jax.image.resize(boundary_map(features, radius), images.shape[:3], "bilinear")
+
+  def draw(variables, batch):
+    edges = np.asarray(boundary(variables, batch["image"]))
+    images = models.denormalize_images(batch["image"], convention)
+    return {"boundaries": np.stack([pictures.side_by_side(im, pictures.heat(b))
+                                    for im, b in zip(images, edges)])}
+  return draw
+
+
 SPEC = TrainingSpec(network=artifacts.AFF_NET,
-                    loss=lambda cfg: make_loss(cfg.aff.radius, cfg.aff.scheme), batches=batches,
-                    backbone_from_cam_net=True)
+                    loss=lambda cfg: losses.affinity_training_loss(cfg.aff.radius,
+                                                                   cfg.aff.scheme),
+                    batches=batches,
+                    backbone_from_cam_net=True, pictures=affinity_pictures)
 
 
 def run(cfg) -> dict:

@@ -8,7 +8,11 @@ Trained on image-level labels with the multilabel soft margin loss, on `cls_trai
 
 from __future__ import annotations
 
-from affinity_jax import artifacts, losses, models
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from affinity_jax import artifacts, cam, losses, models, pictures
 from affinity_jax.data import pipelines
 from affinity_jax.stages.training import TrainingSpec, run_training
 
@@ -22,11 +26,6 @@ CONSUMES = ()
 VERSION = 2
 
 
-def loss(logits, batch):
-  """Multilabel soft margin on image-level labels."""
-  return losses.multilabel_soft_margin_loss(logits, batch["label"]), {}
-
-
 def batches(cfg, builder, start, batch_size, process_index, process_count):
   c = cfg.cam
   return pipelines.cls_train(
@@ -36,7 +35,28 @@ def batches(cfg, builder, start, batch_size, process_index, process_count):
       process_count=process_count, convention=models.input_convention(cfg))
 
 
-SPEC = TrainingSpec(network=artifacts.CAM_NET, loss=lambda cfg: loss, batches=batches)
+def cam_pictures(cfg, model):
+  """What TensorBoard shows of the CAM network (`cam.image_every`): each image of the fixed
+  batch beside its CAM laid over it in heat colours: the largest over the image's classes,
+  each divided by its own maximum (cam.normalise, as infer_cam), bilinear from stride 8."""
+  convention = models.input_convention(cfg)
+
+  @jax.jit
+  def cam_heat(variables, images, labels):
+    cams = model.apply(variables, images, method="cam")
+    heat = jnp.max(cam.normalise(cams, labels, jnp.ones(cams.shape[:3], bool)), axis=-1)
+    return jax.image.resize(heat, images.shape[:3], "bilinear")
+
+  def draw(variables, batch):
+    heat = np.asarray(cam_heat(variables, batch["image"], batch["label"]))
+    images = models.denormalize_images(batch["image"], convention)
+    return {"cams": np.stack([pictures.side_by_side(im, pictures.heat_overlay(im, h))
+                              for im, h in zip(images, heat)])}
+  return draw
+
+
+SPEC = TrainingSpec(network=artifacts.CAM_NET, loss=lambda cfg: losses.cam_training_loss,
+                    batches=batches, pictures=cam_pictures)
 
 
 def run(cfg) -> dict:

@@ -9,9 +9,6 @@ ignored); cross-entropy of the stride-8 logits upsampled to the label. Writes
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
-
 from affinity_jax import artifacts, losses, models
 from affinity_jax.data import pipelines
 from affinity_jax.stages.training import TrainingSpec, run_training
@@ -25,14 +22,6 @@ CONSUMES = ("random_walk", "train_cam")
 VERSION = 2
 
 
-def loss(logits, batch):
-  """Cross-entropy of the stride-8 logits upsampled (bilinear) to the label, 255 ignored."""
-  labels = batch["label"]
-  b, h, w = labels.shape
-  logits = jax.image.resize(logits.astype(jnp.float32), (b, h, w, logits.shape[-1]), "bilinear")
-  return losses.segmentation_loss(logits, labels), {}
-
-
 def batches(cfg, builder, start, batch_size, process_index, process_count):
   c = cfg.seg
   workdir = artifacts.Workdir(cfg.workdir)
@@ -44,8 +33,8 @@ def batches(cfg, builder, start, batch_size, process_index, process_count):
       process_count=process_count, convention=models.input_convention(cfg))
 
 
-SPEC = TrainingSpec(network=artifacts.SEG_NET, loss=lambda cfg: loss, batches=batches,
-                    backbone_from_cam_net=True)
+SPEC = TrainingSpec(network=artifacts.SEG_NET, loss=lambda cfg: losses.seg_training_loss,
+                    batches=batches, backbone_from_cam_net=True)
 
 
 def run(cfg) -> dict:

@@ -3,6 +3,7 @@
 Each of train_cam.py, train_aff.py and train_seg.py defines its network's spec (the network,
 its loss and its input pipeline); `run_training(cfg, spec)` does the rest the same way for all:
 initial variables, optimiser groups, the trainer (affinity_jax.train), the final checkpoint.
+A spec may also say what TensorBoard shows of its network while it trains (`pictures`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ class TrainingSpec:
   # With `init.from_cam_net` (from-scratch configs), start from the trained CAM network's
   # backbone instead of random weights.
   backbone_from_cam_net: bool = False
+  # (cfg, model) -> what TensorBoard shows of the network every `{section}.image_every`
+  # steps (train.PictureFn); None: no pictures.
+  pictures: Callable[[object, object], train.PictureFn] | None = None
 
 
 def steps_for(net_cfg, num_examples: int) -> int:
@@ -104,12 +108,16 @@ def run_training(cfg, spec: TrainingSpec) -> dict:
                             momentum=net_cfg.momentum, optimizer=net_cfg.optimizer)
   print(f"[{net.folder}] {steps} steps, global batch {net_cfg.batch_size}, {num_examples} "
         f"images in {cfg.data.train_split}, {jax.device_count()} device(s)", flush=True)
+  model = models.from_config(cfg, net.arch)
+  image_every = int(net_cfg.get("image_every", 0))
+  pictures = spec.pictures(cfg, model) if spec.pictures and image_every > 0 else None
   try:
     trained = train.train(
-        name=net.folder, model=models.from_config(cfg, net.arch), variables=variables,
+        name=net.folder, model=model, variables=variables,
         labels=labels, loss_fn=spec.loss(cfg), batches=batches, optim=optim,
         workdir=workdir.network_dir(net), batch_size=net_cfg.batch_size, seed=cfg.seed,
-        checkpoint_every=net_cfg.checkpoint_every, log_every=net_cfg.log_every)
+        checkpoint_every=net_cfg.checkpoint_every, log_every=net_cfg.log_every,
+        pictures=pictures, image_every=image_every)
   except NonFiniteLossError as e:
     raise NonFiniteLossError(f"{e} The learning rate is --config.{net.section}.lr.") from e
   if jax.process_index() == 0:

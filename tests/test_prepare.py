@@ -1,0 +1,74 @@
+"""`affinity-jax prepare`: builds a config's dataset once and says where and how large it is."""
+
+import os
+
+import pytest
+
+from affinity_jax import cli
+from tests import _voc_tree
+
+
+def _prepare(capsys, *argv) -> tuple[int, str, str]:
+  status = cli.main(["prepare", *map(str, argv)])
+  captured = capsys.readouterr()
+  return status, captured.out, captured.err
+
+
+def test_the_tiny_synthetic_dataset_is_built_once_and_described(tmp_path, capsys):
+  argv = ["--config", "synthetic:tiny", f"--config.data.data_dir={tmp_path}"]
+  status, out, _ = _prepare(capsys, *argv)
+  assert status == 0
+  where = os.path.join(tmp_path, "synthetic_wsss", "tiny")
+  assert "dataset synthetic_wsss/tiny " in out and f" in {where}" in out
+  assert "  train: 16 examples\n" in out and "  val: 8 examples\n" in out
+  assert os.path.isdir(where)
+  # The second call finds it prepared and says the same.
+  built = sorted(os.listdir(where))
+  status, again, _ = _prepare(capsys, *argv)
+  assert status == 0 and again.splitlines()[-3:] == out.splitlines()[-3:]
+  assert sorted(os.listdir(where)) == built
+
+
+def test_a_voc_tree_is_built_from_data_manual_dir(tmp_path, capsys):
+  manual = tmp_path / "manual"
+  _voc_tree.make_voc_tree(str(manual))
+  # One JPEG that no decoder reads: its image is left out, and the summary says so.
+  jpeg = manual / "VOCdevkit" / "VOC2012" / "JPEGImages" / f"{_voc_tree.VOC_VAL[0]}.jpg"
+  jpeg.write_bytes(jpeg.read_bytes()[:200])
+  status, out, _ = _prepare(capsys, "--config", "voc_resnet38", f"--config.data.manual_dir={manual}",
+                            f"--config.data.data_dir={tmp_path / 'tfds'}")
+  assert status == 0
+  assert "dataset voc2012_aug/xml_labels " in out
+  assert f" in {tmp_path / 'tfds' / 'voc2012_aug' / 'xml_labels'}" in out
+  lines = out.splitlines()
+  assert f"  train: {len(_voc_tree.VOC_TRAIN)} examples" in lines
+  assert f"  train_aug: {len(_voc_tree.TRAIN_AUG)} examples" in lines
+  assert f"  val: {len(_voc_tree.VOC_VAL) - 1} examples (1 left out: unreadable files)" in lines
+
+
+@pytest.mark.parametrize("manual", ["missing", "empty", "other"])
+def test_a_wrong_manual_dir_is_one_message_naming_the_path_and_key(tmp_path, capsys, manual):
+  path = tmp_path / manual
+  if manual != "missing":
+    path.mkdir()
+  if manual == "other":  # something, but not VOCdevkit/
+    (path / "VOC2012").mkdir()
+  status, _, err = _prepare(capsys, "--config", "voc_resnet38:tiny",
+                            f"--config.data.manual_dir={path}",
+                            f"--config.data.data_dir={tmp_path / 'tfds'}")
+  assert status == 2
+  assert str(path) in err and "data.manual_dir" in err and "Traceback" not in err
+  assert not list((tmp_path / "tfds").rglob("dataset_info.json"))  # nothing looks prepared
+
+
+def test_voc_without_a_manual_dir_names_the_key(tmp_path, capsys):
+  status, _, err = _prepare(capsys, "--config", "voc_resnet38",
+                            f"--config.data.data_dir={tmp_path}")
+  assert status == 2 and "data.manual_dir" in err and "Traceback" not in err
+
+
+def test_an_unknown_config_name_lists_the_shipped_ones(capsys):
+  status, _, err = _prepare(capsys, "--config", "synthetc:tiny")
+  assert status == 2
+  assert "unknown config 'synthetc'" in err
+  assert "synthetic, voc_resnet38, voc_vgg16" in err
