@@ -269,7 +269,6 @@ class Walker:
     self.aff_scale = config_lib.aff_image_scale(cfg)
     self.all_scales = tuple(dict.fromkeys(self.cam_scales + (1.0, self.aff_scale)))
     self.threshold = threshold
-    self.num_classes = int(cfg.model.num_classes)
     self.alpha = float(cfg.random_walk.alpha)
     self.crf = bool(cfg.random_walk.crf)
     self.crf_iters = int(cfg.random_walk.crf_iters)
@@ -294,10 +293,10 @@ class Walker:
     _require_finite(np.concatenate([c.ravel() for c in full.values()]), self.cam_path,
                     "the CAM network gives non-finite CAMs", names)
     walk_in = _at_scales(arrays, self.all_scales, (self.aff_scale,))
-    walked, heat, share = rw.walk_batch(
+    walked, heat, share, channels = rw.walk_batch(
         self.walk, self.aff_variables, walk_in["image_s0"], full, sizes, walk_in["size_s0"],
-        num_classes=self.num_classes, alpha=self.alpha, image_scale=self.aff_scale,
-        put=self.put)
+        classes={i: np.flatnonzero(labels[i] > 0) for i in full}, alpha=self.alpha,
+        image_scale=self.aff_scale, put=self.put)
     _require_finite(heat[:n] if share is None else share[:n], self.aff_path,
                     "the walk gives non-finite scores", names)
     out = []
@@ -305,7 +304,7 @@ class Walker:
       h, w = sizes[i]
       label = walked[i, :h, :w]
       if share is not None:
-        label = rw.crf_label(arrays["raw"][i, :h, :w], share[i, :h, :w], labels[i],
+        label = rw.crf_label(arrays["raw"][i, :h, :w], share[i, :h, :w], channels[i],
                              self.crf_iters)
       out.append({"label": label, "cam": full[i].max(axis=-1), "rw": heat[i, :h, :w],
                   "class_scores": probs[i]})

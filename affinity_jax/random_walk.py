@@ -214,10 +214,11 @@ def prepare_cam(cam: jax.Array, *, alpha: float = 16.0, stride: int = STRIDE) ->
 
 
 def make_walk_fn(model, cfg):
-  """jit(variables, images, cams, valid, sizes, ry, rx) -> (labels [B, Ho, Wo] uint8, heat
-  [B, Ho, Wo] (the largest foreground share), share [B, Ho, Wo, 1 + C] (the walked scores
-  divided by their sum; None unless cfg.random_walk.crf)) with `model` AffinityNet and the walk
-  of the config's random_walk section. Its inputs are made by `walk_batch`."""
+  """jit(variables, images, cams, valid, sizes, ry, rx) -> (channel index [B, Ho, Wo] uint8 of
+  the argmax, heat [B, Ho, Wo] (the largest foreground share), share [B, Ho, Wo, K] (the walked
+  scores divided by their sum; None unless cfg.random_walk.crf)) with `model` AffinityNet and
+  the walk of the config's random_walk section, `cams` [B, h, w, K] the background and classes
+  of each image. Its inputs are made, and its indices turned into labels, by `walk_batch`."""
   radius, scheme = int(cfg.random_walk.radius), cfg.random_walk.scheme
   t, beta = 2 ** int(cfg.random_walk.logt), float(cfg.random_walk.beta)
   tol = float(cfg.random_walk.tol) if cfg.random_walk.tol > 0 else None
@@ -240,9 +241,24 @@ def make_walk_fn(model, cfg):
   return walk
 
 
+def channel_count(needed: int, total: int) -> int:
+  """The walk's channel count for a batch whose images need at most `needed` channels
+  (background + their classes) of `total`: the next power of two from 2, at most `total`, so
+  that a few shapes (and compiles) serve every batch."""
+  k = 2
+  while k < needed:
+    k *= 2
+  return min(k, total)
+
+
 def walk_batch(walk, variables, images, cams: Mapping[int, np.ndarray], sizes, scaled, *,
-               num_classes: int, alpha: float, image_scale: float, put=None):
-  """Walks the CAMs of one batch of canvases.
+               classes: Mapping[int, np.ndarray], alpha: float, image_scale: float, put=None):
+  """Walks the CAMs of one batch of canvases, over each image's background and own classes.
+
+  The walk is linear in each channel and a class absent from an image has a zero CAM, which
+  stays zero; so only the background and the image's classes are walked (padded to
+  `channel_count` channels), which gives the labels of walking every class for a fraction of
+  the work (VOC images have 1-3 of 20 classes).
 
   Args:
     walk: `make_walk_fn(model, cfg)`.
@@ -251,33 +267,48 @@ def walk_batch(walk, variables, images, cams: Mapping[int, np.ndarray], sizes, s
     cams: {example index: [H, W, C] normalised CAMs at the image's own size, absent classes
       zero}; examples without one (dummies, skipped images) have nothing to walk.
     sizes: [B, 2] each image's own (h, w); scaled: [B, 2] its size resized by `image_scale`.
-    num_classes, alpha, image_scale: the config's model.num_classes, random_walk.alpha and
-      aff.image_scale.
+    classes: {example index: the indices (0-based) of the image's classes}, for each of `cams`.
+    alpha, image_scale: the config's random_walk.alpha and aff.image_scale.
     put: places the per-example arrays (all batch first) on the devices; by default they go
       as they are.
 
   Returns:
-    numpy (labels, heat, share) of `make_walk_fn`, each image at the top-left: crop to `sizes`.
+    numpy (labels [B, Ho, Wo] (0 background, c + 1 class c), heat [B, Ho, Wo], share
+    [B, Ho, Wo, K] or None, channels {example index: [1 + its classes] the label of each of its
+    first channels of `share`}), each image at the top-left: crop to `sizes`.
   """
   b, hc8, wc8 = images.shape[0], images.shape[1] // STRIDE, images.shape[2] // STRIDE
   sizes, scaled = np.asarray(sizes), np.asarray(scaled)
-  stacks = np.zeros((b, hc8, wc8, num_classes + 1), np.float32)
+  total = 1 + next(iter(cams.values())).shape[-1] if cams else 2
+  channels = {i: np.concatenate([[0], np.sort(np.asarray(classes[i], np.int64)) + 1])
+              for i in cams}
+  k = channel_count(max((len(c) for c in channels.values()), default=1), total)
+  stacks = np.zeros((b, hc8, wc8, k), np.float32)
   for i, full in cams.items():
     if image_scale != 1.0:
       full = cam_lib.resize_bilinear(full, scaled[i])
     stack = np.asarray(prepare_cam(full, alpha=alpha))
-    stacks[i, :stack.shape[0], :stack.shape[1]] = stack
+    stacks[i, :stack.shape[0], :stack.shape[1], :len(channels[i])] = stack[..., channels[i]]
   grid = np.stack([[cam_lib.grid_size(h), cam_lib.grid_size(w)] for h, w in scaled])
   valid = cam_lib.valid_mask(grid, (hc8, wc8))
   ry, rx = cam_lib.walk_to_image(grid, sizes, scaled, (hc8, wc8), image_scale)
   inputs = (images, stacks, valid, grid * STRIDE, ry, rx)
-  labels, heat, share = walk(variables, *(put(inputs) if put else inputs))
-  return np.asarray(labels), np.asarray(heat), None if share is None else np.asarray(share)
+  walked, heat, share = walk(variables, *(put(inputs) if put else inputs))
+  walked = np.asarray(walked)
+  labels = np.zeros(walked.shape, np.uint8)
+  for i, ids in channels.items():
+    # Padding channels are zero and come last: the argmax never picks one over a channel of
+    # the image (ties go to the first), so every index maps to a label of the image.
+    labels[i] = np.append(ids, 0).astype(np.uint8)[np.minimum(walked[i], len(ids))]
+  return labels, np.asarray(heat), None if share is None else np.asarray(share), channels
 
 
-def crf_label(image: np.ndarray, share: np.ndarray, label: np.ndarray, iters: int) -> np.ndarray:
-  """[H, W] pseudo label from dCRF on the walked scores `share` [H, W, 1 + C] (summing to one
-  at each pixel) of the background and the image's classes `label` [C] (> 0 present)."""
-  channels = np.concatenate([[0], np.flatnonzero(np.asarray(label) > 0) + 1])
-  q = crf.crf_inference(np.ascontiguousarray(image), share[..., channels], t=iters)
+def crf_label(image: np.ndarray, share: np.ndarray, channels: np.ndarray,
+              iters: int) -> np.ndarray:
+  """[H, W] pseudo label from dCRF on the walked scores `share` [H, W, K >= len(channels)]
+  (summing to one at each pixel) whose first channels are the labels `channels` (0 the
+  background, c + 1 class c; `walk_batch`'s); the rest, padding, are left out."""
+  channels = np.asarray(channels)
+  q = crf.crf_inference(np.ascontiguousarray(image),
+                        np.ascontiguousarray(share[..., :len(channels)]), t=iters)
   return channels[np.argmax(q, axis=-1)].astype(np.uint8)

@@ -16,7 +16,14 @@ large grids) after warm-up.
 Its peak memory is XLA's compiled memory analysis of the jitted walk (arguments + outputs +
 temporaries).
 
-Usage: python experiments/benchmark_random_walk.py [--quick]
+Present classes: the walk of the background and an image's 1 or 3 classes (walk_batch's
+channels, padded to 2 or 4) against the walk of all 21, on VOC-size grids (56x56 and 47x63 at
+stride 8, 94x125 at stride 4): seconds (best of 3), speed-up, share of equal labels.
+
+Stage: the random_walk stage's per-batch work (`random_walk.walk_batch`: AffinityNet at
+`--stage-width`, the walk, upsampling, argmax) on one 375x500 image, present classes vs all 21.
+
+Usage: python experiments/benchmark_random_walk.py [--quick] [--stage-width 1.0]
 The last line printed is JSON for the 56x56 case.
 """
 
@@ -115,9 +122,75 @@ def run_case(h, w, radius, stride, beta=8.0, t=256, tols=(1e-4, 1e-5)):
   return row
 
 
+def run_present(h, w, radius, stride, beta=8.0, t=256):
+  """The walk over the background and an image's 1 or 3 classes (what walk_batch runs, padded
+  to 2 or 4 channels) against the walk over all 21: seconds, and whether the labels agree."""
+  aff_sym, _, cam = make_inputs(h, w, radius)
+  rows = []
+  for present in ((3,), (3, 8, 15)):
+    full = np.zeros(cam.shape, np.float32)
+    full[..., list(present)] = np.asarray(cam)[..., list(present)]
+    full[..., 0] = (1 - full[..., 1:].max(-1)) ** 16
+    channels = [0, *present]
+    k = rw.channel_count(len(channels), full.shape[-1])
+    compact = np.zeros(full.shape[:-1] + (k,), np.float32)
+    compact[..., :len(channels)] = full[..., channels]
+    full, compact = jnp.asarray(full), jnp.asarray(compact)
+    walk = jax.jit(lambda a, c: rw.propagate(a, c, radius=radius, beta=beta, t=t))
+    all_s = time_best(lambda: walk(aff_sym, full).block_until_ready(), repeats=3)
+    present_s = time_best(lambda: walk(aff_sym, compact).block_until_ready(), repeats=3)
+    labels_all = np.argmax(np.asarray(walk(aff_sym, full)), -1)
+    labels_present = np.asarray(channels)[np.argmax(np.asarray(walk(aff_sym, compact)), -1)]
+    rows.append({"grid": [h, w], "stride": stride, "classes": len(present), "channels": k,
+                 "all_s": all_s, "present_s": present_s, "speedup": all_s / present_s,
+                 "labels_equal": float(np.mean(labels_all == labels_present))})
+  return rows
+
+
+def run_stage(width: float, size=(375, 500), repeats: int = 3):
+  """The random_walk stage's per-batch work (random_walk.walk_batch: AffinityNet at `width`,
+  the walk of 2^8 steps, upsampling, argmax) on one VOC-size image with 1 and 3 classes of 20:
+  the walk over the present classes against the walk over all 21 (classes= every class)."""
+  import ml_collections
+  from affinity_jax import models
+  h, w = size
+  model = models.build("affinity", width=width)
+  variables = models.init_variables(model, jax.random.key(0), (1, 64, 64, 3))
+  cfg = ml_collections.ConfigDict({"random_walk": dict(radius=5, scheme="psa", logt=8,
+                                                       beta=8.0, tol=0.0, crf=False)})
+  walk = rw.make_walk_fn(model, cfg)
+  canvas = (-(-h // 8) * 8, -(-w // 8) * 8)
+  rng = np.random.default_rng(0)
+  images = np.zeros((1, *canvas, 3), np.float32)
+  images[0, :h, :w] = rng.normal(size=(h, w, 3))
+  sizes = np.array([[h, w]])
+  rows = []
+  for present in ((3,), (3, 8, 15)):
+    cams = np.zeros((h, w, 20), np.float32)
+    yy, xx = np.mgrid[:h, :w]
+    for c in present:
+      cy, cx = rng.uniform(0.2, 0.8, 2) * (h, w)
+      cams[..., c] = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (0.05 * h * w))
+    times, labels = {}, {}
+    for name, classes in (("all", np.arange(20)), ("present", np.asarray(present))):
+      def run(classes=classes):
+        return rw.walk_batch(walk, variables, images, {0: cams}, sizes, sizes,
+                             classes={0: classes}, alpha=16.0, image_scale=1.0)[0]
+      times[name] = time_best(run, repeats=repeats)
+      labels[name] = run()
+    rows.append({"size": [h, w], "width": width, "classes": len(present),
+                 "all_s": times["all"], "present_s": times["present"],
+                 "speedup": times["all"] / times["present"],
+                 "labels_equal": float(np.mean(labels["all"] == labels["present"]))})
+  return rows
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="only the 32x32 and 56x56 grids")
+  parser.add_argument("--stage-width", type=float, default=1.0,
+                      help="AffinityNet's width in the stage measurement (1.0: ResNet-38's); "
+                           "0 leaves the stage measurement out")
   args = parser.parse_args()
   cases = [(32, 32, 5, 8), (56, 56, 5, 8), (47, 63, 5, 8), (128, 256, 5, 8), (125, 125, 10, 4)]
   if args.quick:
@@ -140,6 +213,26 @@ def main():
           f"{row['sparse_peak_mib']:.1f} | {row['dense_peak_mib']:.0f}"
           f"{'' if ran else ' (need)'} | "
           f"{row['early_stop_steps'][1e-4]}/{row['early_stop_steps'][1e-5]} |", flush=True)
+  print()
+  print("Walking the present classes only (background + 1 or 3 of 20 classes, as walk_batch "
+        "does) against all 21 channels:")
+  print("| grid | classes | channels walked | all 21 s | present s | speed-up | labels equal |")
+  print("|---|---|---|---|---|---|---|")
+  present_cases = [(56, 56, 5, 8), (47, 63, 5, 8)] + ([] if args.quick else [(94, 125, 5, 4)])
+  for h, w, radius, stride in present_cases:
+    for row in run_present(h, w, radius, stride):
+      print(f"| {h}x{w} (stride {stride}) | {row['classes']} | {row['channels']} | "
+            f"{row['all_s']:.4f} | {row['present_s']:.4f} | {row['speedup']:.1f}x | "
+            f"{100 * row['labels_equal']:.3f}% |", flush=True)
+  if args.stage_width > 0:
+    print()
+    print(f"The stage's per-batch work (walk_batch: AffinityNet at width {args.stage_width:g}, "
+          "walk, upsampling, argmax) on one 375x500 image:")
+    print("| image | classes | all 21 s | present s | speed-up | labels equal |")
+    print("|---|---|---|---|---|---|")
+    for row in run_stage(args.stage_width):
+      print(f"| 375x500 | {row['classes']} | {row['all_s']:.3f} | {row['present_s']:.3f} | "
+            f"{row['speedup']:.2f}x | {100 * row['labels_equal']:.3f}% |", flush=True)
   main_row = next(r for r in rows if r["grid"] == [56, 56])
   print(json.dumps({"grid": [56, 56], "speedup": main_row["speedup"],
                     "max_abs_diff": main_row["max_abs_diff"],

@@ -140,17 +140,18 @@ def test_random_walk_crf_refines_the_pseudo_labels(run_dir, tmp_path):
 
 
 def test_crf_label_cleans_a_noisy_walk_along_the_image_edges():
-  from affinity_jax.stages import random_walk  # pylint: disable=g-import-not-at-top
+  from affinity_jax import random_walk  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   h, w = 40, 48
   truth = np.zeros((h, w), np.int64)
   truth[8:32, 10:30] = 1                                 # the object: class 2 of 3 -> label 3
   image = np.where(truth[..., None] == 1, [200, 40, 40], [30, 60, 200]).astype(np.uint8)
   p_obj = np.clip(np.where(truth == 1, 0.7, 0.3) + rng.uniform(-0.35, 0.35, (h, w)), 0.01, 0.99)
+  # walk_batch's layout: the background and the image's classes first, then padding.
   share = np.zeros((h, w, 4), np.float32)
-  share[..., 0], share[..., 3] = 1 - p_obj, p_obj
+  share[..., 0], share[..., 1] = 1 - p_obj, p_obj
   noisy = np.where(p_obj > 0.5, 3, 0)
-  label = random_walk.crf_label(image, share, np.array([0.0, 0.0, 1.0]), iters=10)
+  label = random_walk.crf_label(image, share, np.array([0, 3]), iters=10)
   assert label.dtype == np.uint8 and set(np.unique(label)) <= {0, 3}
   want = np.where(truth == 1, 3, 0)
   assert np.mean(noisy == want) < 0.9

@@ -159,3 +159,62 @@ def test_bad_inputs_raise():
     rw.propagate(aff, jnp.ones((1, 4, 5, 2)), radius=3)
   with pytest.raises(ValueError, match="features"):
     reference_walk.random_walk_labels(np.zeros((2, 2, 3)), np.zeros((40, 40, 20)))
+
+
+@pytest.mark.parametrize("crf", [False, True])
+def test_walk_over_the_present_classes_gives_the_labels_of_the_walk_over_all(crf):
+  """walk_batch walks only the background and each image's classes; walking all 20 classes (the
+  original's way) gives the same pseudo labels and scores, with and without the dCRF."""
+  import jax
+  import ml_collections
+  from affinity_jax import models
+  model = models.build("affinity", width=1 / 32)
+  variables = models.init_variables(model, jax.random.key(0), (1, 64, 64, 3))
+  cfg = ml_collections.ConfigDict({"random_walk": dict(
+      radius=5, scheme="psa", logt=6, beta=8.0, tol=0.0, crf=crf)})
+  walk = rw.make_walk_fn(model, cfg)
+  rng = np.random.default_rng(0)
+  sizes = np.array([[64, 80], [45, 61], [37, 29]])   # 1, 2 and 3 classes of 20
+  images = np.zeros((3, 64, 80, 3), np.float32)
+  cams, classes = {}, {}
+  for i, (h, w) in enumerate(sizes):
+    images[i, :h, :w] = rng.normal(size=(h, w, 3))
+    classes[i] = np.sort(rng.choice(20, size=i + 1, replace=False))
+    full = np.zeros((h, w, 20), np.float32)
+    for c in classes[i]:  # a blob per class, peaking at 1 (normalised CAMs)
+      cy, cx = rng.uniform(0.2, 0.8, 2) * (h, w)
+      yy, xx = np.mgrid[:h, :w]
+      full[..., c] = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (0.1 * h * w))
+    cams[i] = full / full.max(axis=(0, 1), keepdims=True).clip(1e-6)
+  raw = (rng.uniform(0, 255, (3, 64, 80, 3))).astype(np.uint8)
+  every = {i: np.arange(20) for i in cams}
+  results = {}
+  for name, which in (("present", classes), ("all", every)):
+    labels, heat, share, channels = rw.walk_batch(walk, variables, images, cams, sizes, sizes,
+                                                  classes=which, alpha=16.0, image_scale=1.0)
+    results[name] = labels, heat, share, channels
+  labels, heat, share, channels = results["present"]
+  all_labels, all_heat, all_share, all_channels = results["all"]
+  assert share is None or share.shape[-1] == rw.channel_count(4, 21) == 4
+  for i, (h, w) in enumerate(sizes):
+    np.testing.assert_array_equal(channels[i], np.concatenate([[0], classes[i] + 1]))
+    np.testing.assert_array_equal(labels[i, :h, :w], all_labels[i, :h, :w])
+    assert set(np.unique(labels[i, :h, :w])) <= set(channels[i])
+    assert len(np.unique(labels[i, :h, :w])) > 1  # the test walks something
+    np.testing.assert_allclose(heat[i, :h, :w], all_heat[i, :h, :w], rtol=1e-6, atol=1e-7)
+    if crf:
+      k = len(channels[i])
+      np.testing.assert_allclose(share[i, :h, :w, :k],
+                                 all_share[i, :h, :w][..., channels[i]], rtol=1e-6, atol=1e-7)
+      assert np.all(share[i, :h, :w, k:] == 0)
+      iters = 5
+      np.testing.assert_array_equal(
+          rw.crf_label(raw[i, :h, :w], share[i, :h, :w], channels[i], iters),
+          rw.crf_label(raw[i, :h, :w], all_share[i, :h, :w][..., channels[i]], channels[i],
+                       iters))
+
+
+def test_channel_count_keeps_compiles_few():
+  assert [rw.channel_count(n, 21) for n in (1, 2, 3, 4, 5, 9, 17, 21)] == [
+      2, 2, 4, 4, 8, 16, 21, 21]
+  assert rw.channel_count(3, 3) == 3 and rw.channel_count(2, 6) == 2

@@ -21,7 +21,6 @@ import numpy as np
 
 from affinity_jax import artifacts, checkpoint, config, data
 from affinity_jax import random_walk as rw
-from affinity_jax.random_walk import crf_label
 from affinity_jax.stages import per_image
 
 # What its outputs are made from (affinity_jax/fingerprints.py): the config keys it reads
@@ -70,9 +69,10 @@ def run(cfg) -> dict:
       cams[i] = full
     if not keep:
       continue
-    labels, heat, share = rw.walk_batch(walk, variables, batch["image_s0"], cams, sizes,
-                                        batch["size_s0"], num_classes=num_classes, alpha=alpha,
-                                        image_scale=scale)
+    classes = {i: np.flatnonzero(batch["label"][i] > 0) for i in cams}
+    labels, heat, share, channels = rw.walk_batch(
+        walk, variables, batch["image_s0"], cams, sizes, batch["size_s0"], classes=classes,
+        alpha=alpha, image_scale=scale)
     if share is not None:
       artifacts.require_finite(workdir, artifacts.AFF_NET, share[keep],
                                [batch_names[i] for i in keep], "the walk gives non-finite scores")
@@ -80,8 +80,8 @@ def run(cfg) -> dict:
       h, w = sizes[i]
       label = labels[i, :h, :w]
       if share is not None:
-        label = crf_label(batch["raw"][i, :h, :w], share[i, :h, :w], batch["label"][i],
-                          int(cfg.random_walk.crf_iters))
+        label = rw.crf_label(batch["raw"][i, :h, :w], share[i, :h, :w], channels[i],
+                             int(cfg.random_walk.crf_iters))
       artifacts.save_label(workdir.pseudo_label(batch_names[i]), label)
       if batch_names[i] in panel_names:
         artifacts.save_walk_heat(workdir.walk_heat(batch_names[i]), heat[i, :h, :w])
