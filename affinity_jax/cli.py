@@ -109,7 +109,7 @@ def _parser() -> argparse.ArgumentParser:
                        "own classification picks the classes to walk: those whose sigmoid "
                        "score exceeds this (default 0.5), and the top class always")
   pr.add_argument("--heatmaps", action="store_true",
-                  help="walk: also write {stem}_cam.png and {stem}_rw.png, the CAMs' and the "
+                  help="walk: also write {stem}_cam.jpg and {stem}_rw.jpg, the CAMs' and the "
                        "walk's heat over the image")
   pr.add_argument("--batch-size", type=int, default=None, help="images per batch, a multiple "
                   "of the local devices (default: the config's seg_infer or random_walk one)")

@@ -80,12 +80,21 @@ def check_writable_dir(folder: str | os.PathLike) -> None:
 
 
 def _read_umask() -> int:
-  mask = os.umask(0)  # reading the umask means setting it; set it straight back.
+  """The process's umask: from /proc where there is one (reading it with os.umask means
+  setting it for a moment, which other threads' new files would get)."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("Umask:"):
+          return int(line.split()[1], 8)
+  except (OSError, ValueError, IndexError):
+    pass
+  mask = os.umask(0o022)
   os.umask(mask)
   return mask
 
 
-# Read once, at import: os.umask changes the whole process's, which threads must not race.
+# Read once, at import.
 _UMASK = _read_umask()
 
 

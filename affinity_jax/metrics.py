@@ -19,28 +19,6 @@ import numpy as np
 from affinity_jax.constants import IGNORE_LABEL
 
 
-class ConfusionMatrix:
-  """Confusion counts [num_classes, num_classes], rows = ground truth, columns = prediction."""
-
-  def __init__(self, num_classes: int = 21, ignore_index: int = IGNORE_LABEL):
-    if num_classes < 1:
-      raise ValueError(f"num_classes must be >= 1 (got {num_classes}).")
-    self.num_classes = int(num_classes)
-    self.ignore_index = ignore_index
-    self.counts = np.zeros((num_classes, num_classes), np.int64)
-
-  def update(self, ground_truth: np.ndarray, prediction: np.ndarray, name: str = "") -> None:
-    """Adds one image (or a batch): ground_truth and prediction of one shape, integer labels."""
-    self.counts += confusion_matrix(ground_truth, prediction, self.num_classes,
-                                    ignore_index=self.ignore_index, name=name)
-
-  def iou(self) -> np.ndarray:
-    return iou_from_confusion(self.counts)
-
-  def miou(self) -> float:
-    return mean_iou(self.counts)
-
-
 def confusion_matrix(ground_truth: np.ndarray, prediction: np.ndarray, num_classes: int = 21, *,
                      ignore_index: int = IGNORE_LABEL, name: str = "") -> np.ndarray:
   """[num_classes, num_classes] int64 counts of (ground truth, prediction) pixel pairs.

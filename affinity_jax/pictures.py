@@ -1,6 +1,6 @@
 """Pictures of label maps and score maps for people to look at: colours, overlays, heat maps.
 
-Label maps are coloured with PASCAL VOC's palette (data/voc_files.palette: index 0, the
+Label maps are coloured with PASCAL VOC's palette (`palette`: index 0, the
 background, black; 255, "no class", cream), score maps in [0, 1] with a black -> red -> yellow
 -> white heat scale. NumPy only: uint8 [H, W, 3] RGB in and out.
 """
@@ -9,15 +9,29 @@ from __future__ import annotations
 
 import numpy as np
 
-from affinity_jax.data.voc_files import palette
 
 # How much of the picture an overlay's colour takes.
 OVERLAY_OPACITY = 0.5
 
 
+def palette(n: int = 256) -> np.ndarray:
+  """The PASCAL VOC colour map: [n, 3] uint8, bit-interleaved RGB of the index (255 -> the
+  boundary colour)."""
+  pal = np.zeros((n, 3), np.uint8)
+  for i in range(n):
+    c, r, g, b = i, 0, 0, 0
+    for j in range(8):
+      r |= ((c >> 0) & 1) << (7 - j)
+      g |= ((c >> 1) & 1) << (7 - j)
+      b |= ((c >> 2) & 1) << (7 - j)
+      c >>= 3
+    pal[i] = (r, g, b)
+  return pal
+
+
 def heat(x: np.ndarray) -> np.ndarray:
   """[H, W] in [0, 1] -> [H, W, 3] uint8 (black -> red -> yellow -> white)."""
-  x = np.clip(np.asarray(x, np.float32), 0, 1)
+  x = np.clip(np.nan_to_num(np.asarray(x, np.float32)), 0, 1)  # NaN (a diverged net): 0
   rgb = np.stack([np.clip(3 * x, 0, 1), np.clip(3 * x - 1, 0, 1), np.clip(3 * x - 2, 0, 1)], -1)
   return (rgb * 255).astype(np.uint8)
 

@@ -30,7 +30,7 @@ Per image, named after its file ({stem}; a second file whose outputs would take 
 gets its folder's name in front, or a number):
   {stem}.png          the label map: a palette PNG in VOC's colours, 0 background, c + 1 class c
   {stem}_overlay.jpg  the label's colours over the image
-  {stem}_cam.png, {stem}_rw.png   (walk, --heatmaps) the CAMs' and the walk's heat over the image
+  {stem}_cam.jpg, {stem}_rw.jpg   (walk, --heatmaps) the CAMs' and the walk's heat over the image
 and predict.json: what each image gave, and the files skipped with why. A file that cannot be
 read is skipped and reported, never the end of the run.
 """
@@ -54,12 +54,13 @@ from PIL import Image
 from affinity_jax import artifacts, cam, checkpoint, console, io, models, pictures
 from affinity_jax import config as config_lib
 from affinity_jax import random_walk as rw
-from affinity_jax.data import image_files, pipelines, transforms, voc_files
+from affinity_jax.data import image_files, pipelines, transforms
 from affinity_jax.errors import NonFiniteOutputError, UserError
 
 REPORT = "predict.json"
 # The files written per image, by kind: {stem}{suffix}.
-OUTPUTS = {"label": ".png", "overlay": "_overlay.jpg", "cam": "_cam.png", "rw": "_rw.png"}
+# Pictures are JPEGs: the only PNGs in --out are label maps, which `evaluate --pred` scores.
+OUTPUTS = {"label": ".png", "overlay": "_overlay.jpg", "cam": "_cam.jpg", "rw": "_rw.jpg"}
 METHODS = ("auto", "seg", "walk")
 
 
@@ -173,6 +174,24 @@ def _tuples(value):
   return value
 
 
+def _as_recorded(cfg: ml_collections.ConfigDict, wd: artifacts.Workdir) -> None:
+  """Sets every config key that a finished stage of `wd` recorded (fingerprints.py) to the
+  value it recorded, in pipeline order."""
+  from affinity_jax import fingerprints
+  from affinity_jax.stages import ORDER
+  for stage in ORDER:
+    record = fingerprints.load_record(wd, stage)
+    if not record or not record.get("complete"):
+      continue
+    for key, value in record["inputs"]["config"].items():
+      *parents, leaf = key.split(".")
+      node = cfg
+      for part in parents:
+        node = node.get(part) if hasattr(node, "get") else None
+      if hasattr(node, "keys") and leaf in node:
+        node[leaf] = _tuples(value)
+
+
 def load_config(spec: str | None, overrides: Sequence[str], workdir: str | None,
                 network_paths: Sequence[str]) -> tuple[ml_collections.ConfigDict, str]:
   """(config, where it came from): `spec` if given, else the run config of the workdir (or of
@@ -188,6 +207,10 @@ def load_config(spec: str | None, overrides: Sequence[str], workdir: str | None,
     wd = artifacts.Workdir(root)
     cfg = ml_collections.ConfigDict(_tuples(artifacts.load_run_config(wd)))
     source = wd.run_config()
+    # config.json is the latest command's config, which may have changed keys that the
+    # stages it ran did not read (or stopped at): the stages' records say what made the
+    # networks and outputs that predict mirrors.
+    _as_recorded(cfg, wd)
   config_lib.apply_overrides(cfg, overrides)
   if workdir:
     cfg.workdir = workdir
@@ -396,13 +419,13 @@ def _write(out: str, item: _Item, image: np.ndarray, result: dict, heatmaps: boo
   seen = result["label"].shape
   label = _resize(np.asarray(result["label"], np.uint8), hw, Image.Resampling.NEAREST)
   files = {"label": item.stem + OUTPUTS["label"], "overlay": item.stem + OUTPUTS["overlay"]}
-  io.save_png(os.path.join(out, files["label"]), label, palette=voc_files.palette())
+  io.save_png(os.path.join(out, files["label"]), label, palette=pictures.palette())
   io.save_jpeg(os.path.join(out, files["overlay"]), pictures.label_overlay(image, label))
   if heatmaps:
     for kind in ("cam", "rw"):
       files[kind] = item.stem + OUTPUTS[kind]
       scores = _resize(np.asarray(result[kind], np.float32), hw, Image.Resampling.BILINEAR)
-      io.save_png(os.path.join(out, files[kind]), pictures.heat_overlay(image, scores))
+      io.save_jpeg(os.path.join(out, files[kind]), pictures.heat_overlay(image, scores))
   record = {"outputs": files, "height": int(hw[0]), "width": int(hw[1]),
             "classes": [int(c) for c in np.unique(label) if c]}
   if seen != hw:
@@ -445,6 +468,9 @@ def run(args, overrides: Sequence[str] = ()) -> dict:
   else:
     predictor = Walker(cfg, paths, put, replicate, args.threshold)
   io.check_writable_dir(args.out)  # once the networks load: a wrong one leaves no folder
+  report = os.path.join(args.out, REPORT)
+  if os.path.exists(report):  # an earlier run's: this run's is written when it ends
+    os.remove(report)
   batch_size = args.batch_size or int(cfg.seg_infer.batch_size if method == "seg"
                                       else cfg.random_walk.batch_size)
   batch_size = -(-batch_size // devices) * devices
@@ -477,7 +503,6 @@ def run(args, overrides: Sequence[str] = ()) -> dict:
   seconds = round(time.time() - t0, 1)
   summary = {"written": len(records), "skipped": len(skipped), "seconds": seconds,
              "devices": devices}
-  report = os.path.join(args.out, REPORT)
   io.save_json(report, {
       **summary, "method": method, "networks": {n.folder: p for n, p in paths.items()},
       "config": config_source, "described": predictor.describe(), "max_side": args.max_side,
@@ -488,4 +513,7 @@ def run(args, overrides: Sequence[str] = ()) -> dict:
         + (f", listed in {report}:" if skipped else ""), flush=True)
   for why in skipped.values():
     print(f"  {why}", flush=True)
+  if not records:
+    raise UserError(f"no image could be labelled: all {len(skipped)} input(s) were skipped "
+                    f"(listed in {report})")
   return summary

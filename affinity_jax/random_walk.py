@@ -214,7 +214,7 @@ def prepare_cam(cam: jax.Array, *, alpha: float = 16.0, stride: int = STRIDE) ->
 
 
 def make_walk_fn(model, cfg):
-  """jit(variables, images, cams, valid, sizes, ry, rx) -> (channel index [B, Ho, Wo] uint8 of
+  """(variables, images, cams, valid, sizes, ry, rx) -> (channel index [B, Ho, Wo] uint8 of
   the argmax, heat [B, Ho, Wo] (the largest foreground share), share [B, Ho, Wo, K] (the walked
   scores divided by their sum; None unless cfg.random_walk.crf)) with `model` AffinityNet and
   the walk of the config's random_walk section, `cams` [B, h, w, K] the background and classes
@@ -224,20 +224,28 @@ def make_walk_fn(model, cfg):
   tol = float(cfg.random_walk.tol) if cfg.random_walk.tol > 0 else None
   with_scores = bool(cfg.random_walk.crf)
 
+  # Two programs: the network's depends only on the canvas, the walk's also on the channel
+  # count (walk_batch's), so a new count compiles the cheap walk, never AffinityNet again.
   @jax.jit
-  def walk(variables, images, cams, valid, sizes, ry, rx):
+  def affinities(variables, images, valid, sizes):
     # The original pads an image only to a multiple of 8 (not to the canvas): `sizes` [B, 2]
     # = 8 * each image's grid makes the network's canvas forward equal that (models/canvas.py),
     # `valid` [B, h, w] its grid (VGG-16's GroupNorm statistics, the walk).
     features = model.apply(variables, images, valid=valid, sizes=sizes).astype(jnp.float32)
-    aff_sym = geometry.neighbourhood_affinities(features, radius=radius, scheme=scheme,
-                                                valid=valid)
+    return geometry.neighbourhood_affinities(features, radius=radius, scheme=scheme,
+                                             valid=valid)
+
+  @jax.jit
+  def walk_scores(aff_sym, cams, valid, ry, rx):
     walked = propagate(aff_sym, cams, radius=radius, beta=beta, t=t, valid=valid, tol=tol)
     up = cam_lib.upsample(walked, ry, rx)
     labels = jnp.argmax(up, axis=-1).astype(jnp.uint8)
     share = up / jnp.maximum(jnp.sum(up, axis=-1, keepdims=True), 1e-12)
-    # The scores leave the device only for the dCRF (a 21-channel canvas per image on VOC).
+    # The scores leave the device only for the dCRF.
     return labels, jnp.max(share[..., 1:], axis=-1), (share if with_scores else None)
+
+  def walk(variables, images, cams, valid, sizes, ry, rx):
+    return walk_scores(affinities(variables, images, valid, sizes), cams, valid, ry, rx)
   return walk
 
 

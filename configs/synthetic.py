@@ -77,6 +77,7 @@ def get_config(arg=None):
     for net in (c.cam, c.aff, c.seg):
       net.update(dict(steps=3, batch_size=2, crop_size=48, checkpoint_every=2, log_every=1))
     c.cam.resize_long = (48, 64)
+    c.cam.image_every = c.aff.image_every = 0  # no TensorBoard pictures (an extra compile each)
     c.cam_infer.update(dict(scales=(1.0, 0.5), batch_size=2))
     # The tests check the walk itself; tests/test_pipeline_e2e.py runs it with dCRF as well.
     c.random_walk.update(dict(logt=4, batch_size=2, crf=False))

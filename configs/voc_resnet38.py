@@ -119,6 +119,7 @@ def get_config(arg=None):
       net.steps, net.batch_size, net.crop_size, net.checkpoint_every = 4, 2, 64, 2
     c.model.width = 0.0625
     c.cam.resize_long = (48, 96)
+    c.cam.image_every = c.aff.image_every = 0  # no TensorBoard pictures (an extra compile each)
     c.cam_infer.scales = (1.0,)
     c.seg_infer.scales = (1.0,)
   elif arg:

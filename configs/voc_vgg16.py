@@ -59,6 +59,7 @@ def get_config(arg=None):
     for net in (c.cam, c.aff, c.seg):
       net.update(dict(steps=3, batch_size=2, crop_size=48, checkpoint_every=2, log_every=1))
     c.cam.resize_long = (48, 64)
+    c.cam.image_every = c.aff.image_every = 0  # no TensorBoard pictures (an extra compile each)
     # A 64-px image has an 8x8 grid, narrower than the original's pair set needs (9 columns at
     # radius 5): every pair within the radius instead.
     c.aff.scheme = c.random_walk.scheme = "full"

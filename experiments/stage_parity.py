@@ -136,7 +136,7 @@ def voc_classes() -> tuple[str, ...]:
 
 
 def voc_palette() -> list[int]:
-  from affinity_jax.data.voc_files import palette
+  from affinity_jax.pictures import palette
   return palette().reshape(-1).tolist()
 
 

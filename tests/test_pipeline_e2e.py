@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -399,8 +400,10 @@ def test_predict_walk_picks_the_classes_it_walks_and_draws_heat_maps(run_dir, tm
     label = _label(out / f"{stem}.png")
     assert label.shape == hw and set(np.unique(label)) <= {0} | chosen
     for kind in ("cam", "rw"):
-      heat = io.load_png(out / record["outputs"][kind])
+      heat = np.asarray(Image.open(out / record["outputs"][kind]))
       assert heat.shape == hw + (3,)
+  # The only PNGs are the label maps: `evaluate --pred out` scores the folder as it is.
+  assert sorted(f for f in os.listdir(out) if f.endswith(".png")) == ["a.png", "b.png"]
 
 
 def test_predict_names_the_stage_to_run_when_a_network_is_missing(run_dir, tmp_path, capsys):
@@ -443,3 +446,38 @@ def test_a_run_records_its_config_for_predict(run_dir):
   want["data"]["data_dir"] = str(workdir / "tfds")
   del want["workdir"]  # the folder the record is in
   assert recorded == want
+
+
+def test_predict_takes_the_settings_that_made_the_networks(run_dir, tmp_path):
+  """config.json is the latest command's config, which may have changed keys its stages never
+  read (an evaluate-only run) or stopped at; predict takes the stages' recorded values, and a
+  command-line override last."""
+  from affinity_jax import predict  # pylint: disable=g-import-not-at-top
+  workdir, _ = run_dir
+  wd = tmp_path / "w"
+  shutil.copytree(workdir / "fingerprints", wd / "fingerprints")
+  recorded = json.loads((wd / "fingerprints" / "random_walk.json").read_text())["inputs"]["config"]
+  changed = json.loads((workdir / "config.json").read_text())
+  changed["aff"]["image_scale"] = recorded["aff.image_scale"] + 1.0
+  changed["random_walk"]["beta"] = recorded["random_walk.beta"] * 2
+  (wd / "config.json").write_text(json.dumps(changed))
+  cfg, _ = predict.load_config(None, [], str(wd), [])
+  assert cfg.aff.image_scale == recorded["aff.image_scale"]
+  assert cfg.random_walk.beta == recorded["random_walk.beta"]
+  cfg, _ = predict.load_config(None, ["--config.random_walk.beta=5.0"], str(wd), [])
+  assert cfg.random_walk.beta == 5.0
+
+
+def test_predict_with_nothing_readable_fails_and_leaves_no_stale_report(run_dir, tmp_path,
+                                                                        capsys):
+  workdir, _ = run_dir
+  (tmp_path / "in").mkdir()
+  (tmp_path / "in" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+  out = tmp_path / "out"
+  out.mkdir()
+  (out / "predict.json").write_text('{"written": 7}')  # an earlier run's
+  assert cli.main(["predict", "--workdir", str(workdir), "--images", str(tmp_path / "in"),
+                   "--out", str(out)]) == 2
+  err = capsys.readouterr().err
+  assert "no image could be labelled" in err and "broken.jpg" in json.loads(
+      (out / "predict.json").read_text())["skipped_files"].__str__()

@@ -151,7 +151,7 @@ def test_output_stems_never_share_a_file_name():
   assert stems["x/a.png"] == "a"
   assert stems["y/a.jpg"] == "y_a"            # same name from another folder
   assert stems["x/A.jpeg"] == "x_A"           # a.png vs A.png on a case-blind disk
-  assert stems["y/b.png"] == "y_b"            # its b_cam.png is x/b_cam.png's label map
+  assert stems["y/b.png"] == "b"              # its heat map b_cam.jpg is no label map
   outputs = [s + suffix.lower() for s in stems.values() for suffix in predict.OUTPUTS.values()]
   assert len({o.lower() for o in outputs}) == len(outputs)
 

@@ -17,24 +17,10 @@ from PIL import Image
 from affinity_jax.constants import IGNORE_LABEL as IGNORE
 from affinity_jax.constants import VOC_CLASSES
 from affinity_jax.errors import UserError
+from affinity_jax.pictures import palette
 
 NUM_CLASSES = len(VOC_CLASSES)
 _CMYK_QUALITY = 95  # high enough that re-encoding costs about one grey level
-
-
-def palette(n: int = 256) -> np.ndarray:
-  """The PASCAL VOC colour map: [n, 3] uint8, bit-interleaved RGB of the index (255 -> the
-  boundary colour)."""
-  pal = np.zeros((n, 3), np.uint8)
-  for i in range(n):
-    c, r, g, b = i, 0, 0, 0
-    for j in range(8):
-      r |= ((c >> 0) & 1) << (7 - j)
-      g |= ((c >> 1) & 1) << (7 - j)
-      b |= ((c >> 2) & 1) << (7 - j)
-      c >>= 3
-    pal[i] = (r, g, b)
-  return pal
 
 
 class Unreadable(UserError):

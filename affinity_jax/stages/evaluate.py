@@ -17,7 +17,6 @@ import os
 import numpy as np
 
 from affinity_jax import artifacts, cam, charts, data, evaluation, io, pictures
-from affinity_jax.data import voc_files
 
 # What its outputs are made from (affinity_jax/fingerprints.py): the config keys it reads
 # (a section stands for all its keys) and the stages whose outputs it consumes.
@@ -43,7 +42,7 @@ def _score(cfg, split: str, kinds: dict[str, str], report) -> dict:
   """
   import tensorflow_datasets as tfds
   workdir = artifacts.Workdir(cfg.workdir)
-  pal = voc_files.palette()
+  pal = pictures.palette()
   panels = int(cfg.eval.panels)
   builder = data.from_config(cfg)
   names = evaluation.dataset_class_names(builder)
