@@ -15,8 +15,9 @@ Two methods, each the pipeline's own computation on a batch of canvases:
   are walked over AffinityNet's affinities (random_walk.walk_batch, what the random_walk stage
   runs), then argmax, or dCRF (random_walk.crf_label).
 
-The config is the workdir's (config.json, which every run records) unless --config names one;
---config.key=value overrides apply either way. Images (data/image_files.py: any size and mode,
+The config is the workdir's unless --config names one: config.json (which every run records),
+with each key that a finished stage recorded (fingerprints/*.json) as that stage had it, so that
+predict mirrors what made the networks and outputs; --config.key=value overrides apply last. Images (data/image_files.py: any size and mode,
 EXIF orientation applied) go through the inference pipeline's preprocessing
 (data.pipelines.inference_inputs: PIL's bicubic resizing, the backbone's normalisation) onto a
 canvas per batch: images are sorted by size and each batch's canvas is its largest image rounded
@@ -32,7 +33,8 @@ gets its folder's name in front, or a number):
   {stem}_overlay.jpg  the label's colours over the image
   {stem}_cam.jpg, {stem}_rw.jpg   (walk, --heatmaps) the CAMs' and the walk's heat over the image
 and predict.json: what each image gave, and the files skipped with why. A file that cannot be
-read is skipped and reported, never the end of the run.
+read is skipped and reported, never the end of the run (which fails only if no image could be
+labelled).
 """
 
 from __future__ import annotations
