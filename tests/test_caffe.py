@@ -99,6 +99,17 @@ def test_truncated_damaged_and_foreign_files_are_named(tmp_path, capsys):
     convert.convert_caffe(str(short), str(tmp_path / "o"))
   with pytest.raises(ConversionError, match="no such file"):
     convert.read_caffemodel(str(tmp_path / "absent.caffemodel"))
+  folder = tmp_path / "weights.caffemodel"
+  folder.mkdir()
+  for read in (convert.read_caffemodel, convert.read_mxnet_params):
+    with pytest.raises(ConversionError, match="weights.caffemodel: a folder, not a weight file"):
+      read(str(folder))
+  unreadable = tmp_path / "locked.caffemodel"
+  unreadable.write_bytes(data)
+  unreadable.chmod(0)
+  if not os.access(unreadable, os.R_OK):  # root reads it anyway
+    with pytest.raises(ConversionError, match="locked.caffemodel: cannot be read"):
+      convert.read_caffemodel(str(unreadable))
   argv = ["convert", "caffe", str(tmp_path / "cut40.caffemodel"), str(tmp_path / "o")]
   assert cli.main(argv) == 2
   assert "cut40.caffemodel" in capsys.readouterr().err

@@ -27,7 +27,8 @@ import os
 
 import numpy as np
 
-from affinity_jax.convert.psa import ConversionError, infer_width, psa_state_dict_to_variables
+from affinity_jax.convert.psa import (ConversionError, infer_width, open_input,
+                                      psa_state_dict_to_variables)
 from affinity_jax.models.vgg16 import TRUNK_CONVS
 
 VARINT, FIXED64, LENGTH, FIXED32 = 0, 1, 2, 5
@@ -163,9 +164,7 @@ def _layer(buf: memoryview, start: int, stop: int, name_field: int,
 
 def read_caffemodel(in_path: str) -> dict[str, list[np.ndarray]]:
   """layer name -> its blobs (float32, in their stored shapes) for every layer with blobs."""
-  if not os.path.isfile(in_path):
-    raise ConversionError(f"{in_path}: no such file")
-  with open(in_path, "rb") as f:
+  with open_input(in_path) as f:
     buf = memoryview(f.read())
   layers: dict[str, list[np.ndarray]] = {}
   try:

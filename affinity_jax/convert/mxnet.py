@@ -31,7 +31,8 @@ from typing import BinaryIO
 
 import numpy as np
 
-from affinity_jax.convert.psa import ConversionError, infer_width, psa_state_dict_to_variables
+from affinity_jax.convert.psa import (ConversionError, infer_width, open_input,
+                                      psa_state_dict_to_variables)
 
 LIST_MAGIC = 0x112
 NDARRAY_V1_MAGIC = 0xF993FAC8
@@ -104,9 +105,7 @@ def _read_ndarray(r: _Reader, index: int) -> np.ndarray:
 
 def read_mxnet_params(in_path: str) -> dict[str, np.ndarray]:
   """name -> array of an MXNet `.params` / `nd.save` file (names keep their arg:/aux: prefix)."""
-  if not os.path.isfile(in_path):
-    raise ConversionError(f"{in_path}: no such file")
-  with open(in_path, "rb") as f:
+  with open_input(in_path) as f:
     r = _Reader(f, in_path)
     magic = r.scalar("u8", "the header")
     if magic != LIST_MAGIC:

@@ -42,6 +42,19 @@ class ConversionError(UserError):
   """A source checkpoint that cannot be converted; the message names the file or the keys."""
 
 
+def open_input(in_path: str):
+  """`in_path` opened for reading in binary; a missing, unreadable or folder path is a
+  ConversionError naming it."""
+  if os.path.isdir(in_path):
+    raise ConversionError(f"{in_path}: a folder, not a weight file")
+  if not os.path.exists(in_path):
+    raise ConversionError(f"{in_path}: no such file")
+  try:
+    return open(in_path, "rb")  # pylint: disable=consider-using-with
+  except OSError as e:
+    raise ConversionError(f"{in_path}: cannot be read ({e.strerror or e})") from None
+
+
 def _check(arch: str, backbone: str) -> None:
   if arch not in ORIGINAL_ARCHS:
     raise ConversionError(f"unknown architecture {arch!r}: expected one of "
@@ -200,8 +213,7 @@ def infer_width(state_dict: Mapping[str, Any], source: str = "state dict",
 
 def read_torch_state_dict(in_path: str) -> dict[str, np.ndarray]:
   """The tensors of a PyTorch checkpoint file as numpy arrays (needs torch)."""
-  if not os.path.isfile(in_path):
-    raise ConversionError(f"{in_path}: no such file")
+  open_input(in_path).close()
   try:
     import torch  # optional: only this converter needs it.
   except ImportError:
