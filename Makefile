@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(PY) -m affinity_jax.cli demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --durations=15 tests
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15 tests
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

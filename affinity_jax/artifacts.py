@@ -30,7 +30,7 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from affinity_jax import io
+from affinity_jax import distributed, io
 from affinity_jax.errors import NonFiniteOutputError, UserError
 
 
@@ -63,6 +63,9 @@ STAGE_OUTPUTS = {
     "evaluate": (PANELS + "/*.png", RESULTS_JSON, RESULTS_MD, RESULTS_IOU_PNG,
                  RESULTS_CONFUSION_PNG),
 }
+
+# The folders of the per-image stages' outputs, one file per image (and the panels' data).
+PER_IMAGE_FOLDERS = (CAMS, CAM_PRED, AFF_LABELS, PSEUDO_LABELS, SEG_PRED)
 
 NO_POSITIVE_CLASS = "no positive class in its image-level label"
 
@@ -145,9 +148,9 @@ class Workdir:
 
 def missing(names: Iterable[str], folder: str, suffix: str) -> list[str]:
   """Names whose output file `{folder}/{name}{suffix}` does not exist yet, or is cut short
-  (deleted with a note, so that it is made again). Temporaries of a killed writer in `folder`
-  are removed first."""
-  io.remove_stale_temporaries(folder)
+  (deleted with a note, so that it is made again). (Temporaries of a killed writer are removed
+  before the stages start, stages.run_stages: here they may be another process's files being
+  written.)"""
   todo = []
   for n in names:
     path = os.path.join(folder, n + suffix)
@@ -297,15 +300,19 @@ class SkipReport:
   """The images a stage passes over, each with its reason (a bad image costs one image, not a run).
 
   `skip(name, reason)` records and prints one; `finish(summary)` writes
-  `{workdir}/reports/{stage}.json` atomically (on the main process) and puts the count in the
-  stage's summary. A skipped image has no output, so a rerun examines it again: the report
-  always lists what the latest run of the stage could not do.
+  `{workdir}/reports/{stage}.json` atomically and puts the count in the stage's summary. In a
+  multi-process run every process calls `finish` (it gathers all their skips: one report,
+  written by process 0), unless `gather` is False (a stage that runs on process 0 alone). A
+  skipped image has no output, so a rerun examines it again: the report always lists what the
+  latest run of the stage could not do.
   """
 
-  def __init__(self, workdir: Workdir, stage: str, main_process: bool = True):
+  def __init__(self, workdir: Workdir, stage: str, main_process: bool = True,
+               gather: bool = True):
     self.stage = stage
     self.path = workdir.report(stage)
     self.main_process = main_process
+    self.gather = gather
     self.skipped: dict[str, str] = {}
 
   def skip(self, name: str, reason: str) -> None:
@@ -314,12 +321,16 @@ class SkipReport:
     print(f"[{self.stage}] skipping {name}: {reason}", flush=True)
 
   def finish(self, summary: dict) -> dict:
+    skipped = dict(self.skipped)
+    if self.gather:
+      for part in distributed.gather(f"{self.stage} skip report", self.skipped):
+        skipped.update(part)
     if self.main_process:
-      io.save_json(self.path, {"stage": self.stage, "count": len(self.skipped),
-                               "skipped": dict(sorted(self.skipped.items()))})
-    if self.skipped:
-      print(f"[{self.stage}] skipped {len(self.skipped)} image(s); see {self.path}", flush=True)
-    return {**summary, "skipped": len(self.skipped)}
+      io.save_json(self.path, {"stage": self.stage, "count": len(skipped),
+                               "skipped": dict(sorted(skipped.items()))})
+    if skipped:
+      print(f"[{self.stage}] skipped {len(skipped)} image(s); see {self.path}", flush=True)
+    return {**summary, "skipped": len(skipped)}
 
 
 def skipped_by(workdir: Workdir, stage: str) -> frozenset[str]:

@@ -132,18 +132,25 @@ def multiscale_flip_sum(apply_fn):
   grids upsampled to the canvas, [B, Hc, Wc, C] float32. `passes` from `pass_inputs`.
 
   apply_fn(variables, images [2B, Hc_s, Wc_s, 3], sizes [2B, 2] int32) -> [2B, h, w, C]: the
-  network's grids, given each image's size on its canvas (a network's `sizes` argument); the
-  second half of the batch is the first flipped within each image, same sizes.
+  network's grids, given each image's size on its canvas (a network's `sizes` argument); each
+  image is followed by itself flipped within its own width, same size.
   """
+  def interleave(a, b):  # [B, ...] twice -> [2B, ...]: a[0], b[0], a[1], b[1], ...
+    return jnp.stack([a, b], axis=1).reshape((-1,) + a.shape[1:])
+
   @jax.jit
   def run(variables, passes: list[dict]) -> jax.Array:
+    # Each image next to its flip, not all flips after all images: on a batch split over
+    # devices every device then flips and runs its own images, with no exchange between
+    # devices, and each image's numbers are those of a one-device run of its share.
     total = 0.0
     for p in passes:
       b = p["images"].shape[0]
-      both = jnp.concatenate([p["images"], flip_within(p["images"], p["flip"])], axis=0)
-      grids = apply_fn(variables, both, jnp.concatenate([p["sizes"], p["sizes"]], axis=0))
-      total = total + upsample(grids[:b], p["ry"], p["rx"])
-      total = total + upsample(grids[b:], p["ry"], p["rx_flip"])
+      both = interleave(p["images"], flip_within(p["images"], p["flip"]))
+      grids = apply_fn(variables, both, interleave(p["sizes"], p["sizes"]))
+      grids = grids.reshape((b, 2) + grids.shape[1:])
+      total = total + upsample(grids[:, 0], p["ry"], p["rx"])
+      total = total + upsample(grids[:, 1], p["ry"], p["rx_flip"])
     return total
   return run
 

@@ -38,6 +38,16 @@ class CheckpointError(UserError):
   """A checkpoint folder that is missing, damaged or of the wrong kind."""
 
 
+def _this_process_alone() -> ocp.options.MultiprocessingOptions:
+  """orbax's options for a write that one process of a multi-process run does alone (the
+  final networks, host arrays written by process 0): no waiting for the others."""
+  if jax.process_count() == 1:
+    return ocp.options.MultiprocessingOptions()
+  me = jax.process_index()
+  return ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me},
+                                            barrier_sync_key_prefix=f"alone{me}")
+
+
 def save_variables(path: str, variables: Mapping[str, Any], *, metadata: Mapping[str, Any]) -> None:
   """Writes `variables` ({"params": ..., "batch_stats": ...}) and `metadata` to folder `path`.
 
@@ -65,7 +75,7 @@ def save_variables(path: str, variables: Mapping[str, Any], *, metadata: Mapping
   tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
   try:
     tree = jax.tree.map(np.asarray, dict(variables))
-    ckptr = ocp.StandardCheckpointer()
+    ckptr = ocp.StandardCheckpointer(multiprocessing_options=_this_process_alone())
     try:
       ckptr.save(os.path.join(tmp, VARIABLES_DIR), tree)
       ckptr.wait_until_finished()
@@ -113,7 +123,9 @@ def load_variables(path: str) -> tuple[dict, dict]:
   folder = os.path.join(os.path.abspath(path), VARIABLES_DIR)
   if not os.path.isdir(folder):
     raise CheckpointError(f"{path}: checkpoint has no {VARIABLES_DIR}/ folder")
-  ckptr = ocp.StandardCheckpointer()
+  # Each process reads alone: in a multi-process run a process may load a network that others
+  # do not (one whose share of a per-image stage is empty loads none).
+  ckptr = ocp.StandardCheckpointer(multiprocessing_options=_this_process_alone())
   try:
     tree = ckptr.restore(folder)
   except Exception as e:  # orbax raises many types for damaged folders; the cause is kept.

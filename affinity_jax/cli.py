@@ -2,6 +2,10 @@
 
   affinity-jax run --config NAME|path.py[:variant] [--stages train_cam,infer_cam,...]
                    [--workdir DIR] [--config.key=value ...] [--debug]
+                   [--coordinator HOST:PORT --num-processes N --process-id I]
+                                           # one process of a multi-process run (distributed.py)
+  affinity-jax launch --processes N [--cpu-devices K] -- run ...
+                                           # N local processes of one run (launch.py)
   affinity-jax prepare --config NAME|path.py[:variant] [--config.key=value ...]
                                            # builds the dataset once, prints its split sizes
   affinity-jax demo [--workdir DIR]        # all stages on the synthetic default + results table
@@ -27,10 +31,14 @@ else is a bug: it shows its traceback and exits with status 1.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 
 from affinity_jax.constants import BACKBONES, ORIGINAL_ARCHS
+from affinity_jax.errors import REPORTED, TrainingInterrupted, UserError
+
+REPORTED_OR_STOP = REPORTED + (TrainingInterrupted,)
 
 DEMO_CONFIG = "synthetic"  # shipped with the package (configs/ as affinity_jax.configs)
 CONFIG_HELP = ("a shipped config's name (e.g. synthetic, voc_resnet38) or a .py file, "
@@ -50,6 +58,30 @@ def _parser() -> argparse.ArgumentParser:
                    help="comma-separated stages (default: all, in order)")
   run.add_argument("--workdir", default=None, help="output folder (default: config.workdir)")
   run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
+  run.add_argument("--coordinator", metavar="HOST:PORT",
+                   help="one process of a multi-process run: the address of process 0's "
+                        "coordination service (with --num-processes and --process-id); without "
+                        "it, --config.distributed=True finds them in a Cloud TPU, SLURM or Open "
+                        "MPI environment")
+  run.add_argument("--num-processes", type=int, help="processes of the multi-process run")
+  run.add_argument("--process-id", type=int, help="this process's index, 0 .. N-1")
+
+  lau = sub.add_parser(
+      "launch", help="start N local processes of one multi-process run (to try it on one "
+      "machine)", description="Starts N processes of `affinity-jax run ...` on this machine as "
+      "one multi-process run (coordinator on localhost), prints process 0's output, and stops "
+      "them all when one fails. Example: affinity-jax launch --processes 2 --cpu-devices 2 -- "
+      "run --config synthetic:tiny --workdir runs/two")
+  lau.add_argument("--processes", type=int, required=True, help="number of processes")
+  lau.add_argument("--cpu-devices", type=int, default=None,
+                   help="run each process on K CPU devices (JAX_PLATFORMS=cpu); default: the "
+                        "platform's own devices, which the processes must not share")
+  lau.add_argument("--port", type=int, default=0, help="coordinator port (default: a free one)")
+  lau.add_argument("--grace", type=float, default=30.0,
+                   help="seconds the other processes get to stop by themselves after one "
+                        "fails, before they are killed (default 30)")
+  lau.add_argument("run_argv", nargs=argparse.REMAINDER, metavar="-- run ...",
+                   help="-- run --config ... (the run command each process runs)")
 
   prep = sub.add_parser("prepare", help="build the config's dataset (before launching a run)")
   prep.add_argument("--config", required=True, help=CONFIG_HELP)
@@ -138,20 +170,32 @@ def _parser() -> argparse.ArgumentParser:
   return p
 
 
-def _run(config_spec: str, stages: str, workdir: str | None, overrides: list[str]) -> None:
+def _run(config_spec: str, stages: str, workdir: str | None, overrides: list[str],
+         cluster: dict | None = None) -> None:
   from affinity_jax import config as config_lib
+  from affinity_jax import distributed
   from affinity_jax import stages as stages_lib
   cfg = config_lib.load_config(config_spec)
   config_lib.apply_overrides(cfg, overrides)
   if workdir:
     cfg.workdir = workdir
-  if cfg.distributed:
-    import jax
-    jax.distributed.initialize()
   names = stages_lib.parse_stages(stages)
+  cluster = {k: v for k, v in (cluster or {}).items() if v is not None}
+  if cluster and len(cluster) < 3:
+    raise UserError("give all of --coordinator, --num-processes and --process-id, or none")
+  if cfg.distributed or cluster:
+    distributed.initialize(cluster.get("coordinator"), cluster.get("num_processes"),
+                           cluster.get("process_id"),
+                           barrier_timeout_s=float(cfg.get("barrier_timeout_s",
+                                                           distributed.DEFAULT_BARRIER_TIMEOUT_S)),
+                           heartbeat_timeout_s=int(cfg.get("heartbeat_timeout_s",
+                                                           distributed.DEFAULT_HEARTBEAT_TIMEOUT_S)))
+    if not distributed.is_main():  # process 0 speaks for the run; errors still go to stderr
+      sys.stdout = open(os.devnull, "w")  # pylint: disable=consider-using-with
   import tensorflow_datasets as tfds
   tfds.disable_progress_bar()
   stages_lib.run_stages(cfg, names)
+  distributed.shutdown()
 
 
 def _prepare(config_spec: str, overrides: list[str]) -> None:
@@ -164,19 +208,45 @@ def _prepare(config_spec: str, overrides: list[str]) -> None:
   print(data.describe(data.from_config(cfg)))
 
 
+def split_launch(argv: list[str]) -> tuple[list[str], list[str]]:
+  """(launch's own arguments, the command each process runs) of `affinity-jax launch ...`:
+  the command follows "--", or else starts at "run"; passed on untouched (--config.* too).
+  Other commands: (argv, [])."""
+  if "launch" not in argv:
+    return argv, []
+  after = argv.index("launch") + 1
+  if "--" in argv[after:]:
+    start = argv.index("--", after)
+    return argv[:start], argv[start + 1:]
+  if "run" in argv[after:]:
+    start = argv.index("run", after)
+    return argv[:start], argv[start:]
+  return argv, []
+
+
 def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
+  # `launch ... -- run ...`: what follows "--" is each process's command line, untouched.
+  argv, passed_on = split_launch(argv)
   overrides = [a for a in argv if a.startswith("--config.")]
   # --verbose, like --config.*, goes before or after any subcommand.
   verbose = "--verbose" in argv
   args = _parser().parse_args([a for a in argv
                                if not a.startswith("--config.") and a != "--verbose"])
+  if args.command == "launch":
+    args.run_argv = passed_on or args.run_argv
   from affinity_jax import console  # before TensorFlow or JAX is imported
   console.setup(verbose)
-  from affinity_jax.errors import REPORTED, TrainingInterrupted
+  from affinity_jax import distributed
   try:
     if args.command == "run":
-      _run(args.config, args.stages, args.workdir, overrides)
+      _run(args.config, args.stages, args.workdir, overrides,
+           {"coordinator": args.coordinator, "num_processes": args.num_processes,
+            "process_id": args.process_id})
+    elif args.command == "launch":
+      from affinity_jax import launch
+      return launch.main(args.processes, args.run_argv, cpu_devices=args.cpu_devices,
+                         port=args.port, grace_s=args.grace)
     elif args.command == "prepare":
       _prepare(args.config, overrides)
     elif args.command == "demo":
@@ -204,15 +274,41 @@ def main(argv: list[str] | None = None) -> int:
       print(f"wrote {args.output}")
   except TrainingInterrupted as e:
     print(f"affinity-jax: {e}", file=sys.stderr)
-    return 130
+    return _stop(130, e)
   except REPORTED as e:
     if args.debug:
       traceback.print_exc()
-    print(f"affinity-jax: error: {e}", file=sys.stderr)
+    print(f"affinity-jax{_who()}: error: {e}", file=sys.stderr)
     if not args.debug:
       print("(run with --debug for the traceback)", file=sys.stderr)
-    return 2
+    return _stop(2, e)
+  except BaseException as e:  # a bug: its traceback, and the other processes told
+    if distributed.count() > 1 and not isinstance(e, SystemExit):
+      traceback.print_exc()
+      return _stop(1, e)
+    raise
   return 0
+
+
+def _who() -> str:
+  """" (process i of n)" in a multi-process run, whose processes all print their errors."""
+  from affinity_jax import distributed
+  return f" (process {distributed.index()} of {distributed.count()})" \
+      if distributed.count() > 1 else ""
+
+
+def _stop(status: int, error: BaseException) -> int:
+  """`status` for main() to return; in a multi-process run the other processes are told why
+  (unless they told this one) and this one ends at once (JAX's exit would wait for them at its
+  shutdown barrier)."""
+  from affinity_jax import distributed
+  if distributed.count() > 1:
+    message = None  # it heard of another's failure
+    if not (isinstance(error, distributed.PeerFailure) and error.heard):
+      message = str(error) if isinstance(error, REPORTED_OR_STOP) else (
+          f"{type(error).__name__}: {error}")
+    distributed.stop(status, message)
+  return status
 
 
 if __name__ == "__main__":

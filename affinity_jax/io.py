@@ -76,7 +76,8 @@ def check_writable_dir(folder: str | os.PathLike) -> None:
   except OSError as e:
     raise (disk_error(os.fspath(folder), e) or e) from None
   os.close(fd)
-  os.unlink(probe)
+  with contextlib.suppress(FileNotFoundError):  # swept already by another process's start
+    os.unlink(probe)
 
 
 def _read_umask() -> int:

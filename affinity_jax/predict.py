@@ -47,13 +47,11 @@ import os
 import time
 from typing import Callable, Sequence
 
-import jax
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image
 
-from affinity_jax import artifacts, cam, checkpoint, console, io, models, pictures
+from affinity_jax import artifacts, cam, checkpoint, console, distributed, io, models, pictures
 from affinity_jax import config as config_lib
 from affinity_jax import random_walk as rw
 from affinity_jax.data import image_files, pipelines, transforms
@@ -218,17 +216,6 @@ def load_config(spec: str | None, overrides: Sequence[str], workdir: str | None,
     cfg.workdir = workdir
   config_lib.validate(cfg)
   return cfg, source
-
-
-def _placement() -> tuple[Callable, Callable, int]:
-  """(put: batch-first arrays split over the local devices, replicate: a copy on each, their
-  count)."""
-  devices = jax.local_devices()
-  mesh = Mesh(np.array(devices), ("data",))
-  split = NamedSharding(mesh, PartitionSpec("data"))
-  whole = NamedSharding(mesh, PartitionSpec())
-  return (lambda tree: jax.device_put(tree, split)), (lambda tree: jax.device_put(tree, whole)), \
-      len(devices)
 
 
 def _require_finite(values: np.ndarray, path: str, what: str, names: Sequence[str]) -> None:
@@ -464,7 +451,7 @@ def run(args, overrides: Sequence[str] = ()) -> dict:
   files, problems = image_files.find_images(args.images)
   if not files:
     raise UserError("no image file to predict: " + "; ".join(problems.values()))
-  put, replicate, devices = _placement()
+  put, replicate, devices = distributed.local_placement()
   if method == "seg":
     predictor = Segmenter(cfg, paths, put, replicate)
   else:
@@ -475,7 +462,7 @@ def run(args, overrides: Sequence[str] = ()) -> dict:
     os.remove(report)
   batch_size = args.batch_size or int(cfg.seg_infer.batch_size if method == "seg"
                                       else cfg.random_walk.batch_size)
-  batch_size = -(-batch_size // devices) * devices
+  batch_size = distributed.per_device_multiple(batch_size, devices)
 
   skipped = dict(problems)  # {path or pattern: why, naming it}
   for why in problems.values():

@@ -8,7 +8,8 @@ TPU pod. The optimiser is the original's: SGD with a poly schedule and four lear
 only), the frozen set excluded from differentiation altogether, every BatchNorm a constant.
 
 Checkpoints are written with an orbax `CheckpointManager` every `checkpoint_every` steps, at the
-end, and when the process receives SIGTERM/SIGINT (the pre-emption path). A rerun of the same
+end, and when the process receives SIGTERM/SIGINT (the pre-emption path; in a multi-process
+run all processes stop after the same step, that of the first signal any of them got). A rerun of the same
 command resumes from the newest checkpoint and, the input being deterministic in the step, ends
 with the same parameters as an uninterrupted run.
 """
@@ -30,7 +31,7 @@ from flax import traverse_util
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from affinity_jax import console, io
+from affinity_jax import console, distributed, io
 from affinity_jax.errors import NonFiniteLossError, TrainingInterrupted, UserError
 
 PyTree = Any
@@ -130,6 +131,21 @@ def global_batch(local: Batch, sharding: NamedSharding) -> dict[str, jax.Array]:
     if v.dtype.kind in "biuf":  # names and other strings stay on the host.
       out[k] = jax.make_array_from_process_local_data(sharding, v)
   return out
+
+
+def _agreed_stop(mesh: jax.sharding.Mesh) -> Callable[[bool], bool]:
+  """flag -> whether any process has it. A signal reaches the processes of a multi-process run
+  at different steps, but the last checkpoint is a collective write: all must stop after the
+  same step. One process: the flag itself."""
+  if jax.process_count() == 1:
+    return bool
+  sharding = NamedSharding(mesh, P("data"))
+  any_of = jax.jit(jnp.max, out_shardings=NamedSharding(mesh, P()))
+
+  def agree(flag: bool) -> bool:
+    local = np.full((jax.local_device_count(),), int(flag), np.int32)
+    return bool(any_of(jax.make_array_from_process_local_data(sharding, local)))
+  return agree
 
 
 class _Summaries:
@@ -270,6 +286,16 @@ def _resume(name: str, ckpt_dir: str, state: dict, max_to_keep: int
     if damaged:
       print(f"[{name}] warning: no checkpoint in {ckpt_dir} can be read; starting from step 0",
             flush=True)
+  if jax.process_count() > 1:
+    # Every process must go on from the same step, and all must have read the checkpoints
+    # before process 0 moves any aside.
+    seen = distributed.gather(f"{name} checkpoints read", [int(start), damaged])
+    if any(s != seen[0] for s in seen):
+      raise UserError(
+          f"the processes read the checkpoints in {ckpt_dir} differently ("
+          + "; ".join(f"process {p}: step {s}, unreadable {d or 'none'}"
+                      for p, (s, d) in enumerate(seen))
+          + "): the workdir must be on a file system every process sees alike")
   if damaged:
     manager.close()
     if jax.process_index() == 0:
@@ -279,9 +305,7 @@ def _resume(name: str, ckpt_dir: str, state: dict, max_to_keep: int
         target = os.path.join(aside, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
         os.replace(os.path.join(ckpt_dir, str(step)), target)
         print(f"[{name}] moved the unreadable step {step} to {target}", flush=True)
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      multihost_utils.sync_global_devices("damaged checkpoints moved aside")
+    distributed.barrier(f"{name} damaged checkpoints moved aside")
     manager = _checkpoint_manager(ckpt_dir, max_to_keep)
   return manager, state, int(start)
 
@@ -327,6 +351,7 @@ def train(*, name: str, model, variables: Mapping[str, PyTree], labels: PyTree,
   old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
 
   main = jax.process_index() == 0
+  agree = _agreed_stop(mesh)
   summaries = None
   last_saved = start if start else None
   try:
@@ -361,7 +386,10 @@ def train(*, name: str, model, variables: Mapping[str, PyTree], labels: PyTree,
         bar.update(1, force=log, **fields)
         if log and summaries is not None:
           summaries.scalars(done, fields)
-        if done % checkpoint_every == 0 or done == optim.total_steps or stop["signal"]:
+        stopping = agree(stop["signal"] is not None)
+        if stopping and stop["signal"] is None:
+          stop["signal"] = "of another process"
+        if done % checkpoint_every == 0 or done == optim.total_steps or stopping:
           try:
             manager.save(done, args=ocp.args.StandardSave(state), force=True)
           except (OSError, ValueError) as e:  # a full disk is the user's to fix, not a bug.
@@ -370,7 +398,7 @@ def train(*, name: str, model, variables: Mapping[str, PyTree], labels: PyTree,
               raise
             raise refused from e
           last_saved = done
-        if stop["signal"] and done < optim.total_steps:
+        if stopping and done < optim.total_steps:
           manager.wait_until_finished()
           raise TrainingInterrupted(
               f"{name}: stopped by signal {stop['signal']} at step {done}; checkpoint saved in "

@@ -16,7 +16,12 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.workdir = "runs/voc_resnet38"
-  c.distributed = False  # True: jax.distributed.initialize() before anything else (multi-host).
+  # Multi-process runs (README, "Running on a TPU pod slice / GPU cluster"): True joins the run
+  # that the cluster's environment describes (Cloud TPU, SLURM, Open MPI); `affinity-jax run
+  # --coordinator ...` and `affinity-jax launch` do it without this key.
+  c.distributed = False
+  c.barrier_timeout_s = 3600.0  # longest wait for the other processes (e.g. at a stage's end)
+  c.heartbeat_timeout_s = 100   # a process silent this long is dead; the others then stop
   c.debug_nans = False
   # When a stage's inputs (the config keys it reads, the dataset, the stages it consumes)
   # differ from those its existing outputs were made from: "error" stops with the changed keys,

@@ -10,7 +10,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from affinity_jax import data
-from affinity_jax.data import pipelines, records, transforms
+from affinity_jax.data import pipelines, transforms
 from affinity_jax.errors import UserError
 
 SEED = tf.constant([3, 7], tf.int64)
@@ -394,15 +394,39 @@ def test_two_hosts_disjoint_covering_same_batch_count(varied):
   assert counts[0] == counts[1] == 2  # 7 images: 4 + 3, padded to 2 batches of 2 each
   assert not names[0] & names[1]
   assert names[0] | names[1] == set(data.split_names(varied, "val"))
-  # Training streams shard the same way.
-  parts = [set(data.split_names(varied, records.host_split(varied, "train", i, 2)))
-           for i in range(2)]
-  assert not parts[0] & parts[1] and parts[0] | parts[1] == set(data.split_names(varied,
-                                                                                  "train"))
-  first = [next(pipelines.cls_train(varied, "train", batch_size=2, crop_size=32,
-                                    resize_long=(32, 48), seed=0, process_index=i,
-                                    process_count=2))["label"] for i in range(2)]
-  assert first[0].shape == first[1].shape == (2, 3)
+
+
+def _host_shares_make_the_global_batch(make, hosts, global_batch, steps=3):
+  """Batches at steps 0..steps-1 and, resumed, at step 2: each host's rows, concatenated in host
+  order, are the one-host global batch, to the bit."""
+  for start in (0, 2):
+    whole = _take(make(start, global_batch, 0, 1), steps)
+    shares = [_take(make(start, global_batch // hosts, i, hosts), steps) for i in range(hosts)]
+    for step, expected in enumerate(whole):
+      for key, value in expected.items():
+        joined = np.concatenate([share[step][key] for share in shares])
+        np.testing.assert_array_equal(joined, value, err_msg=f"{key} at step {start + step}")
+
+
+@pytest.mark.parametrize("hosts", [2, 4])
+def test_training_batches_are_the_same_on_any_number_of_hosts(tiny, tmp_path, hosts):
+  _write_scores(tiny, "train", tmp_path, "fg")
+
+  def cls(start, b, i, n):
+    return pipelines.cls_train(tiny, "train", batch_size=b, crop_size=32, resize_long=(32, 48),
+                               seed=7, start_step=start, process_index=i, process_count=n)
+
+  def aff(start, b, i, n):
+    return pipelines.aff_train(tiny, "train", str(tmp_path), batch_size=b, crop_size=32,
+                               seed=7, start_step=start, process_index=i, process_count=n,
+                               exclude=frozenset({"train_00001"}))
+
+  def seg(start, b, i, n):
+    return pipelines.seg_train(tiny, "train", None, batch_size=b, crop_size=32, seed=7,
+                               start_step=start, process_index=i, process_count=n)
+
+  for make in (cls, aff, seg):
+    _host_shares_make_the_global_batch(make, hosts, global_batch=4)
 
 
 def test_bad_arguments(tiny):

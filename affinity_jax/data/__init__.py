@@ -74,12 +74,16 @@ def _prepared(builder, manual_dir, prepare: bool):
   return builder
 
 
-def from_config(cfg) -> tfds.core.DatasetBuilder:
-  """The prepared builder of the config's `data` section, checked against `model.num_classes`."""
+def from_config(cfg, prepare: bool = True) -> tfds.core.DatasetBuilder:
+  """The prepared builder of the config's `data` section, checked against `model.num_classes`
+  (with `prepare` False, the builder as it is, prepared or not)."""
   options = dict(cfg.data.options)
   if cfg.data.manual_dir:
     options["manual_dir"] = cfg.data.manual_dir
-  builder = get_builder(cfg.data.name, data_dir=cfg.data.data_dir or None, **options)
+  builder = get_builder(cfg.data.name, data_dir=cfg.data.data_dir or None, prepare=prepare,
+                        **options)
+  if not builder.is_prepared():
+    return builder
   if num_classes(builder) != cfg.model.num_classes:
     raise ConfigError(f"dataset {cfg.data.name} has {num_classes(builder)} classes but "
                       f"model.num_classes is {cfg.model.num_classes}; set "

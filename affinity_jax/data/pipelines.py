@@ -1,12 +1,13 @@
 """tf.data input pipelines of the three trainings and of inference, yielding numpy batches.
 
-Each host reads its own part of a split (data/records.py: `tfds.even_splits`).
-Training: per-epoch seeded shuffle of the encoded records -> decode + augment (parallel,
-order-preserving) -> batch(drop_remainder) -> prefetch, endless. Every random op is stateless and
-seeded from (seed, host, example counter), so two runs with one seed give identical batches, and
-`start_step` resumes exactly where an interrupted run stopped without replaying it.
-Inference: no randomness, fixed shapes, and masked dummy examples that make every host run the
-same number of batches.
+Training: per-epoch seeded shuffle of the encoded records -> this host's rows of each global
+batch -> decode + augment (parallel, order-preserving) -> batch(drop_remainder) -> prefetch,
+endless. Every random op is stateless and seeded from (seed, example counter), so two runs with
+one seed give identical batches on any number of hosts, and `start_step` resumes exactly where
+an interrupted run stopped without replaying it.
+Inference: each host reads its own even part of a split (data/records.py: `tfds.even_splits`);
+no randomness, fixed shapes, and masked dummy examples that make every host run the same number
+of batches.
 
 Images are decoded as PIL decodes them (records.decode_rgb) and resized with PIL's bicubic on
 the uint8 image (transforms.resize_image), as the original does, so they have its pixels.
@@ -38,37 +39,47 @@ Batch = records.Batch
 def _train_stream(builder, split, *, seed: int, start_step: int, batch_size: int,
                   shuffle_buffer: int, process_index: int, process_count: int,
                   exclude: frozenset[str] = frozenset()) -> tuple[tf.data.Dataset, int]:
-  """Endless (example, per-example seed) stream, shuffled per epoch, starting at start_step.
+  """This host's part of an endless (example, per-example seed) stream, shuffled per epoch,
+  starting at start_step; `batch_size` is this host's share of the global batch.
 
-  Images named in `exclude` (those an earlier stage skipped) are left out before shuffling.
+  The global stream (every example of the split in a per-epoch seeded order, each with a seed
+  of its own) depends on the seed alone; host i of n takes rows [i * b, (i + 1) * b) of each
+  global batch of n * b. So the global batches, and the training, are the same on any number
+  of hosts; each host scans the encoded records of the whole split but decodes and augments
+  only its own rows. Images named in `exclude` (those an earlier stage skipped) are left out
+  before shuffling.
   """
-  part = records.host_split(builder, split, process_index, process_count)
-  count = records.num_examples(builder, part)
-  examples = records.encoded(builder, part)
+  records.host_split(builder, split, 0, 1)  # checks the split exists
+  examples = records.encoded(builder, split)
+  count = records.num_examples(builder, split)
   if exclude:
     from affinity_jax.data import split_names  # pylint: disable=g-import-not-at-top
-    count = sum(n not in exclude for n in split_names(builder, part))
+    count = sum(n not in exclude for n in split_names(builder, split))
     left_out = tf.constant(sorted(exclude))
     examples = examples.filter(
         lambda ex: tf.logical_not(tf.reduce_any(tf.equal(ex["name"], left_out))))
   if count == 0:
-    raise UserError(f"host {process_index} of {process_count} gets no example of {split!r}")
-  first = start_step * batch_size
+    raise UserError(f"dataset {builder.name} has no example in {split!r} to train on")
+  global_batch = batch_size * process_count
+  first = start_step * global_batch
   # Epoch e is shuffled with its own seed, so resuming can start at any epoch directly.
   epochs = tf.data.Dataset.counter(start=first // count)
   stream = epochs.flat_map(lambda e: examples.shuffle(
-      max(1, min(shuffle_buffer, count)), seed=_shuffle_seed(seed, process_index, e),
+      max(1, min(shuffle_buffer, count)), seed=_shuffle_seed(seed, e),
       reshuffle_each_iteration=False))
   stream = stream.skip(first % count)
-  # Per-example seeds: (run seed, host * 2^40 + example counter).
+  # Per-example seeds: (run seed, global example counter).
   counter = tf.data.Dataset.counter(start=first)
-  seeds = counter.map(lambda i: tf.stack([tf.constant(seed, tf.int64),
-                                          tf.constant(process_index, tf.int64) * 2**40 + i]))
-  return tf.data.Dataset.zip((stream, seeds)), count
+  seeds = counter.map(lambda i: tf.stack([tf.constant(seed, tf.int64), i]))
+  stream = tf.data.Dataset.zip((stream, seeds))
+  if process_count > 1:
+    stream = stream.filter(
+        lambda example, s: (s[1] % global_batch) // batch_size == process_index)
+  return stream, count
 
 
-def _shuffle_seed(seed: int, process_index: int, epoch: tf.Tensor) -> tf.Tensor:
-  return (tf.constant(seed, tf.int64) * 1_000_003 + process_index) * 1_000_033 + epoch
+def _shuffle_seed(seed: int, epoch: tf.Tensor) -> tf.Tensor:
+  return tf.constant(seed, tf.int64) * 1_000_003 * 1_000_033 + epoch
 
 
 def _finish_train(ds: tf.data.Dataset, batch_size: int) -> Iterator[Batch]:
@@ -151,7 +162,7 @@ def aff_train(builder, split: str, score_dir: str, *, batch_size: int, crop_size
   train_aff.py, the crop takes the 0..255 image and normalising comes after it, so padding is
   black, normalised (and has no score, so its labels are 255). Affinity labels on the stride-8
   grid then follow PSA step 3 (geometry.affinity_labels_tf).
-  With `check`, every score file of this host's images must exist before the first batch.
+  With `check`, every score file of the split's images must exist before the first batch.
 
   Yields:
     {"image": float32 [B, S, S, 3], "aff_label": uint8 [B, S/8, S/8]} (0 background,
@@ -164,8 +175,9 @@ def aff_train(builder, split: str, score_dir: str, *, batch_size: int, crop_size
     raise ValueError(f"aff_train: image_scale must be > 0, got {image_scale}")
   index, count = records.host(process_index, process_count)
   if check:
-    records.check_files(builder, records.host_split(builder, split, index, count), score_dir,
-                        ".npz", exclude)
+    # The whole split on every host: each reads rows of all of it (_train_stream), and all
+    # stop here together, before the first collective step, if a file is missing.
+    records.check_files(builder, split, score_dir, ".npz", exclude)
   stream, _ = _train_stream(builder, split, seed=seed, start_step=start_step,
                             batch_size=batch_size, shuffle_buffer=shuffle_buffer,
                             process_index=index, process_count=count, exclude=exclude)
@@ -233,8 +245,9 @@ def seg_train(builder, split: str, label_dir: str | None, *, batch_size: int, cr
   records.check_batch(batch_size)
   index, count = records.host(process_index, process_count)
   if check and label_dir is not None:
-    records.check_files(builder, records.host_split(builder, split, index, count), label_dir,
-                        ".png", exclude)
+    # The whole split on every host: each reads rows of all of it (_train_stream), and all
+    # stop here together, before the first collective step, if a file is missing.
+    records.check_files(builder, split, label_dir, ".png", exclude)
   stream, _ = _train_stream(builder, split, seed=seed, start_step=start_step,
                             batch_size=batch_size, shuffle_buffer=shuffle_buffer,
                             process_index=index, process_count=count, exclude=exclude)
@@ -305,14 +318,18 @@ def inference_inputs(image: tf.Tensor, *, scales: Sequence[float], canvas: tuple
 def inference(builder, split: str, *, scales: Sequence[float] = (1.0, 0.5, 1.5, 2.0),
               canvas: tuple[int, int] = (512, 512), batch_size: int,
               process_index: int | None = None, process_count: int | None = None,
-              convention: str = "imagenet") -> Iterator[Batch]:
-  """Multi-scale inference batches of fixed shapes, in the split's stored order.
+              convention: str = "imagenet",
+              names: Sequence[str] | None = None) -> Iterator[Batch]:
+  """Multi-scale inference batches of fixed shapes, in the split's stored order: of this host's
+  even part of the split, or with `names`, of those images of the whole split (any host; the
+  records of the others are passed over undecoded).
 
   For each image and scale s (index i): the image resized by s to round(h * s) x round(w * s)
   (Python's round) with PIL's bicubic on the uint8 image (transforms.resize_image), as the
   original's multi-scale inference does, normalised, padded bottom/right with 0 to
   canvas_for_scale(canvas, s). Flips are for the consumer to do on device. The last batch is
-  completed with dummy examples (valid False), and every host runs `inference_num_batches`.
+  completed with dummy examples (valid False), and without `names` every host runs
+  `inference_num_batches`.
   An image larger than the canvas is never resized (memory stays what the canvas allows): it
   comes as a 1 x 1 black stand-in with valid False and its own size in `image_size`, for the
   stage to report (`pending`).
@@ -328,7 +345,20 @@ def inference(builder, split: str, *, scales: Sequence[float] = (1.0, 0.5, 1.5, 
   index, count = records.host(process_index, process_count)
   canvas_h, canvas_w = (int(c) for c in canvas)
   part = records.host_split(builder, split, index, count)
-  padded_count = inference_num_batches(builder, split, batch_size, count) * batch_size
+  if names is None:
+    examples = records.encoded(builder, part)
+    real = records.num_examples(builder, part)
+    padded_count = inference_num_batches(builder, split, batch_size, count) * batch_size
+  else:
+    from affinity_jax.data import split_names  # pylint: disable=g-import-not-at-top
+    wanted = sorted(set(names) & set(split_names(builder, split)))
+    if not wanted:
+      return iter(())
+    table = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
+        tf.constant(wanted), tf.ones([len(wanted)], tf.int32)), default_value=0)
+    examples = records.encoded(builder, split).filter(lambda ex: table.lookup(ex["name"]) > 0)
+    real = len(wanted)
+    padded_count = math.ceil(real / batch_size) * batch_size
 
   def preprocess(example):
     example = records.decode(example)
@@ -346,11 +376,10 @@ def inference(builder, split: str, *, scales: Sequence[float] = (1.0, 0.5, 1.5, 
     out["valid"] = fits
     return out
 
-  ds = records.encoded(builder, part).map(preprocess, num_parallel_calls=AUTOTUNE,
-                                          deterministic=True)
+  ds = examples.map(preprocess, num_parallel_calls=AUTOTUNE, deterministic=True)
   dummy = tf.nest.map_structure(lambda spec: tf.zeros(spec.shape, spec.dtype), ds.element_spec)
   dummy["mask"] = tf.fill(ds.element_spec["mask"].shape, tf.constant(IGNORE, tf.uint8))
-  missing = padded_count - records.num_examples(builder, part)
+  missing = padded_count - real
   ds = ds.concatenate(tf.data.Dataset.from_tensors(dummy).repeat(missing))
   ds = ds.batch(batch_size, drop_remainder=True).prefetch(AUTOTUNE)
   return records.numpy_batches(ds)

@@ -14,7 +14,7 @@ import importlib
 import os
 import time
 
-from affinity_jax.errors import ConfigError
+from affinity_jax.errors import ConfigError, UserError
 
 ORDER = ("train_cam", "infer_cam", "aff_labels", "train_aff", "random_walk", "train_seg",
          "infer_seg", "evaluate")
@@ -35,48 +35,105 @@ def run_stages(cfg, names: list[str]) -> dict[str, dict]:
 
   Each stage runs only if its inputs match the record of its outputs, or there are none
   (affinity_jax/fingerprints.py). results.json gets the fingerprints and seconds of the runs
-  it scored.
+  it scored. In a multi-process run (affinity_jax/distributed.py) every process calls this:
+  process 0 holds the lock, prepares the dataset, decides each stage's fate and writes the
+  records; each stage starts on all processes together and ends when the last one is done.
   """
-  import jax
-  from affinity_jax import io, workdir_lock
-  main_process = jax.process_index() == 0
+  from affinity_jax import distributed, io, workdir_lock
   io.check_writable_dir(cfg.workdir)  # a read-only or misplaced workdir: one message, no work
-  lock = workdir_lock.hold(cfg.workdir) if main_process else contextlib.nullcontext()
+  lock = workdir_lock.hold(cfg.workdir) if distributed.is_main() else contextlib.nullcontext()
   with lock:
-    return _run_locked(cfg, names, main_process)
+    return _run_locked(cfg, names)
 
 
-def _run_locked(cfg, names: list[str], main_process: bool) -> dict[str, dict]:
-  from affinity_jax import artifacts, config, data, fingerprints, io
+def _dataset(cfg):
+  """The config's prepared dataset: made by process 0 alone while the others wait."""
+  from affinity_jax import data, distributed
+  if distributed.is_main():
+    builder = data.from_config(cfg)
+  distributed.barrier("dataset prepared")
+  if not distributed.is_main():
+    builder = data.from_config(cfg, prepare=False)
+    if not builder.is_prepared():
+      raise UserError(
+          f"process {distributed.index()} does not see the dataset process 0 prepared in "
+          f"{builder.data_dir}: data.data_dir must be a folder every process sees (a mounted "
+          "bucket, a shared file system)")
+  return builder
+
+
+def _check_shared_workdir(cfg) -> None:
+  """Every process must see the files process 0 writes in the workdir."""
+  from affinity_jax import distributed, io
+  path = os.path.join(cfg.workdir, ".shared-check")
+
+  def write():
+    token = f"{os.uname().nodename} {os.getpid()} {time.time_ns()}"
+    io.save_text(path, token)
+    return token
+  token = distributed.broadcast("workdir shared", write)
+  try:
+    with open(path) as f:
+      seen = f.read()
+  except OSError:
+    seen = None
+  if seen != token:
+    raise UserError(
+        f"process {distributed.index()} does not see the workdir {cfg.workdir} that process 0 "
+        f"writes ({path} is {'missing' if seen is None else 'another file'} here): the "
+        "workdir must be a folder every process sees (a mounted bucket, a shared file system)")
+
+
+def _run_locked(cfg, names: list[str]) -> dict[str, dict]:
+  import jax
+  from affinity_jax import artifacts, config, distributed, fingerprints, io
+  main_process = distributed.is_main()
   config.validate(cfg)
   workdir = artifacts.Workdir(cfg.workdir)
-  # Temporaries of writers killed in an earlier run, in the folders no stage's `missing` sweeps.
-  for folder in ("", artifacts.REPORTS, artifacts.PANELS, artifacts.FINGERPRINTS):
-    io.remove_stale_temporaries(workdir.path(folder))
-  dataset = fingerprints.dataset_digest(data.from_config(cfg).info)
+  if distributed.count() > 1:
+    print(f"== {distributed.count()} processes, {jax.device_count()} devices "
+          f"({jax.local_device_count()} per process); process 0 reports", flush=True)
+  if main_process:
+    # Temporaries of writers killed in an earlier run. Only now, before any stage starts: a
+    # temporary file seen later may be another process's file being written.
+    for folder in ("", artifacts.REPORTS, artifacts.PANELS, artifacts.FINGERPRINTS,
+                   *artifacts.PER_IMAGE_FOLDERS):
+      io.remove_stale_temporaries(workdir.path(folder))
+  if distributed.count() > 1:
+    _check_shared_workdir(cfg)
+  dataset = fingerprints.dataset_digest(_dataset(cfg).info)
   modules = {s: importlib.import_module(f"affinity_jax.stages.{s}") for s in ORDER}
   consumes = {s: m.CONSUMES for s, m in modules.items()}
   t0 = time.time()
   summaries = {}
   for name in names:
     module = modules[name]
-    fingerprints.check_consumed(workdir, name, module.CONSUMES)
     record = fingerprints.make_record(cfg, name, module.READS, module.CONSUMES, dataset,
                                       getattr(module, "VERSION", 1))
-    verdict = fingerprints.prepare(cfg, name, record, bool(workdir.stage_outputs(name)),
-                                   reuses_outputs=name != "evaluate")
-    old = fingerprints.load_record(workdir, name) if verdict == "same" else None
-    if main_process:
+
+    def decide(name=name, record=record):
+      """Process 0: the stage's verdict, acted on before any process starts the stage."""
+      fingerprints.check_consumed(workdir, name, modules[name].CONSUMES)
+      verdict = fingerprints.prepare(cfg, name, record, bool(workdir.stage_outputs(name)),
+                                     reuses_outputs=name != "evaluate")
       if verdict == "redo":  # This stage's outputs, and all made from them, are invalid.
         for s in [name] + fingerprints.downstream(name, consumes):
           workdir.remove_stage_outputs(s)
+      old = fingerprints.load_record(workdir, name) if verdict == "same" else None
       if verdict != "same":
         fingerprints.save_record(workdir, record)
       if name == names[0]:  # The config of this run, once a stage accepted it (for predict).
         artifacts.save_run_config(workdir, cfg.to_dict())
+      return old
+
+    old = distributed.broadcast(f"{name} inputs", decide)
     print(f"== {name}", flush=True)
     t = time.time()
     summaries[name] = module.run(cfg) or {}
+    # Every process's outputs are written once all are here; a count is the run's.
+    written = distributed.gather(f"{name} done", summaries[name].get("written"))
+    if None not in written:
+      summaries[name]["written"] = sum(written)
     summaries[name]["seconds"] = round(time.time() - t, 1)
     if main_process:
       # A rerun that found everything done keeps the seconds of the run that did the work.
@@ -87,6 +144,7 @@ def _run_locked(cfg, names: list[str], main_process: bool) -> dict[str, dict]:
     skipped = 0 if isinstance(skipped, bool) else skipped
     note = f"; skipped {skipped} image(s), see reports/{name}.json" if skipped else ""
     print(f"== {name} done in {summaries[name]['seconds']:.1f} s{note}", flush=True)
+  distributed.barrier("records written")
   total = time.time() - t0
   if main_process and "evaluate" in names and os.path.exists(
       workdir.path(artifacts.RESULTS_JSON)):

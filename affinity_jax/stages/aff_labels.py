@@ -3,7 +3,8 @@
 For every image with a CAM: the stack (background (1 - max)^alpha, present classes) for
 alpha_low (la) and alpha_high (ha), each refined by dCRF on the RGB image. Writes
 `{workdir}/aff_labels/{name}.npz` (artifacts.save_scores), what data.pipelines.aff_train reads.
-dCRF runs in `aff_labels.workers` processes.
+dCRF runs in `aff_labels.workers` processes; in a multi-process run each process labels its
+even share of the images still to do (per_image.shares).
 
 This module imports no JAX at load time: its worker function runs in spawned processes.
 """
@@ -51,6 +52,9 @@ def run(cfg) -> dict:
   import jax
   import tensorflow_datasets as tfds
   from affinity_jax import cam, data
+  from affinity_jax import distributed
+  from affinity_jax.data import records
+  from affinity_jax.stages import per_image
   workdir = artifacts.Workdir(cfg.workdir)
   out_dir = workdir.path(artifacts.AFF_LABELS)
   workers = int(cfg.aff_labels.workers) or os.cpu_count() or 1
@@ -69,15 +73,21 @@ def run(cfg) -> dict:
   ctx = multiprocessing.get_context("spawn")
   with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx,
                                               initializer=_die_with_parent) as pool:
-    for split in cfg.data.pseudo_splits:
-      todo = set(artifacts.missing(data.split_names(builder, split), out_dir, ".npz"))
-      if not todo:
+    splits = list(cfg.data.pseudo_splits)
+    todo_of, mine = per_image.shares(builder, splits, out_dir, ".npz", "aff_labels")
+    for split in splits:
+      if not todo_of[split]:
         print(f"[aff_labels] {split}: all score maps present in {out_dir}")
+        continue
+      # This process's images still without scores (an image of two splits: in the first).
+      todo = set(artifacts.missing([n for n in todo_of[split] if n in mine], out_dir, ".npz"))
+      if not todo:
         continue
       futures = {}
       ds = builder.as_dataset(split=split, shuffle_files=False)
-      for ex in console.track(tfds.as_numpy(ds), builder.info.splits[split].num_examples,
+      for ex in console.track(tfds.as_numpy(ds), records.num_examples(builder, split),
                               "aff_labels", enabled=report.main_process):
+        distributed.check_peers()
         name = ex["name"].decode()
         if name not in todo:
           continue

@@ -98,10 +98,12 @@ def _draw(workdir: artifacts.Workdir, scored: list) -> None:
 
 
 def run(cfg) -> dict:
-  import jax
+  from affinity_jax import distributed
+  if not distributed.is_main():  # the other processes' outputs are all written by now
+    return {}
   workdir = artifacts.Workdir(cfg.workdir)
   results = {"splits": {}}
-  report = artifacts.SkipReport(workdir, "evaluate", jax.process_index() == 0)
+  report = artifacts.SkipReport(workdir, "evaluate", gather=False)
   rows = []
   scored = []  # (chart label, kind, Scores) per row
   # With random_walk.crf the pseudo labels are the paper's "CAM + RW + dCRF", not infer_aff.py's.
@@ -127,8 +129,7 @@ def run(cfg) -> dict:
   table = ["| stage | split | mIoU (%) |", "|---|---|---|"]
   table += [f"| {what} | {split} | {100 * m:.1f} |" for what, split, m in rows]
   text = "\n".join(table)
-  if jax.process_index() == 0:
-    artifacts.save_results(workdir, results, text)
-    _draw(workdir, scored)
+  artifacts.save_results(workdir, results, text)
+  _draw(workdir, scored)
   print(text)
   return report.finish({k: v for k, v in results.items() if k.endswith("_miou")})

@@ -15,8 +15,7 @@ import os
 import jax
 import numpy as np
 
-from affinity_jax import artifacts, cam, checkpoint, data
-from affinity_jax.data import records
+from affinity_jax import artifacts, cam, checkpoint, data, distributed
 from affinity_jax.stages import per_image
 
 # What its outputs are made from (affinity_jax/fingerprints.py): the config keys it reads
@@ -36,18 +35,22 @@ def run(cfg) -> dict:
   written = 0
   report = artifacts.SkipReport(workdir, "infer_cam", jax.process_index() == 0)
   scales = tuple(cfg.cam_infer.scales)
+  devices = per_image.LocalDevices()
+  plan = per_image.shares(builder, cfg.data.pseudo_splits, out_dir, ".npz", "infer_cam")
   for batch, names, keep in per_image.pending(
       cfg, builder, cfg.data.pseudo_splits, out_dir, ".npz", scales=scales,
-      batch_size=cfg.cam_infer.batch_size, report=report):
+      batch_size=cfg.cam_infer.batch_size, report=report, devices=devices.count, plan=plan):
     if model is None:
       model, variables = checkpoint.load_network(cfg, artifacts.CAM_NET)
+      variables = devices.replicate(variables)  # once: every batch is split over the devices
       cam_fn = cam.cam_fn(model)
     for i in [i for i in keep if not artifacts.has_positive_class(batch["label"][i])]:
       report.skip(names[i], artifacts.NO_POSITIVE_CLASS)
       keep.remove(i)
     if not keep:
       continue
-    cams = cam_fn(variables, batch, scales, batch["label"])
+    cams = cam_fn(variables, batch, scales, batch["label"], put=devices.put)
+    devices.record(batch)
     sizes = np.asarray(batch["orig_size"])
     artifacts.require_finite(workdir, artifacts.CAM_NET, cams[keep], [names[i] for i in keep],
                              "the CAM network gives non-finite CAMs")
@@ -58,19 +61,21 @@ def run(cfg) -> dict:
       artifacts.save_label(workdir.cam_prediction(names[i]), cam.cam_prediction(cams[i, :h, :w]))
       written += 1
   print(f"[infer_cam] wrote {written} CAM files to {out_dir}")
-  derived = _derive_cam_predictions(cfg, workdir, builder)
-  return report.finish({"written": written, "cam_predictions_derived": derived})
+  todo = {n for names in plan[0].values() for n in names}
+  done_before = [n for split in cfg.data.pseudo_splits for n in data.split_names(builder, split)
+                 if n not in todo]
+  derived = _derive_cam_predictions(cfg, workdir, done_before)
+  return report.finish({"written": written, "cam_predictions_derived": derived,
+                        **devices.summary("infer_cam")})
 
 
-def _derive_cam_predictions(cfg, workdir: artifacts.Workdir, builder) -> int:
-  """Writes the CAM-only label map of every image of this host's share that has a CAM file but
-  no map (a map deleted by hand, a run killed between the two files); returns how many it
-  wrote. Only this host's images: another host may still be writing its own."""
-  index, count = jax.process_index(), jax.process_count()
-  names = [n for split in cfg.data.pseudo_splits
-           for n in data.split_names(builder, records.host_split(builder, split, index, count))]
+def _derive_cam_predictions(cfg, workdir: artifacts.Workdir, done_before: list[str]) -> int:
+  """Writes the CAM-only label map of every image of this process's share of `done_before`
+  (those whose CAM was there before the stage started, which no process writes now) that has a
+  CAM file but no map (a map deleted by hand, a run killed between the two files); returns how
+  many it wrote."""
   derived = 0
-  for name in names:
+  for name in distributed.share(list(dict.fromkeys(done_before))):
     if not os.path.exists(workdir.cam(name)) or os.path.exists(workdir.cam_prediction(name)):
       continue
     full = artifacts.load_cam(workdir.cam(name), cfg.model.num_classes)

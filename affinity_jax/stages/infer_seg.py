@@ -30,15 +30,18 @@ def run(cfg) -> dict:
   model = None
   written = 0
   report = artifacts.SkipReport(workdir, "infer_seg", jax.process_index() == 0)
+  devices = per_image.LocalDevices()
   for batch, names, keep in per_image.pending(
       cfg, builder, cfg.eval.seg_splits, out_dir, ".png", scales=scales,
-      batch_size=cfg.seg_infer.batch_size, report=report):
+      batch_size=cfg.seg_infer.batch_size, report=report, devices=devices.count):
     if model is None:
       model, variables = checkpoint.load_network(cfg, artifacts.SEG_NET)
+      variables = devices.replicate(variables)  # once: every batch is split over the devices
       seg_fn = cam.segmentation_fn(model)
     if not keep:
       continue
-    probs = seg_fn(variables, batch, scales)
+    probs = seg_fn(variables, batch, scales, put=devices.put)
+    devices.record(batch)
     for i in keep:
       h, w = batch["orig_size"][i]
       label = cam.segmentation_label(batch["raw"][i, :h, :w], probs[i, :h, :w],
@@ -46,4 +49,4 @@ def run(cfg) -> dict:
       artifacts.save_label(workdir.prediction(names[i]), label)
       written += 1
   print(f"[infer_seg] wrote {written} predictions to {out_dir}")
-  return report.finish({"written": written})
+  return report.finish({"written": written, **devices.summary("infer_seg")})

@@ -46,11 +46,13 @@ def run(cfg) -> dict:
   model = None
   written = 0
   report = artifacts.SkipReport(workdir, "random_walk", jax.process_index() == 0)
+  devices = per_image.LocalDevices()
   for batch, batch_names, keep in per_image.pending(
       cfg, builder, cfg.data.pseudo_splits, out_dir, ".png", scales=(scale,),
-      batch_size=cfg.random_walk.batch_size, report=report):
+      batch_size=cfg.random_walk.batch_size, report=report, devices=devices.count):
     if model is None:
       model, variables = checkpoint.load_network(cfg, artifacts.AFF_NET)
+      variables = devices.replicate(variables)  # once: every batch is split over the devices
       walk = rw.make_walk_fn(model, cfg)
     sizes = np.asarray(batch["orig_size"])
     cams = {}
@@ -72,7 +74,8 @@ def run(cfg) -> dict:
     classes = {i: np.flatnonzero(batch["label"][i] > 0) for i in cams}
     labels, heat, share, channels = rw.walk_batch(
         walk, variables, batch["image_s0"], cams, sizes, batch["size_s0"], classes=classes,
-        alpha=alpha, image_scale=scale)
+        alpha=alpha, image_scale=scale, put=devices.put)
+    devices.record(batch)
     if share is not None:
       artifacts.require_finite(workdir, artifacts.AFF_NET, share[keep],
                                [batch_names[i] for i in keep], "the walk gives non-finite scores")
@@ -87,4 +90,4 @@ def run(cfg) -> dict:
         artifacts.save_walk_heat(workdir.walk_heat(batch_names[i]), heat[i, :h, :w])
       written += 1
   print(f"[random_walk] wrote {written} pseudo labels to {out_dir}")
-  return report.finish({"written": written})
+  return report.finish({"written": written, **devices.summary("random_walk")})

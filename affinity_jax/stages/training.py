@@ -91,8 +91,9 @@ def run_training(cfg, spec: TrainingSpec) -> dict:
   calibration = None
   from_cam = cfg.init.from_cam_net and spec.backbone_from_cam_net
   if not cfg.init.backbone and not from_cam:
-    # The same images on every host, so the replicas start identical.
-    calibration = next(batches(0, 0, 1))["image"]
+    # The first global batch, on every host: the replicas start identical, and the same as on
+    # any other number of hosts.
+    calibration = next(spec.batches(cfg, builder, 0, net_cfg.batch_size, 0, 1))["image"]
   variables = init_variables(cfg, net.arch, net_cfg.crop_size, calibration)
   if from_cam:
     _, cam_variables = checkpoint.load_network(cfg, artifacts.CAM_NET)
