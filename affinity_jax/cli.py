@@ -235,6 +235,10 @@ def main(argv: list[str] | None = None) -> int:
                                if not a.startswith("--config.") and a != "--verbose"])
   if args.command == "launch":
     args.run_argv = passed_on or args.run_argv
+    if overrides:
+      print(f"affinity-jax: error: {' '.join(overrides)}: config overrides go after `run`, in "
+            "the command every process runs", file=sys.stderr)
+      return 2
   from affinity_jax import console  # before TensorFlow or JAX is imported
   console.setup(verbose)
   from affinity_jax import distributed

@@ -10,8 +10,9 @@ workdir and dataset, which must lie on a file system all of them see (a mounted 
   all the others at the end of each stage (`barrier`), so no stage reads a file another process
   has still to write;
 * the trainings make one global batch of all processes' devices (affinity_jax.train);
-* the per-image stages give each process an even share of the images (data.records.host_split)
-  and batch it over the process's own devices (`local_placement`);
+* the per-image stages give each process an even share of the images still to do (`share`
+  of what process 0 found missing) and batch it over the process's own devices
+  (`local_placement`);
 * what every process has to say in one file (the images a stage skipped) is gathered on
   process 0 (`gather`), which alone writes it and prints.
 
@@ -141,6 +142,15 @@ def _failures(client) -> dict[int, str]:
   return {int(k.rsplit("/", 1)[1]): v for k, v in entries}
 
 
+def _get_dir(client, key: str, what: str) -> list[tuple[str, str]]:
+  try:
+    return client.key_value_dir_get(key + "/")
+  except Exception as e:  # pylint: disable=broad-except
+    raise PeerFailure(f"lost the coordination service (process 0) while waiting for {what!r}: "
+                      f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else e!r}",
+                      heard=False) from None
+
+
 def _wait_for_all(client, key: str, what: str, timeout_s: float | None) -> dict[int, str]:
   """{process: value} once every process has set `{key}/{process}`; raises PeerFailure when
   one reported a failure or the timeout passes."""
@@ -154,7 +164,7 @@ def _wait_for_all(client, key: str, what: str, timeout_s: float | None) -> dict[
     if failed:
       p, message = sorted(failed.items())[0]
       raise PeerFailure(f"process {p} of {n} stopped: {message}")
-    entries = {int(k.rsplit("/", 1)[1]): v for k, v in client.key_value_dir_get(key + "/")}
+    entries = {int(k.rsplit("/", 1)[1]): v for k, v in _get_dir(client, key, what)}
     if len(entries) == n:
       return entries
     if time.monotonic() > deadline:
@@ -200,12 +210,13 @@ def broadcast(name: str, decide: Callable[[], Any], timeout_s: float | None = No
   deadline = time.monotonic() + (_state["timeout_s"] if timeout_s is None else timeout_s)
   pause = 0.01
   while True:
-    found = client.key_value_dir_get(f"{key}/")
+    found = _get_dir(client, key, name)
     if found:
       return json.loads(found[0][1])
-    failed = _failures(client)
-    if 0 in failed:
-      raise PeerFailure(f"process 0 of {count()} stopped: {failed[0]}")
+    failed = {p: m for p, m in _failures(client).items() if p != index()}
+    if failed:
+      p, message = sorted(failed.items())[0]
+      raise PeerFailure(f"process {p} of {count()} stopped: {message}")
     if time.monotonic() > deadline:
       raise PeerFailure(f"process 0 did not decide {name!r} within "
                         f"{_state['timeout_s']:.0f} s (config key barrier_timeout_s); stopping",

@@ -74,7 +74,7 @@ def main(num_processes: int, command: list[str], *, cpu_devices: int | None = No
   first_failure = None
   deadline = None
   try:
-    while any(c.poll() is None for c in children):
+    while any([c.poll() is None for c in children]):  # a list: poll every one
       for i, c in enumerate(children):
         if c.returncode not in (None, 0) and first_failure is None:
           first_failure = c.returncode

@@ -52,13 +52,16 @@ def _dataset(cfg):
   if distributed.is_main():
     builder = data.from_config(cfg)
   distributed.barrier("dataset prepared")
+  problem = None
   if not distributed.is_main():
     builder = data.from_config(cfg, prepare=False)
     if not builder.is_prepared():
-      raise UserError(
+      problem = (
           f"process {distributed.index()} does not see the dataset process 0 prepared in "
           f"{builder.data_dir}: data.data_dir must be a folder every process sees (a mounted "
           "bucket, a shared file system)")
+  if distributed.count() > 1:
+    _all_or_none("dataset seen", problem)
   return builder
 
 
@@ -77,11 +80,20 @@ def _check_shared_workdir(cfg) -> None:
       seen = f.read()
   except OSError:
     seen = None
-  if seen != token:
-    raise UserError(
-        f"process {distributed.index()} does not see the workdir {cfg.workdir} that process 0 "
-        f"writes ({path} is {'missing' if seen is None else 'another file'} here): the "
-        "workdir must be a folder every process sees (a mounted bucket, a shared file system)")
+  problem = None if seen == token else (
+      f"process {distributed.index()} does not see the workdir {cfg.workdir} that process 0 "
+      f"writes ({path} is {'missing' if seen is None else 'another file'} there): the "
+      "workdir must be a folder every process sees (a mounted bucket, a shared file system)")
+  _all_or_none("workdir seen", problem)
+
+
+def _all_or_none(name: str, problem: str | None) -> None:
+  """Raises on every process the first process's `problem` (None: none), so that a check that
+  fails on one process stops all of them at once."""
+  from affinity_jax import distributed
+  problems = [p for p in distributed.gather(name, problem) if p]
+  if problems:
+    raise UserError(problems[0])
 
 
 def _run_locked(cfg, names: list[str]) -> dict[str, dict]:

@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 
 import jax
 
-from affinity_jax import artifacts, checkpoint, data, models, train
+from affinity_jax import artifacts, checkpoint, data, distributed, models, train
 from affinity_jax.errors import NonFiniteLossError, UserError
 
 # batches(cfg, builder, start_step, local_batch_size, process_index, process_count) -> endless
@@ -75,7 +75,9 @@ def run_training(cfg, spec: TrainingSpec) -> dict:
   net = spec.network
   workdir = artifacts.Workdir(cfg.workdir)
   final = workdir.network(net)
-  if os.path.isdir(final):
+  # Decided by process 0 for all: a process whose view of the folder lags (NFS caching) must
+  # not skip the collective training steps that the others enter.
+  if distributed.broadcast(f"{net.folder} trained", lambda: os.path.isdir(final)):
     print(f"[{net.folder}] {final} exists; skipping (delete it to retrain)")
     return {"skipped": True}
   net_cfg = cfg[net.section]
