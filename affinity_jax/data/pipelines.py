@@ -352,14 +352,11 @@ def inference(builder, split: str, *, scales: Sequence[float] = (1.0, 0.5, 1.5, 
   else:
     from affinity_jax.data import split_names  # pylint: disable=g-import-not-at-top
     stored = split_names(builder, split)
-    wanted_set = set(names) & set(stored)
-    wanted = sorted(wanted_set)
+    wanted = set(names) & set(stored)
     if not wanted:
       return iter(())
-    table = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
-        tf.constant(wanted), tf.ones([len(wanted)], tf.int32)), default_value=0)
-    examples = records.encoded(builder, split).filter(lambda ex: table.lookup(ex["name"]) > 0)
-    real = sum(n in wanted_set for n in stored)  # the records the filter lets through
+    examples = records.named(records.encoded(builder, split), wanted)
+    real = sum(n in wanted for n in stored)  # the records the filter lets through
     padded_count = math.ceil(real / batch_size) * batch_size
 
   def preprocess(example):

@@ -50,6 +50,16 @@ def encoded(builder, split) -> tf.data.Dataset:
       "image": tfds.decode.SkipDecoding(), "mask": tfds.decode.SkipDecoding()})
 
 
+def named(examples: tf.data.Dataset, names) -> tf.data.Dataset:
+  """The examples of `examples` whose name is one of `names` (before any decoding)."""
+  names = sorted(set(names))
+  if not names:
+    return examples.take(0)
+  table = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
+      tf.constant(names), tf.ones([len(names)], tf.int32)), default_value=0)
+  return examples.filter(lambda ex: table.lookup(ex["name"]) > 0)
+
+
 def decode_rgb(encoded_image: tf.Tensor) -> tf.Tensor:
   """Encoded image bytes -> uint8 [H, W, 3], the pixels that PIL's `convert("RGB")` gives.
 

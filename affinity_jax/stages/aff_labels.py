@@ -50,6 +50,7 @@ def crf_scores(image: np.ndarray, la: np.ndarray, ha: np.ndarray, out_path: str,
 
 def run(cfg) -> dict:
   import jax
+  import tensorflow as tf
   import tensorflow_datasets as tfds
   from affinity_jax import cam, data
   from affinity_jax import distributed
@@ -84,9 +85,14 @@ def run(cfg) -> dict:
       if not todo:
         continue
       futures = {}
-      ds = builder.as_dataset(split=split, shuffle_files=False)
-      for ex in console.track(tfds.as_numpy(ds), records.num_examples(builder, split),
-                              "aff_labels", enabled=report.main_process):
+      # Only this process's images are decoded (as builder.as_dataset decodes them).
+      image_feature = builder.info.features["image"]
+      ds = records.named(records.encoded(builder, split), todo).map(
+          lambda ex: {"name": ex["name"], "label": ex["label"],
+                      "image": image_feature.decode_example(ex["image"])},
+          num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+      for ex in console.track(tfds.as_numpy(ds), len(todo), "aff_labels",
+                              enabled=report.main_process):
         distributed.check_peers()
         name = ex["name"].decode()
         if name not in todo:
