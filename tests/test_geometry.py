@@ -130,6 +130,32 @@ def test_pair_affinities_brute_force_and_schemes_agree():
   assert np.all(psa[:, ~shared] == 0)
 
 
+@pytest.mark.parametrize("h,w,r,scheme,cut", [(7, 9, 3, "full", True), (7, 9, 3, "psa", False),
+                                               (6, 11, 5, "psa", True), (3, 2, 5, "full", False)])
+def test_pair_affinities_gradient_matches_loops(h, w, r, scheme, cut):
+  """The hand-written gradient of the pair distances against the pairs enumerated by loops:
+  d/df_p of the sum of weighted affinities, float64, masked pairs contributing nothing."""
+  rng = np.random.default_rng(1)
+  b, c = 2, 6
+  feats = rng.normal(size=(b, h, w, c)).astype(np.float32)
+  weights = rng.normal(size=(b, h, w, len(geometry.forward_offsets(r)))).astype(np.float32)
+  valid = np.ones((b, h, w), bool)
+  if cut:
+    valid[1, h - 2:] = False
+    valid[1, :, w - 1:] = False
+  grad = np.asarray(jax.jit(jax.grad(lambda f: jnp.sum(weights * geometry.pair_affinities(
+      f, radius=r, scheme=scheme, valid=valid))))(feats))
+  want = np.zeros((b, h, w, c))
+  f64 = feats.astype(np.float64)
+  for bi in range(b):
+    for (y, x, k), (y2, x2) in _brute_pairs(h, w, r, scheme, valid[bi]).items():
+      diff = f64[bi, y, x] - f64[bi, y2, x2]
+      d_dist = -weights[bi, y, x, k] * np.exp(-np.mean(np.abs(diff))) * np.sign(diff) / c
+      want[bi, y, x] += d_dist
+      want[bi, y2, x2] -= d_dist
+  np.testing.assert_allclose(grad, want, rtol=1e-5, atol=1e-6)
+
+
 def test_psa_vector_order_matches_original_gather():
   rng = np.random.default_rng(1)
   h, w, r = 8, 11, 4
