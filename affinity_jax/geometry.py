@@ -196,6 +196,59 @@ def _pair_affinities(features, mask, *, radius):
   return jnp.where(mask, jnp.exp(-dist), 0.0).astype(features.dtype)
 
 
+@functools.lru_cache(maxsize=None)
+def path_offsets(radius: int = 5) -> tuple[tuple[tuple[int, int], ...], ...]:
+  """For each forward offset o = (dy, dx), the cells (y, x) relative to the from position that
+  lie on the segment to p + o: those of the bounding box of 0 and o whose distance to the line
+  through them is under one cell, ends included (IRN's path of an inter-pixel relation).
+
+  (0, 2) has the path (0, 0), (0, 1), (0, 2); (1, 1) has (0, 0), (0, 1), (1, 0), (1, 1).
+  """
+  paths = []
+  for dy, dx in forward_offsets(radius):
+    length_sq = dy * dy + dx * dx
+    paths.append(tuple((y, x)
+                       for y in range(min(0, dy), max(0, dy) + 1)
+                       for x in range(min(0, dx), max(0, dx) + 1)
+                       if (dy * x - dx * y) ** 2 < length_sq))
+  return tuple(paths)
+
+
+def boundary_affinities(boundary: jax.Array, *, radius: int = 5,
+                        valid: Optional[jax.Array] = None) -> jax.Array:
+  """Forward-pair affinities of IRN: one minus the strongest boundary on the path between them.
+
+  Args:
+    boundary: [B, h, w] class-boundary map in [0, 1].
+    radius: pairs within this radius (5 in IRN's walk), the offsets of `forward_offsets`.
+    valid: optional [B, h, w] bool, the image's grid at the top-left of a canvas; pairs with an
+      invalid end are masked (a path lies inside the box of its ends, so it stays valid).
+
+  Returns:
+    [B, h, w, K] float32: entry k at (y, x) is 1 - max of `boundary` over `path_offsets`[k]
+    from (y, x); 0 for pairs whose end lies outside the grid (IRN pads the map with 1).
+  """
+  boundary = jnp.asarray(boundary)
+  if boundary.ndim != 3:
+    raise ValueError(f"boundary must be [B, h, w] (got shape {tuple(boundary.shape)}).")
+  _, h, w = boundary.shape
+  mask = pair_mask(h, w, radius=radius, scheme="full", valid=valid)
+  return _boundary_affinities(boundary, mask, radius=_check_radius(radius))
+
+
+@functools.partial(jax.jit, static_argnames=("radius",))
+def _boundary_affinities(boundary, mask, *, radius):
+  boundary = boundary.astype(jnp.float32)
+  shifted = {}
+  per_offset = []
+  for path in path_offsets(radius):
+    for cell in path:
+      if cell not in shifted:
+        shifted[cell] = _shift(boundary, *cell, fill=1.0)
+    per_offset.append(functools.reduce(jnp.maximum, [shifted[cell] for cell in path]))
+  return jnp.where(mask, 1.0 - jnp.stack(per_offset, axis=-1), 0.0)
+
+
 def symmetric_affinities(forward: jax.Array, *, radius: int = 5,
                          valid: Optional[jax.Array] = None) -> jax.Array:
   """Symmetric neighbourhood affinities from forward ones.

@@ -21,6 +21,8 @@ Public API:
   propagate(aff_sym, cam, radius=5, beta=8, t=256, valid=None, tol=None) -> [B, h, w, C].
   random_walk(features, cam, radius=5, beta=8, t=256, scheme="full", valid=None, tol=None).
   prepare_cam(cam, alpha=16, stride=8) -> [h, w, C+1] walk input of one image.
+  boundary_walk(boundary, cam, radius=5, beta=10, t=256) -> IRN's walk (affinities from a
+    boundary map, geometry.boundary_affinities); boundary_walk_labels(walked, size) its labels.
 The pipeline's walk of a batch of canvases (AffinityNet, the walk, back to the images), which
 the random_walk stage and `affinity-jax predict` run:
   make_walk_fn(model, cfg), walk_batch(walk, variables, images, cams, ...), crf_label(...).
@@ -181,6 +183,71 @@ def random_walk(features: jax.Array, cam: jax.Array, *, radius: int = 5, beta: f
                                               valid=valid)
   return propagate(aff_sym, cam, radius=radius, beta=beta, t=t, valid=valid, tol=tol,
                    return_steps=return_steps, channel_chunks=channel_chunks)
+
+
+def boundary_walk(boundary: jax.Array, cam: jax.Array, *, radius: int = 5, beta: float = 10.0,
+                  t: int = 256, valid: Optional[jax.Array] = None, tol: Optional[float] = None,
+                  return_steps: bool = False, channel_chunks: Optional[int] = None):
+  """IRN's random walk (docs/method.md, "IRN's walk"): scores spread over affinities taken from a
+  class-boundary map instead of AffinityNet's features.
+
+  Affinities are one minus the strongest boundary on the path between two positions
+  (`geometry.boundary_affinities`, every pair within `radius`); the scores are first damped by
+  (1 - boundary), then walked as `propagate` walks them: the same transition matrix
+  A^beta / column sums, the same t steps.
+
+  Args:
+    boundary: [B, h, w] boundary map in [0, 1] on the scores' grid (IRN: stride 4).
+    cam: [B, h, w, C] non-negative scores. IRN walks the image's classes only; the background
+      is decided after the walk (`boundary_walk_labels`).
+    radius, beta, t: IRN's are 5, 10 and 2^8.
+    valid, tol, return_steps, channel_chunks: as in `propagate`.
+
+  Returns:
+    [B, h, w, C] float32 walked scores (and the step count when `return_steps`).
+  """
+  boundary = jnp.asarray(boundary, jnp.float32)
+  cam = jnp.asarray(cam, jnp.float32)
+  if cam.ndim != 4 or cam.shape[:3] != boundary.shape:
+    raise ValueError(f"cam must be [B, h, w, C] on the boundary map's grid "
+                     f"{tuple(boundary.shape)} (got {tuple(cam.shape)}).")
+  forward = geometry.boundary_affinities(boundary, radius=radius, valid=valid)
+  aff_sym = geometry.symmetric_affinities(forward, radius=radius, valid=valid)
+  return propagate(aff_sym, cam * (1.0 - boundary)[..., None], radius=radius, beta=beta, t=t,
+                   valid=valid, tol=tol, return_steps=return_steps,
+                   channel_chunks=channel_chunks)
+
+
+def boundary_walk_labels(walked: np.ndarray, size, *, threshold: float = 0.25,
+                         stride: int = 4) -> np.ndarray:
+  """IRN's semantic pseudo label of one image from its walked class scores.
+
+  Args:
+    walked: [h, w, C] walked scores of the image's C classes (`boundary_walk`), its grid at
+      `stride`.
+    size: (H, W) of the image; H <= stride * h, W <= stride * w.
+    threshold: the background's constant score after normalisation (IRN: 0.25).
+    stride: the grid's stride (IRN: 4).
+
+  Returns:
+    [H, W] int32: 0 for the background, c + 1 for channel c. The scores are upsampled by
+    `stride` (bilinear, half-pixel centres), cropped to the image and divided by their maximum
+    over the image and the classes; a position is background where every class is under
+    `threshold`. An image whose walked scores are all 0 is all background.
+  """
+  walked = np.asarray(walked, np.float32)
+  if walked.ndim != 3:
+    raise ValueError(f"walked must be [h, w, C] (got shape {walked.shape}).")
+  h, w, _ = walked.shape
+  height, width = (int(v) for v in size)
+  if not (0 < height <= stride * h and 0 < width <= stride * w):
+    raise ValueError(f"size {height}x{width} does not fit a {h}x{w} grid at stride {stride}.")
+  up = cam_lib.resize_bilinear(walked, (stride * h, stride * w))[:height, :width]
+  peak = float(up.max()) if up.size else 0.0
+  if not peak > 0:
+    return np.zeros((height, width), np.int32)
+  scores = np.concatenate([np.full((height, width, 1), threshold, np.float32), up / peak], -1)
+  return np.argmax(scores, axis=-1).astype(np.int32)
 
 
 def prepare_cam(cam: jax.Array, *, alpha: float = 16.0, stride: int = STRIDE) -> jax.Array:

@@ -23,8 +23,17 @@ stride 8, 94x125 at stride 4): seconds (best of 3), speed-up, share of equal lab
 Stage: the random_walk stage's per-batch work (`random_walk.walk_batch`: AffinityNet at
 `--stage-width`, the walk, upsampling, argmax) on one 375x500 image, present classes vs all 21.
 
+IRN's walk at stride 4 (`--irn`): random_walk.boundary_walk (affinities 1 - max boundary on the
+path, beta 10, 2^8 steps, radius 5) on the stride-4 grid of a 500x375 image (94x125) with a
+synthetic boundary map, over 21 channels and over an image's 1 or 3 classes (padded to 2 or 4
+channels, as walk_batch pads them): seconds and XLA's peak memory. IRN's own dense walk
+(misc/indexing.py propagate_to_edge, from `--irn-root`, in a child process on this CPU) on the
+3-class input: seconds, the growth of the process's peak resident memory, and the share of equal
+pseudo labels; its memory and FLOP are also computed (experiments/irn_original.py).
+
 Usage: python experiments/benchmark_random_walk.py [--quick] [--stage-width 1.0]
-The last line printed is JSON for the 56x56 case.
+           [--irn [--irn-root DIR]]
+The last line printed is JSON for the 56x56 case (with `--irn`, for IRN's walk).
 """
 
 from __future__ import annotations
@@ -185,13 +194,127 @@ def run_stage(width: float, size=(375, 500), repeats: int = 3):
   return rows
 
 
+IRN_GRID = (94, 125)  # stride 4 of a 375x500 image
+IRN_BETA, IRN_T, IRN_RADIUS = 10.0, 256, 5
+
+
+def irn_inputs(h, w, classes, seed=0):
+  """(boundary [h, w], cams [h, w, classes]): compare_irn.py's synthetic ones."""
+  import compare_irn
+  return compare_irn.synthetic_inputs(h, w, classes, seed)
+
+
+def run_irn(irn_root: str | None) -> dict:
+  """IRN's walk on the stride-4 grid of a VOC-size image: ours over 21 / present channels
+  (seconds, XLA's peak memory), IRN's dense walk in a child process where given."""
+  import irn_original
+  h, w = IRN_GRID
+  boundary, cams = irn_inputs(h, w, 3)
+  b = jnp.asarray(boundary[None])
+  forward = geometry.boundary_affinities(b, radius=IRN_RADIUS)
+  aff_sym = geometry.symmetric_affinities(forward, radius=IRN_RADIUS)
+  walk = jax.jit(lambda bd, c: rw.boundary_walk(bd, c, radius=IRN_RADIUS, beta=IRN_BETA,
+                                                t=IRN_T))
+  rows = []
+  for name, channels in (("all 21", 21), ("1 class", rw.channel_count(1, 20)),
+                         ("3 classes", rw.channel_count(3, 20))):
+    c = np.zeros((1, h, w, channels), np.float32)
+    c[0, ..., :min(3, channels)] = cams[..., :min(3, channels)]
+    c = jnp.asarray(c)
+    seconds = time_best(lambda c=c: walk(b, c).block_until_ready(), repeats=3)
+    rows.append({"channels": name, "walked": channels, "seconds": seconds,
+                 "peak_mib": sparse_peak_mib(aff_sym, c, IRN_RADIUS, IRN_BETA, IRN_T)})
+  cost = irn_original.dense_walk_cost(h, w)
+  result = {"grid": [h, w], "ours": rows, "dense_computed_mib": cost["peak_bytes"] / MIB,
+            "dense_tflop": cost["flop"] / 1e12, "dense_s": None, "dense_measured_mib": None,
+            "labels_equal_pct": None}
+  if irn_root:
+    import subprocess
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+      inputs, out = os.path.join(tmp, "in.npz"), os.path.join(tmp, "out.npz")
+      np.savez(inputs, boundary=boundary, cams=cams)
+      res = subprocess.run([sys.executable, os.path.abspath(__file__), "--irn-dense-child",
+                            irn_root, inputs, out], capture_output=True, text=True)
+      if res.returncode != 0:
+        raise SystemExit(f"IRN's dense walk failed:\n{res.stderr[-3000:]}")
+      child = json.loads(res.stdout.strip().splitlines()[-1])
+      theirs = np.load(out)["rw"]
+    ours = np.asarray(walk(b, jnp.asarray(cams[None])))[0]
+    size = (375, 500)
+    result.update(dense_s=child["seconds"], dense_measured_mib=child["peak_growth_mib"],
+                  labels_equal_pct=100.0 * float(np.mean(
+                      rw.boundary_walk_labels(ours, size) ==
+                      rw.boundary_walk_labels(theirs, size))))
+  return result
+
+
+def irn_dense_child(irn_root: str, inputs: str, out: str) -> None:
+  """Runs IRN's propagate_to_edge on the saved inputs in this (fresh) process; prints seconds
+  and how far the process's peak resident memory grew."""
+  import resource
+  import irn_original
+  irn = irn_original.load_irn(irn_root)
+  data = np.load(inputs)
+  torch = irn.torch
+  x = torch.from_numpy(data["cams"].transpose(2, 0, 1).copy())
+  edge = torch.from_numpy(data["boundary"])[None]
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+  t0 = time.perf_counter()
+  walked = irn.indexing.propagate_to_edge(x, edge, radius=IRN_RADIUS, beta=IRN_BETA,
+                                          exp_times=int(np.log2(IRN_T)))
+  seconds = time.perf_counter() - t0
+  after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  np.savez(out, rw=walked[:, 0].numpy().transpose(1, 2, 0))
+  print(json.dumps({"seconds": seconds, "peak_growth_mib": (after - before) / 1024}))
+
+
+def print_irn(result: dict) -> None:
+  h, w = result["grid"]
+  print(f"IRN's walk at stride 4 ({h}x{w} grid of a 375x500 image, radius {IRN_RADIUS}, beta "
+        f"{IRN_BETA:g}, {IRN_T} steps):")
+  print("| walk | channels | seconds | peak memory MiB |")
+  print("|---|---|---|---|")
+  for row in result["ours"]:
+    print(f"| ours (boundary_walk), {row['channels']} | {row['walked']} | {row['seconds']:.3f} | "
+          f"{row['peak_mib']:.1f} |")
+  measured = result["dense_s"] is not None
+  print(f"| IRN's dense (propagate_to_edge), 3 classes | 3 | "
+        f"{'%.1f' % result['dense_s'] if measured else 'not run'} | "
+        f"{'%.0f measured, ' % result['dense_measured_mib'] if measured else ''}"
+        f"{result['dense_computed_mib']:.0f} computed |")
+  print(f"IRN's dense walk: {result['dense_tflop']:.1f} TFLOP"
+        + (f"; pseudo labels equal on {result['labels_equal_pct']:.3f}% of the pixels"
+           if measured else "; pass --irn-root to run it"), flush=True)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="only the 32x32 and 56x56 grids")
   parser.add_argument("--stage-width", type=float, default=1.0,
                       help="AffinityNet's width in the stage measurement (1.0: ResNet-38's); "
                            "0 leaves the stage measurement out")
+  parser.add_argument("--irn", action="store_true",
+                      help="only IRN's walk at stride 4 (with --irn-root: against IRN's own)")
+  parser.add_argument("--irn-root", default=os.environ.get("IRN_ROOT"),
+                      help="checkout of github.com/jiwoon-ahn/irn (default: $IRN_ROOT)")
+  parser.add_argument("--irn-dense-child", nargs=3, help=argparse.SUPPRESS)
   args = parser.parse_args()
+  if args.irn_dense_child:
+    irn_dense_child(*args.irn_dense_child)
+    return
+  if args.irn:
+    if args.irn_root:
+      import irn_original
+      try:
+        args.irn_root = irn_original.check_irn_root(args.irn_root)
+      except ValueError as e:
+        parser.error(str(e))
+    print(f"# machine: {platform.machine()}, {os.cpu_count()} CPU cores, jax {jax.__version__}")
+    result = run_irn(args.irn_root)
+    print_irn(result)
+    print(json.dumps(result))
+    return
   cases = [(32, 32, 5, 8), (56, 56, 5, 8), (47, 63, 5, 8), (128, 256, 5, 8), (125, 125, 10, 4)]
   if args.quick:
     cases = cases[:2]

@@ -1,0 +1,176 @@
+"""affinity_jax against IRN (github jiwoon-ahn/irn): the walk at stride 4, side by side.
+
+Both sides run in this process on the same boundary maps and CAMs, IRN's code imported from its
+checkout (`--irn-root` or IRN_ROOT) by irn_original.py, its files not edited:
+- paths: geometry.path_offsets against misc/indexing.py's PathIndex search paths (radius 5 and
+  10): the same cells for every offset;
+- path affinities: geometry.boundary_affinities (as the dense matrix tests/reference_walk.py
+  builds from them) against the matrix propagate_to_edge builds (edge_to_affinity on the map
+  padded with 1, affinity_sparse2dense, cropped to the image): max abs difference;
+- walked scores: random_walk.boundary_walk against propagate_to_edge (beta 10, 2^8 steps,
+  radius 5), both float32, and both against propagate_to_edge in float64 (the rounding floor);
+- pseudo labels: random_walk.boundary_walk_labels against make_sem_seg_labels.py's lines
+  after the walk, written here in torch (upsample x4 bilinear, crop, divide by the maximum,
+  background 0.25, argmax): share of equal pixels.
+Inputs are synthetic: a boundary map of ridges between random regions (blurred, with noise) and
+1-3 class CAMs as blobs, each divided by its maximum as IRN's make_cam.py does.
+
+Usage: python experiments/compare_irn.py --irn-root /tmp/irn [--sizes 17x23,30x41,47x63]
+Sizes are stride-4 grids (h x w); the images are 4h - 2 x 4w - 3. The last line printed is JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+
+import irn_original  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # oracles: tests/
+
+BETA, EXP_TIMES, RADIUS, BG_THRESHOLD = 10, 8, 5, 0.25  # IRN's run_sample.py / make_sem_seg
+
+
+def parse_grid(text: str) -> tuple[int, int]:
+  try:
+    h, w = (int(v) for v in text.lower().split("x"))
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"grid {text!r}: expected HxW, e.g. 30x41") from None
+  if h < 2 or w < 2:
+    raise argparse.ArgumentTypeError(f"grid {text!r}: needs at least 2x2 cells")
+  return h, w
+
+
+def synthetic_inputs(h: int, w: int, classes: int, seed: int):
+  """(boundary [h, w] in [0, 1], cams [h, w, classes] each with maximum 1), float32."""
+  rng = np.random.default_rng(seed)
+  yy, xx = np.mgrid[:h, :w]
+  centres = rng.random((6, 2)) * [h, w]
+  region = np.argmin((yy[..., None] - centres[:, 0]) ** 2 + (xx[..., None] - centres[:, 1]) ** 2,
+                     -1)
+  ridge = np.zeros((h, w))
+  ridge[:-1] += region[:-1] != region[1:]
+  ridge[:, :-1] += region[:, :-1] != region[:, 1:]
+  padded = np.pad(np.minimum(ridge, 1.0), 1)
+  blurred = sum(padded[dy:dy + h, dx:dx + w] for dy in range(3) for dx in range(3)) / 4.0
+  boundary = np.clip(blurred + 0.05 * rng.random((h, w)), 0.0, 1.0).astype(np.float32)
+  cams = []
+  for _ in range(classes):
+    cy, cx = rng.random(2) * [h, w]
+    blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (0.08 * h * w))
+    cams.append(blob / blob.max())
+  return boundary, np.stack(cams, -1).astype(np.float32)
+
+
+def irn_labels(torch, rw, size):
+  """make_sem_seg_labels.py after the walk: rw [C, 1, h, w] -> [H, W] channel index (0 = bg)."""
+  f = torch.nn.functional
+  up = f.interpolate(rw, scale_factor=4, mode="bilinear", align_corners=False)
+  up = up[..., 0, :size[0], :size[1]]
+  up = up / torch.max(up)
+  return torch.argmax(f.pad(up, (0, 0, 0, 0, 1, 0), value=BG_THRESHOLD), dim=0).numpy()
+
+
+def irn_dense_affinity(irn, boundary: np.ndarray) -> np.ndarray:
+  """The cropped dense affinity matrix propagate_to_edge builds, by its own functions."""
+  torch, indexing = irn.torch, irn.indexing
+  h, w = boundary.shape
+  ver, hor = h + RADIUS, w + 2 * RADIUS
+  path_index = indexing.PathIndex(radius=RADIUS, default_size=(ver, hor))
+  edge = torch.nn.functional.pad(torch.from_numpy(boundary)[None], (RADIUS, RADIUS, 0, RADIUS),
+                                 mode="constant", value=1.0)
+  sparse = indexing.edge_to_affinity(torch.unsqueeze(edge, 0), path_index.path_indices)
+  dense = indexing.affinity_sparse2dense(sparse, path_index.src_indices, path_index.dst_indices,
+                                         ver * hor).view(ver, hor, ver, hor)
+  return dense[:-RADIUS, RADIUS:-RADIUS, :-RADIUS, RADIUS:-RADIUS].reshape(h * w, h * w).numpy()
+
+
+def compare(irn, grid, classes: int, seed: int) -> dict:
+  import jax.numpy as jnp
+  from affinity_jax import geometry, random_walk
+  from tests import reference_walk
+  torch, indexing = irn.torch, irn.indexing
+  h, w = grid
+  size = (4 * h - 2, 4 * w - 3)
+  boundary, cams = synthetic_inputs(h, w, classes, seed)
+  forward = np.asarray(geometry.boundary_affinities(jnp.asarray(boundary[None]), radius=RADIUS))
+  ours_matrix = reference_walk.dense_affinity_matrix(forward[0], radius=RADIUS,
+                                                     dtype=np.float32)
+  theirs_matrix = irn_dense_affinity(irn, boundary)
+  walked = np.asarray(random_walk.boundary_walk(boundary[None], cams[None], radius=RADIUS,
+                                                beta=BETA, t=2 ** EXP_TIMES))[0]
+  x = torch.from_numpy(cams.transpose(2, 0, 1).copy())
+  edge = torch.from_numpy(boundary)[None]
+  rw32 = indexing.propagate_to_edge(x, edge, radius=RADIUS, beta=BETA, exp_times=EXP_TIMES)
+  rw64 = indexing.propagate_to_edge(x.double(), edge.double(), radius=RADIUS, beta=BETA,
+                                    exp_times=EXP_TIMES)
+  theirs = rw32[:, 0].numpy().transpose(1, 2, 0)
+  exact = rw64[:, 0].numpy().transpose(1, 2, 0)
+  scale = float(np.abs(exact).max())
+  labels_theirs = irn_labels(torch, rw32, size)
+  labels_ours = random_walk.boundary_walk_labels(walked, size, threshold=BG_THRESHOLD)
+  return {"grid": [h, w], "image": list(size), "classes": classes,
+          "affinity_max_abs": float(np.abs(ours_matrix - theirs_matrix).max()),
+          "walk_max_rel": float(np.abs(walked - theirs).max() / np.abs(theirs).max()),
+          "ours_vs_float64_max_rel": float(np.abs(walked - exact).max() / scale),
+          "irn_vs_float64_max_rel": float(np.abs(theirs - exact).max() / scale),
+          "labels_equal_pct": 100.0 * float(np.mean(labels_ours == labels_theirs))}
+
+
+def paths_equal(irn, radius: int) -> bool:
+  from affinity_jax import geometry
+  index = irn.indexing.PathIndex(radius=radius, default_size=(2 * radius + 2, 4 * radius + 2))
+  theirs = {tuple(path[0]): {tuple(c) for c in path}
+            for group in index.search_paths for path in group}
+  ours = {o: set(p) for o, p in zip(geometry.forward_offsets(radius),
+                                     geometry.path_offsets(radius))}
+  return theirs == ours
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--irn-root", default=os.environ.get("IRN_ROOT"),
+                      help="checkout of github.com/jiwoon-ahn/irn (default: $IRN_ROOT)")
+  parser.add_argument("--sizes", type=lambda s: [parse_grid(v) for v in s.split(",")],
+                      default=[(17, 23), (30, 41), (47, 63)], help="stride-4 grids, HxW")
+  parser.add_argument("--seed", type=int, default=0)
+  args = parser.parse_args(argv)
+  if not args.irn_root:
+    parser.error("--irn-root (or IRN_ROOT) is required")
+  try:
+    root = irn_original.check_irn_root(args.irn_root)
+  except ValueError as e:
+    parser.error(str(e))
+  irn = irn_original.load_irn(root)
+  results = {"paths_equal_r5": paths_equal(irn, 5), "paths_equal_r10": paths_equal(irn, 10),
+             "cases": []}
+  print(f"paths: radius 5 {'equal' if results['paths_equal_r5'] else 'DIFFERENT'}, "
+        f"radius 10 {'equal' if results['paths_equal_r10'] else 'DIFFERENT'}")
+  print("| grid (image) | classes | path affinities max abs | walk max rel | ours / IRN vs "
+        "float64 | labels equal |")
+  print("|---|---|---|---|---|---|")
+  for i, grid in enumerate(args.sizes):
+    row = compare(irn, grid, classes=1 + i % 3, seed=args.seed + i)
+    results["cases"].append(row)
+    print(f"| {grid[0]}x{grid[1]} ({row['image'][0]}x{row['image'][1]}) | {row['classes']} | "
+          f"{row['affinity_max_abs']:.1e} | {row['walk_max_rel']:.1e} | "
+          f"{row['ours_vs_float64_max_rel']:.1e} / {row['irn_vs_float64_max_rel']:.1e} | "
+          f"{row['labels_equal_pct']:.3f}% |", flush=True)
+  cases = results["cases"]
+  results.update({
+      "affinity_max_abs": max(c["affinity_max_abs"] for c in cases),
+      "walk_max_rel": max(c["walk_max_rel"] for c in cases),
+      "ours_vs_float64_max_rel": max(c["ours_vs_float64_max_rel"] for c in cases),
+      "irn_vs_float64_max_rel": max(c["irn_vs_float64_max_rel"] for c in cases),
+      "labels_equal_pct": min(c["labels_equal_pct"] for c in cases)})
+  print(json.dumps(results))
+
+
+if __name__ == "__main__":
+  main()
