@@ -147,8 +147,9 @@ def check_compatible(metadata: Mapping[str, Any], *, arch: str, width: float | N
   """
   have = metadata.get("arch")
   if have != arch:
-    hint = (" (convert the ImageNet weights with `affinity-jax convert mxnet`, or `convert "
-            "caffe` for VGG-16)" if arch == "backbone" else "")
+    hint = (" (convert the ImageNet weights with `affinity-jax convert mxnet`, `convert "
+            "caffe` for VGG-16 or `convert torchvision` for ResNet-50)" if arch == "backbone"
+            else "")
     raise CheckpointError(f"{path}: holds a {have!r} network, but a {arch!r} network is "
                           f"needed{hint}")
   have_backbone = metadata.get("backbone", models.DEFAULT_BACKBONE)

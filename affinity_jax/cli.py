@@ -19,6 +19,7 @@
   affinity-jax convert psa-pytorch IN.pth OUT_DIR --arch cam|affinity [--backbone vgg16]
   affinity-jax convert mxnet IN.params OUT_DIR
   affinity-jax convert caffe vgg16_20M.caffemodel OUT_DIR
+  affinity-jax convert torchvision resnet50.pth|.npz OUT_DIR [--arch backbone|cam]
 
 User errors (a bad file, config key or dataset) print one message and exit with status 2; so
 does a diverged run (NaN/Inf loss or network outputs: the message names the step and the last
@@ -35,7 +36,7 @@ import os
 import sys
 import traceback
 
-from affinity_jax.constants import BACKBONES, ORIGINAL_ARCHS
+from affinity_jax.constants import ORIGINAL_ARCHS, PSA_BACKBONES
 from affinity_jax.errors import REPORTED, TrainingInterrupted, UserError
 
 REPORTED_OR_STOP = REPORTED + (TrainingInterrupted,)
@@ -159,7 +160,7 @@ def _parser() -> argparse.ArgumentParser:
   pt.add_argument("--arch", required=True, choices=ORIGINAL_ARCHS,
                   help="the original's network in the file (resnet38_cls / vgg16_cls, "
                        "resnet38_aff / vgg16_aff, resnet38d / vgg16d)")
-  pt.add_argument("--backbone", choices=tuple(BACKBONES), default=None,
+  pt.add_argument("--backbone", choices=PSA_BACKBONES, default=None,
                   help="default: read from the file (conv1a: resnet38, conv1_1: vgg16)")
   mx = csub.add_parser("mxnet", help="the ImageNet ResNet-38 .params of ademxapp")
   mx.add_argument("input")
@@ -167,6 +168,13 @@ def _parser() -> argparse.ArgumentParser:
   cf = csub.add_parser("caffe", help="DeepLab's VGG-16 .caffemodel (vgg16_20M), without Caffe")
   cf.add_argument("input")
   cf.add_argument("output")
+  tv = csub.add_parser("torchvision", help="torchvision's ResNet-50 .pth (or .npz), or IRN's "
+                       "res50_cam.pth")
+  tv.add_argument("input")
+  tv.add_argument("output")
+  tv.add_argument("--arch", choices=("backbone", "cam"), default="backbone",
+                  help="backbone (default: ImageNet weights, fc left out) or cam (IRN's "
+                       "res50_cam.pth, with its classifier)")
   return p
 
 
@@ -273,6 +281,10 @@ def main(argv: list[str] | None = None) -> int:
         dropped = convert.convert_caffe(args.input, args.output)["dropped"]
         if dropped:
           print(f"left out layers outside the VGG-16 trunk: {', '.join(dropped)}")
+      elif args.source == "torchvision":
+        dropped = convert.convert_torchvision(args.input, args.output, args.arch)["dropped"]
+        if dropped:
+          print(f"left out: {', '.join(dropped)}")
       else:
         convert.convert_mxnet(args.input, args.output)
       print(f"wrote {args.output}")

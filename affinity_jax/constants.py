@@ -25,6 +25,9 @@ INPUT_CONVENTIONS = ("imagenet", "caffe_bgr")
 ARCHS = ("backbone", "cam", "affinity", "seg")
 # Those the original repository has (it has no segmentation network).
 ORIGINAL_ARCHS = tuple(a for a in ARCHS if a != "seg")
-# The original's two backbones (config key model.backbone) -> the input convention of their
-# pretrained weights (data.transforms.normalize).
-BACKBONES = {"resnet38": "imagenet", "vgg16": "caffe_bgr"}
+# The original's two backbones and IRN's ResNet-50 (config key model.backbone) -> the input
+# convention of their pretrained weights (data.transforms.normalize). torchvision's ResNet-50
+# takes ImageNet-normalised RGB, as IRN's voc12/dataloader.py feeds it.
+BACKBONES = {"resnet38": "imagenet", "vgg16": "caffe_bgr", "resnet50": "imagenet"}
+# Those of the PSA original (its networks, its checkpoints, `convert psa-pytorch`).
+PSA_BACKBONES = ("resnet38", "vgg16")

@@ -36,12 +36,12 @@ import warnings
 
 import numpy as np
 
-from affinity_jax.constants import BACKBONES as _BACKBONES  # no JAX: checks stay fast
+from affinity_jax.constants import PSA_BACKBONES  # no JAX: checks stay fast
 
 REQUIRED_FILES = ("network/resnet38d.py", "network/resnet38_cls.py", "network/resnet38_aff.py",
                   "tool/pyutils.py", "tool/torchutils.py", "voc12/data.py")
 VGG16_FILES = ("network/vgg16d.py", "network/vgg16_cls.py", "network/vgg16_aff.py")
-BACKBONES = tuple(_BACKBONES)
+BACKBONES = PSA_BACKBONES
 # The original's infer_aff.py / train_aff.py settings.
 RADIUS, BETA, LOGT, RW_ALPHA = 5, 8, 8, 16
 NUM_CLASSES = 20

@@ -24,7 +24,8 @@ import numpy as np
 
 from affinity_jax.errors import UserError
 from affinity_jax.constants import ORIGINAL_ARCHS
-from affinity_jax.models import BACKBONES, DEFAULT_BACKBONE
+from affinity_jax.constants import PSA_BACKBONES
+from affinity_jax.models import DEFAULT_BACKBONE
 from affinity_jax.models.heads import AFFINITY_FEATURES, AFFINITY_HEAD_CHANNELS
 from affinity_jax.models.resnet38 import (BLOCKS, CONV6_CHANNELS, STEM_CHANNELS, block_bns,
                                           block_convs, scaled)
@@ -59,9 +60,9 @@ def _check(arch: str, backbone: str) -> None:
   if arch not in ORIGINAL_ARCHS:
     raise ConversionError(f"unknown architecture {arch!r}: expected one of "
                           f"{', '.join(ORIGINAL_ARCHS)}")
-  if backbone not in BACKBONES:
-    raise ConversionError(f"unknown backbone {backbone!r}: expected one of "
-                          f"{', '.join(BACKBONES)}")
+  if backbone not in PSA_BACKBONES:
+    raise ConversionError(f"unknown backbone {backbone!r}: the original's networks are on "
+                          f"{' or '.join(PSA_BACKBONES)}")
 
 
 def psa_state_dict_shapes(arch: str, width: float = 1.0, num_classes: int = 20,

@@ -1,10 +1,13 @@
 """Networks of the pipeline (Flax linen, NHWC) and what the trainer needs to know about them.
 
-Two backbones, as the original's: ResNet-38 (the default) and VGG-16 (`model.backbone`).
+Three backbones (`model.backbone`): the original's ResNet-38 (the default) and VGG-16, and
+IRN's ResNet-50 (so far its backbone and CAM network only).
 - `ResNet38`: the backbone alone (taps conv4 / conv5 / conv6 at stride 8).
 - `CAMNet`, `AffinityNet`, `SegNet`: backbone + head; `build(arch, ..., backbone=)` picks one by
   name, `from_config(cfg, arch)` with the config's `model` section. `VGG16*`: the same on VGG-16.
-- `param_labels(params)`: the original's frozen set and learning-rate groups (both backbones).
+- `ResNet50` (taps conv1, stage1..stage4), `ResNet50CAMNet` (IRN's CAM network, stride 16).
+- `param_labels(params)`: the original's (IRN's for ResNet-50) frozen set and learning-rate
+  groups.
 - `normalize_images`: RGB in [0, 255] -> the input a backbone expects (`input_convention`);
   `denormalize_images` back, for pictures.
 """
@@ -21,14 +24,16 @@ from flax import traverse_util
 from affinity_jax.constants import (ARCHS, BACKBONES, CAFFE_MEAN_RGB, IMAGENET_MEAN,
                                     IMAGENET_STD, INPUT_CONVENTIONS)
 from affinity_jax.errors import ConfigError
-from affinity_jax.models import resnet38
+from affinity_jax.models import resnet38, resnet50
 from affinity_jax.models.heads import AffinityNet, CAMNet, SegNet
 from affinity_jax.models.resnet38 import BLOCKS, FrozenBatchNorm, ResNet38, BlockSpec, scaled
+from affinity_jax.models.resnet50 import ResNet50, ResNet50CAMNet
 from affinity_jax.models.vgg16 import (VGG16, VGG16AffinityNet, VGG16CAMNet, VGG16SegNet,
                                        TRUNK_CONVS)
 
 __all__ = ["ResNet38", "CAMNet", "AffinityNet", "SegNet", "FrozenBatchNorm", "BlockSpec",
            "BLOCKS", "VGG16", "VGG16CAMNet", "VGG16AffinityNet", "VGG16SegNet", "TRUNK_CONVS",
+           "ResNet50", "ResNet50CAMNet", "IRN_FROZEN_MODULES", "IRN_BACKBONE_MODULES",
            "ARCHS", "BACKBONES", "DEFAULT_BACKBONE", "IMAGENET_MEAN", "IMAGENET_STD",
            "FROZEN_MODULES", "NEW_MODULES", "backbone_name", "build", "calibrate_batch_norm",
            "denormalize_images", "from_config", "init_variables", "input_convention",
@@ -41,6 +46,7 @@ _NETWORKS = {
     "resnet38": {"backbone": ResNet38, "cam": CAMNet, "affinity": AffinityNet, "seg": SegNet},
     "vgg16": {"backbone": VGG16, "cam": VGG16CAMNet, "affinity": VGG16AffinityNet,
               "seg": VGG16SegNet},
+    "resnet50": {"backbone": ResNet50, "cam": ResNet50CAMNet},
 }
 
 # The original never trains the stem and the first stage: ResNet-38's conv1a, b2, b2_1, b2_2,
@@ -48,8 +54,20 @@ _NETWORKS = {
 # biases). No BN at all: those live in 'batch_stats', outside params.
 FROZEN_MODULES = frozenset({"conv1a", "b2", "b2_1", "b2_2",
                             "conv1_1", "conv1_2", "conv2_1", "conv2_2"})
-# Layers trained from scratch (lr x10 / x20 in the original's groups).
-NEW_MODULES = frozenset({"fc8", "f8_3", "f8_4", "f8_5", "f9", "seg_conv1", "seg_conv2"})
+# Layers trained from scratch (lr x10 / x20 in the original's groups; IRN's classifier x10).
+NEW_MODULES = frozenset({"fc8", "f8_3", "f8_4", "f8_5", "f9", "seg_conv1", "seg_conv2",
+                         "classifier"})
+# IRN's CAM network on ResNet-50 (net/resnet50_cam.py, step/train_cam.py): Net.train sets
+# requires_grad False on conv1 and bn1, and Net.forward detaches stage2's output, so layer1 and
+# layer2 never get a gradient either (and torch's SGD skips parameters without one, weight decay
+# included): all frozen. train_cam.py's groups are then the backbone (layer3, layer4: conv
+# kernels and BatchNorm weight and bias alike) at lr x1 with weight decay and the classifier at
+# lr x10 with weight decay (cam_learning_rate 0.1, cam_weight_decay 1e-4 in run_sample.py; its
+# PolyOptimizer passes the decay to SGD's momentum slot too, as PSA's does): "pretrained_weight"
+# and "new_weight" for every leaf, biases included.
+IRN_FROZEN_MODULES = frozenset({"conv1", "bn1"} | {
+    name for name in resnet50.block_names() if name.startswith(("layer1_", "layer2_"))})
+IRN_BACKBONE_MODULES = frozenset(resnet50.block_names()) - IRN_FROZEN_MODULES
 
 
 def normalize_images(images: Any, convention: str = "imagenet") -> jax.Array:
@@ -82,15 +100,18 @@ def denormalize_images(images: Any, convention: str = "imagenet") -> np.ndarray:
 
 def build(arch: str, num_classes: int = 20, width: float = 1.0, dtype: Any = jnp.float32,
           backbone: str = DEFAULT_BACKBONE):
-  """A network by name: "backbone" (ResNet38 / VGG16), "cam" (CAMNet / VGG16CAMNet),
-  "affinity" (AffinityNet / VGG16AffinityNet), "seg" (SegNet / VGG16SegNet), on `backbone`
-  ("resnet38" or "vgg16")."""
+  """A network by name: "backbone" (ResNet38 / VGG16 / ResNet50), "cam" (CAMNet / VGG16CAMNet /
+  ResNet50CAMNet), "affinity" (AffinityNet / VGG16AffinityNet), "seg" (SegNet / VGG16SegNet),
+  on `backbone` ("resnet38", "vgg16" or "resnet50": backbone and cam only, so far)."""
   if not width > 0:
     raise ValueError(f"model width must be positive, got {width!r}")
   if backbone not in _NETWORKS:
     raise ValueError(f"unknown backbone {backbone!r}: expected one of {', '.join(BACKBONES)}")
   if arch not in ARCHS:
     raise ValueError(f"unknown architecture {arch!r}: expected one of {', '.join(ARCHS)}")
+  if arch not in _NETWORKS[backbone]:
+    raise ValueError(f"no {arch!r} network on {backbone} yet: {backbone} has only "
+                     f"{', '.join(_NETWORKS[backbone])}")
   network = _NETWORKS[backbone][arch]
   if arch in ("backbone", "affinity"):
     return network(width=width, dtype=dtype)
@@ -126,20 +147,24 @@ def from_config(cfg, arch: str):
 
 
 def param_labels(params: Any) -> Any:
-  """A pytree like `params` of group labels for `optax.multi_transform`, either backbone.
+  """A pytree like `params` of group labels for `optax.multi_transform`, any backbone.
 
   "frozen" (conv1a, b2, b2_1, b2_2; conv1_*, conv2_*: never updated), "pretrained_weight" /
   "pretrained_bias" (the rest of the backbone), "new_weight" / "new_bias" (heads trained from
   scratch). VGG-16 AffinityNet's GroupNorms (gn8_*) count as pretrained, as in the original's
   get_parameter_groups (its from_scratch_layers are f8_* and f9 only): scale x1 with decay,
-  bias x2 without.
+  bias x2 without. ResNet-50 has IRN's groups (IRN_FROZEN_MODULES): conv1, bn1, layer1_*,
+  layer2_* frozen, layer3_* and layer4_* "pretrained_weight" (BatchNorm biases included),
+  classifier "new_weight".
   """
   flat = traverse_util.flatten_dict(params)
   labels = {}
   for path in flat:
     top, leaf = path[0], path[-1]
-    if top in FROZEN_MODULES:
+    if top in FROZEN_MODULES or top in IRN_FROZEN_MODULES:
       labels[path] = "frozen"
+    elif top in IRN_BACKBONE_MODULES:
+      labels[path] = "pretrained_weight"
     else:
       group = "new" if top in NEW_MODULES else "pretrained"
       labels[path] = f"{group}_{'bias' if leaf == 'bias' else 'weight'}"

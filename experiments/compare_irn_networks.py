@@ -1,0 +1,149 @@
+"""affinity_jax's ResNet-50 and CAM network against IRN's own (github jiwoon-ahn/irn), same weights.
+
+IRN's net/resnet50_cam.py is imported from its checkout (`--irn-root` or IRN_ROOT), its files not
+edited. Its `resnet50(pretrained=True)` downloads torchvision's ImageNet weights through
+`model_zoo.load_url`; in this process only, that function returns instead a seeded random state
+dict in torchvision's layout (fc included, which IRN drops), with BatchNorm statistics far from
+(0, 1) so that they matter. The classifier gets seeded random weights too. Our side converts
+IRN's CAM network's own state dict (`convert.torchvision_to_variables(..., "cam")`, IRN's layout
+with its stage aliases) and, for the stages, the torchvision dict ("backbone").
+
+Compared on random normalised images at each size (2 images, NCHW for IRN, NHWC for us):
+- logits: IRN's Net.forward (eval) against ResNet50CAMNet's;
+- cam: IRN's CAM.forward, relu(classifier . stage4) of both images summed with the second
+  flipped left-right, against ours computed the same way;
+- conv1 (after bn1 and ReLU), stage1..stage4: IRN's Net.stage1..stage4 in turn against
+  ResNet50's taps.
+Each as max |ours - IRN's| / max |IRN's| (`{key}_{H}x{W}_max_rel`), plus `max_rel` over all.
+
+Usage: python experiments/compare_irn_networks.py --irn-root /tmp/irn [--sizes 72x104,97x66]
+The last line printed is JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+
+import irn_original  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # oracles: tests/
+
+NUM_CLASSES = 20  # IRN's classifier is Conv2d(2048, 20, 1)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+  try:
+    h, w = (int(v) for v in text.lower().split("x"))
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"size {text!r}: expected HxW, e.g. 72x104") from None
+  if h < 16 or w < 16:
+    raise argparse.ArgumentTypeError(f"size {text!r}: needs at least 16x16 pixels")
+  return h, w
+
+
+def load_irn_cam_module(torch, irn_root: str, state_dict: dict):
+  """IRN's net.resnet50_cam, whose resnet50(pretrained=True) loads `state_dict` (a fresh copy
+  each time: IRN pops fc from it) instead of downloading."""
+  import torch.utils.model_zoo as model_zoo
+  model_zoo.load_url = lambda url, *args, **kwargs: {
+      k: torch.from_numpy(v.copy()) for k, v in state_dict.items()}
+  sys.path.insert(0, irn_root)
+  module = importlib.import_module("net.resnet50_cam")
+  assert importlib.import_module("net.resnet50").model_zoo.load_url is model_zoo.load_url
+  return module
+
+
+def max_rel(ours, theirs) -> float:
+  ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
+  assert ours.shape == theirs.shape, (ours.shape, theirs.shape)
+  return float(np.abs(ours - theirs).max() / np.abs(theirs).max())
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--irn-root", default=os.environ.get("IRN_ROOT"),
+                 help="checkout of github.com/jiwoon-ahn/irn (default: $IRN_ROOT)")
+  p.add_argument("--sizes", default="72x104,97x66",
+                 type=lambda s: [parse_size(t) for t in s.split(",")],
+                 help="image sizes HxW, comma-separated (default 72x104,97x66)")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+  args = p.parse_args(argv)
+  if not args.irn_root:
+    p.error("give --irn-root or set IRN_ROOT")
+  try:
+    irn_root = irn_original.check_irn_root(args.irn_root)
+  except ValueError as e:
+    print(e, file=sys.stderr)
+    return 2
+
+  import jax
+  import torch
+
+  from affinity_jax import convert, models
+  from tests import reference_resnet50
+
+  torch.set_num_threads(args.threads)
+  torchvision_sd = reference_resnet50.random_state_dict(1.0, seed=args.seed, fc=True)
+  irn = load_irn_cam_module(torch, irn_root, torchvision_sd)
+  net, cam = irn.Net(), irn.CAM()
+  classifier = np.random.default_rng(args.seed + 1).normal(
+      0.0, 0.02, (NUM_CLASSES, 2048, 1, 1)).astype(np.float32)
+  with torch.no_grad():
+    net.classifier.weight.copy_(torch.from_numpy(classifier))
+  cam.load_state_dict(net.state_dict(), strict=True)
+  net.eval()
+  cam.eval()
+
+  irn_sd = {k: v.numpy() for k, v in net.state_dict().items()}
+  cam_variables, _ = convert.torchvision_to_variables(irn_sd, "cam", source="IRN's Net")
+  backbone_variables, dropped = convert.torchvision_to_variables(torchvision_sd, "backbone")
+  assert dropped == ["fc.bias", "fc.weight"], dropped
+  ours_cam = models.build("cam", num_classes=NUM_CLASSES, backbone="resnet50")
+  ours_backbone = models.build("backbone", backbone="resnet50")
+  logits_fn = jax.jit(ours_cam.apply)
+  cam_fn = jax.jit(lambda v, x: ours_cam.apply(v, x, method="cam"))
+  taps_fn = jax.jit(ours_backbone.apply)
+
+  results = {}
+  rng = np.random.default_rng(args.seed + 2)
+  for h, w in args.sizes:
+    key = f"{h}x{w}"
+    x = rng.normal(size=(2, 3, h, w)).astype(np.float32)
+    nhwc = x.transpose(0, 2, 3, 1)
+    with torch.no_grad():
+      tx = torch.from_numpy(x)
+      theirs = {"logits": net(tx).numpy(), "cam": cam(tx).numpy()}
+      y = net.stage1[:3](tx)  # conv1, bn1, relu
+      theirs["conv1"] = y.numpy().copy()
+      y = net.stage1[3:](y)   # maxpool, layer1
+      theirs["stage1"] = y.numpy().copy()
+      for stage in ("stage2", "stage3", "stage4"):
+        y = getattr(net, stage)(y)
+        theirs[stage] = y.numpy().copy()
+    ours = {"logits": np.asarray(logits_fn(cam_variables, nhwc))}
+    maps = np.asarray(cam_fn(cam_variables, nhwc))  # [2, h, w, C]
+    ours["cam"] = (maps[0] + maps[1][:, ::-1]).transpose(2, 0, 1)
+    for name, tap in taps_fn(backbone_variables, nhwc).items():
+      ours[name] = np.asarray(tap).transpose(0, 3, 1, 2)
+    for name in ("logits", "cam", "conv1", "stage1", "stage2", "stage3", "stage4"):
+      results[f"{name}_{key}_max_rel"] = max_rel(ours[name], theirs[name])
+    print(f"{key}: " + ", ".join(f"{n} {results[f'{n}_{key}_max_rel']:.2e}" for n in (
+        "logits", "cam", "conv1", "stage1", "stage2", "stage3", "stage4")) +
+        f" (stage4 {theirs['stage4'].shape[2]}x{theirs['stage4'].shape[3]}, CAM max "
+        f"{np.abs(theirs['cam']).max():.3g})", flush=True)
+  results["max_rel"] = max(results.values())
+  print(json.dumps(results, sort_keys=True))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
