@@ -72,6 +72,12 @@ def test_the_wheel_holds_the_package_and_its_configs_only(wheel):
   # Every subpackage of the source tree (setup.cfg lists them) is in the wheel.
   for init in glob.glob(os.path.join(REPO, "affinity_jax", "**", "__init__.py"), recursive=True):
     assert os.path.relpath(init, REPO).replace(os.sep, "/") in names, init
+  # And every shipped weight file (setup.cfg's package_data).
+  shipped = [f for f in glob.glob(os.path.join(REPO, "affinity_jax", "pretrained", "**", "*"),
+                                  recursive=True) if os.path.isfile(f) and "__pycache__" not in f]
+  assert len(shipped) > 5
+  for f in shipped:
+    assert os.path.relpath(f, REPO).replace(os.sep, "/") in names, f
 
 
 def test_the_installed_package_is_the_wheel_not_the_checkout(venv, tmp_path):
