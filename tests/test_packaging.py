@@ -72,6 +72,13 @@ def test_the_wheel_holds_the_package_and_its_configs_only(wheel):
   # Every subpackage of the source tree (setup.cfg lists them) is in the wheel.
   for init in glob.glob(os.path.join(REPO, "affinity_jax", "**", "__init__.py"), recursive=True):
     assert os.path.relpath(init, REPO).replace(os.sep, "/") in names, init
+  # The dependencies made it into the metadata (a section header misplaced in setup.cfg once
+  # moved install_requires out of [options], and a fresh install had no numpy).
+  (meta,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+  requires = [line for line in zipfile.ZipFile(wheel).read(meta).decode().splitlines()
+              if line.startswith("Requires-Dist:")]
+  for dep in ("jax", "flax", "numpy", "ml-collections", "tensorflow-datasets"):
+    assert any(line.split()[1].startswith(dep) for line in requires), (dep, requires)
   # And every shipped weight file (setup.cfg's package_data).
   shipped = [f for f in glob.glob(os.path.join(REPO, "affinity_jax", "pretrained", "**", "*"),
                                   recursive=True) if os.path.isfile(f) and "__pycache__" not in f]
