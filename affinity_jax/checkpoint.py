@@ -142,8 +142,8 @@ def check_compatible(metadata: Mapping[str, Any], *, arch: str, width: float | N
 
   arch: the architecture wanted ("backbone", "cam", "affinity", "seg"), matched exactly.
   width / num_classes are checked when given (num_classes only where both sides have classes).
-  backbone ("resnet38", "vgg16") is checked when given; checkpoints that record none predate
-  VGG-16 and hold ResNet-38.
+  backbone ("resnet38", "vgg16", "resnet50") is checked when given; checkpoints that record
+  none predate VGG-16 and hold ResNet-38.
   """
   have = metadata.get("arch")
   if have != arch:

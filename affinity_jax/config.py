@@ -164,6 +164,7 @@ def validate(cfg) -> None:
   """Checks the keys the library would otherwise reject deep inside a stage (as a bug would:
   with a traceback), so that a bad value is one message naming its key, before any work."""
   # Imported here: config.py is loaded before JAX is needed.
+  from affinity_jax.constants import PSA_BACKBONES
   from affinity_jax.geometry import SCHEMES
   from affinity_jax.train import OPTIMIZERS
   for section in ("cam", "aff", "seg"):
@@ -184,6 +185,11 @@ def validate(cfg) -> None:
   logt = cfg.random_walk.logt
   _check(int(logt) == logt and logt >= 0, "random_walk.logt", "an integer >= 0", logt)
   _check(float(cfg.model.width) > 0, "model.width", "> 0", cfg.model.width)
+  # ResNet-50 has IRN's networks, not yet IRN's stages (docs/method.md §11).
+  backbone = cfg.model.get("backbone", "resnet38")
+  _check(backbone in PSA_BACKBONES, "model.backbone",
+         f"one of {PSA_BACKBONES} for the pipeline (resnet50 has IRN's CAM network but no stages "
+         "yet)", backbone)
   canvas = cfg.data.canvas
   _check(len(canvas) == 2 and all(int(c) == c and c > 0 for c in canvas), "data.canvas",
          "(height, width) in positive pixels", canvas)

@@ -208,6 +208,10 @@ def boundary_walk(boundary: jax.Array, cam: jax.Array, *, radius: int = 5, beta:
   """
   boundary = jnp.asarray(boundary, jnp.float32)
   cam = jnp.asarray(cam, jnp.float32)
+  if not isinstance(boundary, jax.core.Tracer) and boundary.size and not (
+      float(boundary.min()) >= 0.0 and float(boundary.max()) <= 1.0):
+    raise ValueError(f"boundary must lie in [0, 1] (got {float(boundary.min()):.4g} .. "
+                     f"{float(boundary.max()):.4g}): pass the sigmoid of the boundary logits.")
   if cam.ndim != 4 or cam.shape[:3] != boundary.shape:
     raise ValueError(f"cam must be [B, h, w, C] on the boundary map's grid "
                      f"{tuple(boundary.shape)} (got {tuple(cam.shape)}).")

@@ -168,8 +168,8 @@ def relation_pair_labels(reduced_label: np.ndarray, radius: int = RELATION_RADIU
     radius: pairs within this radius (IRN: 10).
     scheme: "psa" is IRN's pair set: from positions rows 0..h-r and columns r-1..w-r (its
       PathIndex crop, r' = ceil(radius) - 1 = r - 1 cells below and on either side), so every
-      pair stays inside the grid (none on a grid under r x (2r - 1)); "full" adds the pairs from the border band whose end lies
-      inside the grid (geometry.pair_mask).
+      pair stays inside the grid (none on a grid under r x (2r - 1)); "full" adds the pairs
+      from the border band whose end lies inside the grid (geometry.pair_mask).
 
   Returns:
     {"bg_pos", "fg_pos", "neg"}: each [h, w, K] float32 in {0, 1}, K = len(forward_offsets),

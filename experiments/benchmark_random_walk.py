@@ -24,7 +24,7 @@ Stage: the random_walk stage's per-batch work (`random_walk.walk_batch`: Affinit
 `--stage-width`, the walk, upsampling, argmax) on one 375x500 image, present classes vs all 21.
 
 IRN's walk at stride 4 (`--irn`): random_walk.boundary_walk (affinities 1 - max boundary on the
-path, beta 10, 2^8 steps, radius 5) on the stride-4 grid of a 500x375 image (94x125) with a
+path, beta 10, 2^8 steps, radius 5) on the stride-4 grid of a 375x500 image (94x125) with a
 synthetic boundary map, over 21 channels and over an image's 1 or 3 classes (padded to 2 or 4
 channels, as walk_batch pads them): seconds and XLA's peak memory. IRN's own dense walk
 (misc/indexing.py propagate_to_edge, from `--irn-root`, in a child process on this CPU) on the
@@ -216,10 +216,10 @@ def run_irn(irn_root: str | None) -> dict:
   walk = jax.jit(lambda bd, c: rw.boundary_walk(bd, c, radius=IRN_RADIUS, beta=IRN_BETA,
                                                 t=IRN_T))
   rows = []
-  for name, channels in (("all 21", 21), ("1 class", rw.channel_count(1, 20)),
-                         ("3 classes", rw.channel_count(3, 20))):
+  for name, classes, channels in (("all 21", 3, 21), ("1 class", 1, rw.channel_count(1, 20)),
+                                  ("3 classes", 3, rw.channel_count(3, 20))):
     c = np.zeros((1, h, w, channels), np.float32)
-    c[0, ..., :min(3, channels)] = cams[..., :min(3, channels)]
+    c[0, ..., :classes] = cams[..., :classes]
     c = jnp.asarray(c)
     seconds = time_best(lambda c=c: walk(b, c).block_until_ready(), repeats=3)
     rows.append({"channels": name, "walked": channels, "seconds": seconds,

@@ -4,14 +4,15 @@ Both sides run in this process on the same boundary maps and CAMs, IRN's code im
 checkout (`--irn-root` or IRN_ROOT) by irn_original.py, its files not edited:
 - paths: geometry.path_offsets against misc/indexing.py's PathIndex search paths (radius 5 and
   10): the same cells for every offset;
-- path affinities: geometry.boundary_affinities (as the dense matrix tests/reference_walk.py
-  builds from them) against the matrix propagate_to_edge builds (edge_to_affinity on the map
-  padded with 1, affinity_sparse2dense, cropped to the image): max abs difference;
+- path affinities: the one-step transition matrix (beta 1) of geometry.boundary_affinities (as
+  the dense matrix tests/reference_walk.py builds from them, divided by its column sums)
+  against IRN's, read off its own propagate_to_edge (the identity basis walked 2^0 steps is
+  diag(1 - boundary) T): max abs difference over rows whose damping is above 1e-3;
 - walked scores: random_walk.boundary_walk against propagate_to_edge (beta 10, 2^8 steps,
   radius 5), both float32, and both against propagate_to_edge in float64 (the rounding floor);
-- pseudo labels: random_walk.boundary_walk_labels against make_sem_seg_labels.py's lines
-  after the walk, written here in torch (upsample x4 bilinear, crop, divide by the maximum,
-  background 0.25, argmax): share of equal pixels.
+- pseudo labels: random_walk.boundary_walk_labels on our walk against the rule of
+  docs/method.md §11 (upsample x4 bilinear, crop, divide by the maximum, background 0.25)
+  applied in torch to IRN's walk: share of equal pixels.
 Inputs are synthetic: a boundary map of ridges between random regions (blurred, with noise) and
 1-3 class CAMs as blobs, each divided by its maximum as IRN's make_cam.py does.
 
@@ -68,27 +69,25 @@ def synthetic_inputs(h: int, w: int, classes: int, seed: int):
   return boundary, np.stack(cams, -1).astype(np.float32)
 
 
-def irn_labels(torch, rw, size):
-  """make_sem_seg_labels.py after the walk: rw [C, 1, h, w] -> [H, W] channel index (0 = bg)."""
-  f = torch.nn.functional
-  up = f.interpolate(rw, scale_factor=4, mode="bilinear", align_corners=False)
-  up = up[..., 0, :size[0], :size[1]]
-  up = up / torch.max(up)
-  return torch.argmax(f.pad(up, (0, 0, 0, 0, 1, 0), value=BG_THRESHOLD), dim=0).numpy()
+def labels_by_the_rule(torch, walked, size):
+  """docs/method.md §11 step 6 in torch, our own oracle: walked [C, h, w] -> [H, W] channel
+  index (0 = background; a class must beat 0.25 of the maximum, a tie is background)."""
+  _, h, w = walked.shape
+  up = torch.nn.functional.interpolate(walked[None], size=(4 * h, 4 * w), mode="bilinear",
+                                       align_corners=False)[0, :, :size[0], :size[1]]
+  share = (up / up.max()).numpy()
+  return np.where(share.max(0) <= BG_THRESHOLD, 0, share.argmax(0) + 1)
 
 
-def irn_dense_affinity(irn, boundary: np.ndarray) -> np.ndarray:
-  """The cropped dense affinity matrix propagate_to_edge builds, by its own functions."""
-  torch, indexing = irn.torch, irn.indexing
+def irn_transitions(irn, boundary: np.ndarray) -> np.ndarray:
+  """IRN's one-step transition matrix T = A / column sums (beta 1), read off its own
+  propagate_to_edge: walking the identity basis for 2^0 steps gives diag(1 - B) T."""
+  torch = irn.torch
   h, w = boundary.shape
-  ver, hor = h + RADIUS, w + 2 * RADIUS
-  path_index = indexing.PathIndex(radius=RADIUS, default_size=(ver, hor))
-  edge = torch.nn.functional.pad(torch.from_numpy(boundary)[None], (RADIUS, RADIUS, 0, RADIUS),
-                                 mode="constant", value=1.0)
-  sparse = indexing.edge_to_affinity(torch.unsqueeze(edge, 0), path_index.path_indices)
-  dense = indexing.affinity_sparse2dense(sparse, path_index.src_indices, path_index.dst_indices,
-                                         ver * hor).view(ver, hor, ver, hor)
-  return dense[:-RADIUS, RADIUS:-RADIUS, :-RADIUS, RADIUS:-RADIUS].reshape(h * w, h * w).numpy()
+  basis = torch.eye(h * w).reshape(h * w, h, w)
+  walked = irn.indexing.propagate_to_edge(basis, torch.from_numpy(boundary)[None],
+                                          radius=RADIUS, beta=1, exp_times=0)
+  return walked.reshape(h * w, h * w).numpy()
 
 
 def compare(irn, grid, classes: int, seed: int) -> dict:
@@ -100,9 +99,12 @@ def compare(irn, grid, classes: int, seed: int) -> dict:
   size = (4 * h - 2, 4 * w - 3)
   boundary, cams = synthetic_inputs(h, w, classes, seed)
   forward = np.asarray(geometry.boundary_affinities(jnp.asarray(boundary[None]), radius=RADIUS))
-  ours_matrix = reference_walk.dense_affinity_matrix(forward[0], radius=RADIUS,
-                                                     dtype=np.float32)
-  theirs_matrix = irn_dense_affinity(irn, boundary)
+  matrix = reference_walk.dense_affinity_matrix(forward[0], radius=RADIUS)
+  ours_matrix = matrix / matrix.sum(axis=0, keepdims=True)
+  damping = 1.0 - boundary.reshape(-1).astype(np.float64)
+  rows = damping > 1e-3
+  theirs_matrix = irn_transitions(irn, boundary)[rows] / damping[rows, None]
+  ours_matrix = ours_matrix[rows]
   walked = np.asarray(random_walk.boundary_walk(boundary[None], cams[None], radius=RADIUS,
                                                 beta=BETA, t=2 ** EXP_TIMES))[0]
   x = torch.from_numpy(cams.transpose(2, 0, 1).copy())
@@ -113,10 +115,10 @@ def compare(irn, grid, classes: int, seed: int) -> dict:
   theirs = rw32[:, 0].numpy().transpose(1, 2, 0)
   exact = rw64[:, 0].numpy().transpose(1, 2, 0)
   scale = float(np.abs(exact).max())
-  labels_theirs = irn_labels(torch, rw32, size)
+  labels_theirs = labels_by_the_rule(torch, rw32[:, 0], size)
   labels_ours = random_walk.boundary_walk_labels(walked, size, threshold=BG_THRESHOLD)
   return {"grid": [h, w], "image": list(size), "classes": classes,
-          "affinity_max_abs": float(np.abs(ours_matrix - theirs_matrix).max()),
+          "transition_max_abs": float(np.abs(ours_matrix - theirs_matrix).max()),
           "walk_max_rel": float(np.abs(walked - theirs).max() / np.abs(theirs).max()),
           "ours_vs_float64_max_rel": float(np.abs(walked - exact).max() / scale),
           "irn_vs_float64_max_rel": float(np.abs(theirs - exact).max() / scale),
@@ -152,19 +154,19 @@ def main(argv=None):
              "cases": []}
   print(f"paths: radius 5 {'equal' if results['paths_equal_r5'] else 'DIFFERENT'}, "
         f"radius 10 {'equal' if results['paths_equal_r10'] else 'DIFFERENT'}")
-  print("| grid (image) | classes | path affinities max abs | walk max rel | ours / IRN vs "
+  print("| grid (image) | classes | transitions max abs | walk max rel | ours / IRN vs "
         "float64 | labels equal |")
   print("|---|---|---|---|---|---|")
   for i, grid in enumerate(args.sizes):
     row = compare(irn, grid, classes=1 + i % 3, seed=args.seed + i)
     results["cases"].append(row)
     print(f"| {grid[0]}x{grid[1]} ({row['image'][0]}x{row['image'][1]}) | {row['classes']} | "
-          f"{row['affinity_max_abs']:.1e} | {row['walk_max_rel']:.1e} | "
+          f"{row['transition_max_abs']:.1e} | {row['walk_max_rel']:.1e} | "
           f"{row['ours_vs_float64_max_rel']:.1e} / {row['irn_vs_float64_max_rel']:.1e} | "
           f"{row['labels_equal_pct']:.3f}% |", flush=True)
   cases = results["cases"]
   results.update({
-      "affinity_max_abs": max(c["affinity_max_abs"] for c in cases),
+      "transition_max_abs": max(c["transition_max_abs"] for c in cases),
       "walk_max_rel": max(c["walk_max_rel"] for c in cases),
       "ours_vs_float64_max_rel": max(c["ours_vs_float64_max_rel"] for c in cases),
       "irn_vs_float64_max_rel": max(c["irn_vs_float64_max_rel"] for c in cases),

@@ -178,12 +178,17 @@ def _cell_classifier():
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", required=True, help="checkpoint folder to write (replaced)")
-  parser.add_argument("--steps", type=int, default=1500)
+  parser.add_argument("--steps", type=int, default=1200)
   parser.add_argument("--batch-size", type=int, default=32)
   parser.add_argument("--lr", type=float, default=1e-3)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--width", type=float, default=0.0625)
   args = parser.parse_args(argv)
+  if os.path.exists(args.out) and not (
+      os.path.isdir(args.out) and (not os.listdir(args.out) or set(os.listdir(args.out)) == {
+          "metadata.json", "variables"})):
+    parser.error(f"--out {args.out!r} exists and is not a checkpoint folder this script wrote; "
+                 "give a new or empty folder")
 
   import jax
   import optax

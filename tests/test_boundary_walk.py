@@ -114,6 +114,8 @@ def test_boundary_walk_labels_by_hand():
 def test_boundary_walk_bad_inputs():
   with pytest.raises(ValueError, match="boundary must be"):
     geometry.boundary_affinities(jnp.zeros((4, 4)))
+  with pytest.raises(ValueError, match=r"boundary must lie in \[0, 1\] \(got -2 .. 3\)"):
+    random_walk.boundary_walk(np.array([[[-2.0, 3.0]]]), np.zeros((1, 1, 2, 1)))
   with pytest.raises(ValueError, match="on the boundary map's grid"):
     random_walk.boundary_walk(np.zeros((1, 4, 4)), np.zeros((1, 4, 5, 2)))
   with pytest.raises(ValueError, match="does not fit"):
@@ -132,7 +134,7 @@ def test_walk_equals_irns_own():
   assert res.returncode == 0, res.stderr[-3000:]
   results = json.loads(res.stdout.strip().splitlines()[-1])
   assert results["paths_equal_r5"] and results["paths_equal_r10"]
-  assert results["affinity_max_abs"] <= 1e-6
+  assert results["transition_max_abs"] <= 1e-6
   assert results["walk_max_rel"] <= 1e-4
   assert results["labels_equal_pct"] >= 99.9
 

@@ -55,15 +55,17 @@ def _synthetic(h, w, classes, seed):
 
 
 def _pydensecrf_labels(image, labels, n, t=10, gt_prob=0.7):
-  """IRN's label dCRF written with pydensecrf's own unary_from_labels."""
-  dcrf = pytest.importorskip("pydensecrf.densecrf")
-  from pydensecrf.utils import unary_from_labels
-  h, w = labels.shape
-  d = dcrf.DenseCRF2D(w, h, n)
-  d.setUnaryEnergy(unary_from_labels(labels, n, gt_prob=gt_prob, zero_unsure=False))
-  d.addPairwiseGaussian(sxy=3, compat=3)
-  d.addPairwiseBilateral(sxy=50, srgb=5, rgbim=np.ascontiguousarray(image), compat=10)
-  return np.argmax(np.array(d.inference(t)).reshape(n, h, w), axis=0)
+  """The label dCRF of docs/method.md §11 straight from pydensecrf (its unary_from_labels and
+  both kernels with the documented settings), the marginals' argmax."""
+  densecrf = pytest.importorskip("pydensecrf.densecrf")
+  utils = pytest.importorskip("pydensecrf.utils")
+  height, width = labels.shape
+  model = densecrf.DenseCRF2D(width, height, n)
+  model.setUnaryEnergy(utils.unary_from_labels(labels, n, gt_prob, zero_unsure=False))
+  model.addPairwiseGaussian(compat=3, sxy=3)
+  model.addPairwiseBilateral(compat=10, sxy=50, srgb=5, rgbim=np.ascontiguousarray(image))
+  marginals = np.asarray(model.inference(t)).reshape(n, height, width)
+  return marginals.argmax(0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,18 +415,18 @@ def irn_pairs(monkeypatch):
 
 
 def _irn_conf(imutils, image, cams, classes):
-  """step/cam_to_ir_label.py's lines, cams [C, H, W] as IRN keeps them."""
-  keys = np.pad(np.asarray(classes) + 1, (1, 0), mode="constant")
-  fg_conf_cam = np.pad(cams, ((1, 0), (0, 0), (0, 0)), mode="constant", constant_values=0.30)
-  fg_conf_cam = np.argmax(fg_conf_cam, axis=0)
-  fg_conf = keys[imutils.crf_inference_label(image, fg_conf_cam, n_labels=keys.shape[0])]
-  bg_conf_cam = np.pad(cams, ((1, 0), (0, 0), (0, 0)), mode="constant", constant_values=0.05)
-  bg_conf_cam = np.argmax(bg_conf_cam, axis=0)
-  bg_conf = keys[imutils.crf_inference_label(image, bg_conf_cam, n_labels=keys.shape[0])]
-  conf = fg_conf.copy()
-  conf[fg_conf == 0] = 255
-  conf[bg_conf + fg_conf == 0] = 0
-  return conf.astype(np.uint8)
+  """The rule of docs/method.md §11 around IRN's own label dCRF (imutils.crf_inference_label),
+  cams [C, H, W] as IRN keeps them: VOC ids of the 0.30 map's foreground, 0 where both maps
+  are background, 255 where only the 0.30 one is."""
+  ids = np.concatenate([[0], np.asarray(classes) + 1])
+
+  def crf_map(threshold):
+    stacked = np.concatenate([np.full((1,) + cams.shape[1:], threshold, cams.dtype), cams])
+    hard = stacked.argmax(0)  # the constant first: a tie is background
+    return ids[imutils.crf_inference_label(image, hard, n_labels=len(ids))]
+
+  high, low = crf_map(0.30), crf_map(0.05)
+  return np.select([high > 0, low > 0], [high, 255], default=0).astype(np.uint8)
 
 
 IRN_CASES = [(47, 61, 1, (14,)), (64, 80, 2, (8, 11)), (96, 128, 3, (2, 4, 15))]

@@ -22,6 +22,8 @@ import pytest
 from flax import traverse_util
 
 from affinity_jax import checkpoint, cli, convert, models
+from affinity_jax import config as config_lib
+from affinity_jax.errors import ConfigError
 from affinity_jax.convert import ConversionError
 from affinity_jax.models import resnet50
 from tests import reference_resnet50 as ref
@@ -194,6 +196,15 @@ def test_build_and_config():
                                              "backbone": "resnet50"}})
   assert models.input_convention(cfg) == "imagenet"
   assert models.from_config(cfg, "cam").num_classes == 3
+  with pytest.raises(ConfigError, match="model.backbone: there is no 'affinity' network on "
+                                        "resnet50 yet"):
+    models.from_config(cfg, "affinity")
+  # The pipeline refuses it before any work: IRN's stages do not exist yet.
+  pipeline_cfg = config_lib.load_config("voc_vgg16:tiny")
+  pipeline_cfg.model.backbone = "resnet50"
+  with pytest.raises(ConfigError, match="model.backbone must be one of .'resnet38', 'vgg16'. "
+                                        "for the pipeline"):
+    config_lib.validate(pipeline_cfg)
   with pytest.raises(ValueError, match="strides and dilations take 4 values"):
     jax.eval_shape(resnet50.ResNet50(width=W, strides=(2, 2)).init, jax.random.key(0),
                    jnp.zeros((1, 32, 32, 3)))

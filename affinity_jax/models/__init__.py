@@ -142,6 +142,9 @@ def from_config(cfg, arch: str):
                       "(use float32 or bfloat16)") from None
   if not cfg.model.width > 0:
     raise ConfigError(f"config key model.width must be > 0, got {cfg.model.width!r}")
+  if arch not in _NETWORKS[backbone]:
+    raise ConfigError(f"config key model.backbone: there is no {arch!r} network on {backbone} "
+                      f"yet (it has {', '.join(_NETWORKS[backbone])})")
   return build(arch, num_classes=cfg.model.num_classes, width=cfg.model.width, dtype=dtype,
                backbone=backbone)
 
