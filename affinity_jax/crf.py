@@ -33,6 +33,16 @@ LABEL_BILATERAL_COMPAT = 10
 LABEL_GT_PROB = 0.7
 
 
+def check_image(image, caller: str) -> np.ndarray:
+  """`image` as a uint8 [H, W, 3] numpy array, or ValueError naming `caller`."""
+  image = np.asarray(image)
+  if image.dtype != np.uint8:
+    raise ValueError(f"{caller}: image must be uint8 RGB (got dtype {image.dtype}).")
+  if image.ndim != 3 or image.shape[-1] != 3:
+    raise ValueError(f"{caller}: image must be [H, W, 3] (got shape {image.shape}).")
+  return image
+
+
 def crf_inference(image: np.ndarray, probs: np.ndarray, *, t: int = 10) -> np.ndarray:
   """Mean-field dCRF inference.
 
@@ -48,12 +58,8 @@ def crf_inference(image: np.ndarray, probs: np.ndarray, *, t: int = 10) -> np.nd
   import pydensecrf.densecrf as dcrf  # Only the dCRF stages need the C extension.
   from pydensecrf.utils import unary_from_softmax
 
-  image = np.asarray(image)
+  image = check_image(image, "crf_inference")
   probs = np.asarray(probs)
-  if image.dtype != np.uint8:
-    raise ValueError(f"crf_inference: image must be uint8 RGB (got dtype {image.dtype}).")
-  if image.ndim != 3 or image.shape[-1] != 3:
-    raise ValueError(f"crf_inference: image must be [H, W, 3] (got shape {image.shape}).")
   if probs.ndim != 3:
     raise ValueError(f"crf_inference: probs must be 3-D (got shape {probs.shape}).")
   h, w = image.shape[:2]
@@ -96,12 +102,8 @@ def crf_label_inference(image: np.ndarray, labels: np.ndarray, num_labels: int, 
   Returns:
     [H, W] int64: argmax over the labels of the marginals Q (ties go to the lower label).
   """
-  image = np.asarray(image)
+  image = check_image(image, "crf_label_inference")
   labels = np.asarray(labels)
-  if image.dtype != np.uint8:
-    raise ValueError(f"crf_label_inference: image must be uint8 RGB (got dtype {image.dtype}).")
-  if image.ndim != 3 or image.shape[-1] != 3:
-    raise ValueError(f"crf_label_inference: image must be [H, W, 3] (got shape {image.shape}).")
   h, w = image.shape[:2]
   if h == 0 or w == 0:
     raise ValueError(f"crf_label_inference: image is empty (shape {image.shape}).")

@@ -74,12 +74,8 @@ def relation_labels(image: np.ndarray, cams: np.ndarray, *,
     [H, W] uint8: 0 = confident background, c + 1 (or classes[c] + 1) = confident foreground of
     channel c, 255 = unsure.
   """
-  image = np.asarray(image)
+  image = crf.check_image(image, "relation_labels")
   cams = np.asarray(cams)
-  if image.dtype != np.uint8:
-    raise ValueError(f"relation_labels: image must be uint8 RGB (got dtype {image.dtype}).")
-  if image.ndim != 3 or image.shape[-1] != 3:
-    raise ValueError(f"relation_labels: image must be [H, W, 3] (got shape {image.shape}).")
   h, w = image.shape[:2]
   if cams.ndim != 3 or cams.shape[:2] != (h, w):
     raise ValueError(f"relation_labels: cams must be [H, W, C] on the {h}x{w} image "

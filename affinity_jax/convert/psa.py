@@ -65,6 +65,18 @@ def _check(arch: str, backbone: str) -> None:
                           f"{' or '.join(PSA_BACKBONES)}")
 
 
+def plain_tensors(state_dict: Mapping[str, Any], source: str) -> dict[str, Any]:
+  """The tensors of a PyTorch state dict under their module names: string keys checked (else
+  ConversionError naming `source`), DataParallel's "module." prefix and the BatchNorm
+  `num_batches_tracked` counters removed."""
+  names = list(state_dict)
+  if not all(isinstance(n, str) for n in names):
+    raise ConversionError(f"{source}: state dict keys must be strings")
+  if names and all(n.startswith(MODULE_PREFIX) for n in names):
+    state_dict = {n[len(MODULE_PREFIX):]: v for n, v in state_dict.items()}
+  return {n: v for n, v in state_dict.items() if not n.endswith("." + IGNORED_SUFFIX)}
+
+
 def psa_state_dict_shapes(arch: str, width: float = 1.0, num_classes: int = 20,
                           backbone: str = DEFAULT_BACKBONE) -> dict[str, tuple[int, ...]]:
   """The original's state-dict names and shapes (OIHW) for `arch`, without num_batches_tracked,
@@ -149,12 +161,7 @@ def psa_state_dict_to_variables(state_dict: Mapping[str, Any], arch: str, *,
   backbone: "resnet38" or "vgg16" (VGG-16 has no BatchNorm: "batch_stats" stays empty).
   """
   _check(arch, backbone)
-  names = list(state_dict)
-  if not all(isinstance(n, str) for n in names):
-    raise ConversionError(f"{source}: state dict keys must be strings")
-  if names and all(n.startswith(MODULE_PREFIX) for n in names):
-    state_dict = {n[len(MODULE_PREFIX):]: v for n, v in state_dict.items()}
-  tensors = {n: v for n, v in state_dict.items() if not n.endswith("." + IGNORED_SUFFIX)}
+  tensors = plain_tensors(state_dict, source)
   if num_classes is None:
     fc8 = tensors.get("fc8.weight")
     num_classes = int(np.shape(fc8)[0]) if arch == "cam" and fc8 is not None else 20

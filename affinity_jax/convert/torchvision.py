@@ -31,8 +31,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from affinity_jax.convert.psa import (BN_SUFFIXES, IGNORED_SUFFIX, MODULE_PREFIX,
-                                      ConversionError, open_input, read_torch_state_dict)
+from affinity_jax.convert.psa import (BN_SUFFIXES, MODULE_PREFIX, ConversionError, open_input,
+                                      plain_tensors, read_torch_state_dict)
 from affinity_jax.models.resnet38 import scaled
 from affinity_jax.models.resnet50 import EXPANSION, LAYERS, STEM_CHANNELS, has_downsample
 
@@ -116,12 +116,7 @@ def _irn_alias(name: str) -> str | None:
 def _canonical(state_dict: Mapping[str, Any], source: str) -> tuple[dict[str, Any], str]:
   """(tensors in torchvision's names plus "classifier.weight", "torchvision" or "irn"): the
   DataParallel prefix, num_batches_tracked and IRN's aliases removed."""
-  names = list(state_dict)
-  if not all(isinstance(n, str) for n in names):
-    raise ConversionError(f"{source}: state dict keys must be strings")
-  if names and all(n.startswith(MODULE_PREFIX) for n in names):
-    state_dict = {n[len(MODULE_PREFIX):]: v for n, v in state_dict.items()}
-  tensors = {n: v for n, v in state_dict.items() if not n.endswith("." + IGNORED_SUFFIX)}
+  tensors = plain_tensors(state_dict, source)
   if IRN_PREFIX + "conv1.weight" not in tensors:
     return tensors, "torchvision"
   out, aliases = {}, {}
