@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from affinity_jax import crf as crf_lib
-from affinity_jax.constants import STRIDE
+from affinity_jax.constants import IMAGENET_MEAN, IMAGENET_STD, STRIDE
 
 NORM_EPS = 1e-5
 # The constant background score of CAM-only predictions (docs/method.md §2).
@@ -295,3 +295,66 @@ def walk_to_image(grid_hw: np.ndarray, sizes: np.ndarray, scaled: np.ndarray,
   if image_scale != 1.0:
     out_hw = tuple(int(np.ceil(n * STRIDE / image_scale)) + 1 for n in (hc, wc))
   return upsample_matrices(grid_hw * STRIDE, out_sizes, canvas_grid, out_hw)
+
+
+# ---------------------------------------------------------------------------------------------
+# IRN's CAMs (docs/method.md §11): one image at a time on the host, for IRN's ResNet-50 CAM
+# network at stride 16.
+
+IRN_CAM_STRIDE = 16
+IRN_GRID_STRIDE = 4
+
+
+def irn_cams(cam_apply, image: np.ndarray, classes, *, scales=(1.0, 0.5, 1.5, 2.0),
+             normalise_fn=None) -> dict[str, np.ndarray]:
+  """IRN's multi-scale + flip CAMs of one image: the stride-4 map the walk takes and the
+  full-resolution one its relation labels take.
+
+  Args:
+    cam_apply: images [2, h, w, 3] (network input) -> [2, ceil(h / 16), ceil(w / 16), C] class
+      maps, e.g. `jax.jit(lambda x: model.apply(variables, x, method="cam"))` with
+      `models.ResNet50CAMNet` (relu of the classifier at every cell).
+    image: [H, W, 3] uint8 RGB.
+    classes: the indices of the image's classes among the C (IRN: its label's non-zeros).
+    scales: IRN's (1, 0.5, 1.5, 2). A scale s resizes the image to round(H s) x round(W s)
+      (PIL bicubic; 1 keeps it as it is).
+    normalise_fn: uint8 images -> network input (default: ImageNet mean and std, the
+      convention of torchvision's ResNet-50 as IRN feeds it).
+
+  Returns:
+    {"cam": [ceil(H / 4), ceil(W / 4), K], "high_res": [H, W, K]} float32, K = len(classes):
+    at each scale the map of the image plus the flipped-back map of its flip, bilinearly
+    resized (half-pixel centres) to the stride-4 grid, and to 16 x the stride-16 grid of the
+    image and then cropped to it; summed over the scales; each class divided by its maximum
+    + 1e-5.
+  """
+  from PIL import Image
+  image = np.asarray(image)
+  if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+    raise ValueError(f"irn_cams: image must be uint8 [H, W, 3] (got {image.dtype} "
+                     f"{image.shape}).")
+  if normalise_fn is None:
+    mean, std = np.float32(IMAGENET_MEAN), np.float32(IMAGENET_STD)
+    normalise_fn = lambda x: (x.astype(np.float32) / 255.0 - mean) / std  # noqa: E731
+  height, width = image.shape[:2]
+  grid = (-(-height // IRN_GRID_STRIDE), -(-width // IRN_GRID_STRIDE))
+  padded = (-(-height // IRN_CAM_STRIDE) * IRN_CAM_STRIDE,
+            -(-width // IRN_CAM_STRIDE) * IRN_CAM_STRIDE)
+  classes = np.asarray(classes, np.int64).reshape(-1)
+  strided, high_res = 0.0, 0.0
+  for scale in scales:
+    size = (int(np.round(height * scale)), int(np.round(width * scale)))
+    scaled = image if size == (height, width) else np.asarray(
+        Image.fromarray(image).resize(size[::-1], Image.BICUBIC))
+    x = normalise_fn(scaled)
+    maps = np.asarray(cam_apply(np.stack([x, x[:, ::-1]])), np.float32)
+    if maps.ndim != 4 or maps.shape[0] != 2:
+      raise ValueError(f"irn_cams: cam_apply must return [2, h, w, C] (got {maps.shape}).")
+    summed = maps[0] + maps[1][:, ::-1]
+    strided = strided + resize_bilinear(summed, grid)
+    high_res = high_res + resize_bilinear(summed, padded)[:height, :width]
+  out = {}
+  for key, total in (("cam", strided), ("high_res", high_res)):
+    total = np.asarray(total, np.float32)[..., classes]
+    out[key] = total / (total.max(axis=(0, 1), keepdims=True) + NORM_EPS)
+  return out

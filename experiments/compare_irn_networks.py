@@ -14,6 +14,11 @@ Compared on random normalised images at each size (2 images, NCHW for IRN, NHWC 
   flipped left-right, against ours computed the same way;
 - conv1 (after bn1 and ReLU), stage1..stage4: IRN's Net.stage1..stage4 in turn against
   ResNet50's taps.
+- multi-scale + flip CAMs (`cam.irn_cams`, scales 1, 0.5, 1.5, 2) of one random uint8 image
+  (`--ms-size`) and three classes: IRN's CAM module at each scale (the image resized by IRN's
+  imutils.pil_rescale, bicubic), put together by the rule of docs/method.md §11 in torch
+  (bilinear to the stride-4 grid and to 16 x the stride-16 grid cropped to the image, summed,
+  each class over its maximum + 1e-5): `ms_cam_max_rel`, `ms_high_res_max_rel`.
 Each as max |ours - IRN's| / max |IRN's| (`{key}_{H}x{W}_max_rel`), plus `max_rel` over all.
 
 Usage: python experiments/compare_irn_networks.py --irn-root /tmp/irn [--sizes 72x104,97x66]
@@ -37,6 +42,7 @@ import irn_original  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # oracles: tests/
 
 NUM_CLASSES = 20  # IRN's classifier is Conv2d(2048, 20, 1)
+MS_SCALES = (1.0, 0.5, 1.5, 2.0)  # run_sample.py --cam_scales
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -74,6 +80,8 @@ def main(argv=None) -> int:
   p.add_argument("--sizes", default="72x104,97x66",
                  type=lambda s: [parse_size(t) for t in s.split(",")],
                  help="image sizes HxW, comma-separated (default 72x104,97x66)")
+  p.add_argument("--ms-size", default=(75, 98), type=parse_size,
+                 help="size of the multi-scale CAM image, HxW (default 75x98)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
   args = p.parse_args(argv)
@@ -140,6 +148,36 @@ def main(argv=None) -> int:
         "logits", "cam", "conv1", "stage1", "stage2", "stage3", "stage4")) +
         f" (stage4 {theirs['stage4'].shape[2]}x{theirs['stage4'].shape[3]}, CAM max "
         f"{np.abs(theirs['cam']).max():.3g})", flush=True)
+  # Multi-scale + flip CAMs of one uint8 image: ours (cam.irn_cams) against IRN's CAM module
+  # at each scale (the image resized by IRN's own imutils.pil_rescale) put together by the rule
+  # of docs/method.md §11 in torch.
+  from affinity_jax import cam as cam_lib
+  imutils = importlib.import_module("misc.imutils")
+  h, w = args.ms_size
+  image = rng.integers(0, 256, (h, w, 3)).astype(np.uint8)
+  classes = np.array([2, 7, 15])
+  mean, std = np.float32([0.485, 0.456, 0.406]), np.float32([0.229, 0.224, 0.225])
+  grid, padded = (-(-h // 4), -(-w // 4)), (-(-h // 16) * 16, -(-w // 16) * 16)
+  resize = lambda t, size: torch.nn.functional.interpolate(  # noqa: E731
+      t[None], size=size, mode="bilinear", align_corners=False)[0]
+  strided, high_res = 0, 0
+  with torch.no_grad():
+    for scale in MS_SCALES:
+      scaled = image if scale == 1 else imutils.pil_rescale(image, scale, order=3)
+      x = ((scaled / 255.0 - mean) / std).astype(np.float32).transpose(2, 0, 1)
+      out = cam(torch.from_numpy(np.stack([x, x[:, :, ::-1]]).copy()))
+      strided = strided + resize(out, grid)
+      high_res = high_res + resize(out, padded)[:, :h, :w]
+  theirs = {}
+  for key, total in (("cam", strided), ("high_res", high_res)):
+    total = total[torch.from_numpy(classes)]
+    theirs[key] = (total / (total.amax(dim=(1, 2), keepdim=True) + 1e-5)).numpy()
+  ours = cam_lib.irn_cams(lambda x: cam_fn(cam_variables, x), image, classes, scales=MS_SCALES)
+  for key in ("cam", "high_res"):
+    results[f"ms_{key}_max_rel"] = max_rel(ours[key].transpose(2, 0, 1), theirs[key])
+  print(f"multi-scale + flip CAMs of a {h}x{w} image, classes {classes.tolist()}: stride-4 "
+        f"{results['ms_cam_max_rel']:.2e}, full resolution {results['ms_high_res_max_rel']:.2e}",
+        flush=True)
   results["max_rel"] = max(results.values())
   print(json.dumps(results, sort_keys=True))
   return 0

@@ -399,3 +399,25 @@ def test_parity_with_irns_networks():
   for size in ("72x104", "97x66"):
     for key in ("logits", "cam", "conv1", "stage1", "stage2", "stage3", "stage4"):
       assert results[f"{key}_{size}_max_rel"] <= 1e-5, (key, size, results)
+
+
+def test_irn_cams_shapes_classes_and_normalisation():
+  """cam.irn_cams with the real CAM network (tiny width): the stride-4 and full-resolution maps
+  of the chosen classes, each peaking at 1 / (1 + 1e-5); IRN_ROOT's comparison checks values."""
+  from affinity_jax import cam as cam_lib  # pylint: disable=import-outside-toplevel
+  model = models.build("cam", num_classes=5, width=W, backbone="resnet50")
+  variables = models.init_variables(model, jax.random.key(0), (1, 32, 32, 3))
+  apply = jax.jit(lambda x: model.apply(variables, x, method="cam"))
+  image = np.random.default_rng(0).integers(0, 256, (37, 50, 3)).astype(np.uint8)
+  out = cam_lib.irn_cams(apply, image, [0, 1, 2, 3, 4], scales=(1.0, 0.5))
+  assert out["cam"].shape == (10, 13, 5) and out["high_res"].shape == (37, 50, 5)
+  for maps in out.values():
+    assert maps.dtype == np.float32 and maps.min() >= 0
+    peaks = maps.max(axis=(0, 1))  # a class whose ReLU'd map is 0 everywhere stays 0
+    assert np.all((peaks == 0) | ((peaks > 0.99) & (peaks <= 1))) and peaks.max() > 0.99, peaks
+  live = int(np.argmax(out["cam"].max(axis=(0, 1))))
+  single = cam_lib.irn_cams(apply, image, [live], scales=(1.0, 0.5))
+  np.testing.assert_allclose(single["cam"][..., 0], out["cam"][..., live], rtol=1e-6)
+  np.testing.assert_allclose(single["high_res"][..., 0], out["high_res"][..., live], rtol=1e-6)
+  with pytest.raises(ValueError, match="irn_cams: image must be uint8"):
+    cam_lib.irn_cams(apply, image.astype(np.float32), [1])
