@@ -27,19 +27,12 @@ from affinity_jax.errors import ConfigError
 from affinity_jax.convert import ConversionError
 from affinity_jax.models import resnet50
 from tests import reference_resnet50 as ref
+from tests.test_models import _close
 
 W = 1 / 16
 H, WD = 40, 56  # non-square; 20x28 -> 10x14 -> 5x7 -> 3x4 (odd sizes at stride 8 and 16)
 CLASSES = 20
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _close(got, want, rtol=1e-4):
-  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-  assert got.shape == want.shape
-  scale = np.abs(want).max()
-  assert scale > 1e-3, "degenerate reference output"
-  np.testing.assert_allclose(got, want, rtol=0, atol=rtol * scale)
 
 
 def _images(seed: int, shape=(2, H, WD, 3)) -> np.ndarray:

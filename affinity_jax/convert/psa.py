@@ -77,6 +77,18 @@ def plain_tensors(state_dict: Mapping[str, Any], source: str) -> dict[str, Any]:
   return {n: v for n, v in state_dict.items() if not n.endswith("." + IGNORED_SUFFIX)}
 
 
+def place_tensor(variables: dict, collection: str, path: tuple, value: Any) -> None:
+  """Puts a PyTorch tensor into `variables[collection]` at `path` (nested dicts) as float32,
+  a convolution kernel turned from OIHW to HWIO."""
+  value = np.asarray(value, dtype=np.float32)
+  if path[-1] == "kernel":
+    value = value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+  node = variables[collection]
+  for key in path[:-1]:
+    node = node.setdefault(key, {})
+  node[path[-1]] = np.ascontiguousarray(value)
+
+
 def psa_state_dict_shapes(arch: str, width: float = 1.0, num_classes: int = 20,
                           backbone: str = DEFAULT_BACKBONE) -> dict[str, tuple[int, ...]]:
   """The original's state-dict names and shapes (OIHW) for `arch`, without num_batches_tracked,
@@ -188,14 +200,7 @@ def psa_state_dict_to_variables(state_dict: Mapping[str, Any], arch: str, *,
 
   variables: dict[str, dict] = {"params": {}, "batch_stats": {}}
   for name in expected:
-    value = np.asarray(tensors[name], dtype=np.float32)
-    collection, path = _target(name)
-    if path[-1] == "kernel":
-      value = value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
-    node = variables[collection]
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = np.ascontiguousarray(value)
+    place_tensor(variables, *_target(name), tensors[name])
   return variables
 
 

@@ -32,7 +32,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from affinity_jax.convert.psa import (BN_SUFFIXES, MODULE_PREFIX, ConversionError, open_input,
-                                      plain_tensors, read_torch_state_dict)
+                                      place_tensor, plain_tensors, read_torch_state_dict)
 from affinity_jax.models.resnet38 import scaled
 from affinity_jax.models.resnet50 import EXPANSION, LAYERS, STEM_CHANNELS, has_downsample
 
@@ -199,13 +199,7 @@ def torchvision_to_variables(state_dict: Mapping[str, Any], arch: str = "backbon
 
   variables: dict[str, dict] = {"params": {}, "batch_stats": {}}
   for name, _, collection, path in layout_rows:
-    value = np.asarray(tensors[name], dtype=np.float32)
-    if path[-1] == "kernel":
-      value = value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
-    node = variables[collection]
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = np.ascontiguousarray(value)
+    place_tensor(variables, collection, path, tensors[name])
   return variables, sorted(dropped)
 
 
