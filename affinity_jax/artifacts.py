@@ -3,6 +3,7 @@
   {workdir}/cam_net/, aff_net/, seg_net/   trained networks (`final/`: orbax variables + metadata)
   {workdir}/cams/{name}.npz                infer_cam:   CAMs of the present classes
   {workdir}/aff_labels/{name}.npz          aff_labels:  la / ha dCRF score maps
+  {workdir}/aff_labels/{name}.png          aff_labels:  IRN's relation labels (method irn)
   {workdir}/pseudo_labels/{name}.png       random_walk: pseudo labels
   {workdir}/seg_pred/{name}.png            infer_seg:   predictions
   {workdir}/panels/                        random_walk (rw_{name}.npz heat) and evaluate (PNGs)
@@ -47,6 +48,8 @@ CAM_NET = Network("cam_net", "cam", "cam", "train_cam")
 AFF_NET = Network("aff_net", "affinity", "aff", "train_aff")
 SEG_NET = Network("seg_net", "seg", "seg", "train_seg")
 NETWORKS = (CAM_NET, AFF_NET, SEG_NET)
+# With method irn, IRN's relation network takes AffinityNet's place (its folder, section, stage).
+RELATION_NET = Network("aff_net", "relation", "aff", "train_aff")
 
 CAMS, CAM_PRED, AFF_LABELS, PSEUDO_LABELS, SEG_PRED, PANELS, REPORTS, FINGERPRINTS = (
     "cams", "cam_pred", "aff_labels", "pseudo_labels", "seg_pred", "panels", "reports",
@@ -108,6 +111,10 @@ class Workdir:
 
   def scores(self, name: str) -> str:
     return self.path(AFF_LABELS, name + ".npz")
+
+  def relation_label(self, name: str) -> str:
+    """IRN's confident-region label (aff_labels with method irn)."""
+    return self.path(AFF_LABELS, name + ".png")
 
   def pseudo_label(self, name: str) -> str:
     return self.path(PSEUDO_LABELS, name + ".png")
@@ -189,8 +196,31 @@ def require(path: str, stage: str) -> None:
 # and `class_ids` int32 [P].
 
 
-def save_cam(path: str, cam: np.ndarray, class_ids: np.ndarray) -> None:
-  io.save_npz(path, cam=np.asarray(cam, np.float32), class_ids=np.asarray(class_ids, np.int32))
+def save_cam(path: str, cam: np.ndarray, class_ids: np.ndarray,
+             strided: np.ndarray | None = None) -> None:
+  """Writes a CAM file; `strided` [h, w, P]: IRN's stride-4 CAMs of the same classes, besides
+  the full-resolution `cam` (method irn)."""
+  arrays = {"cam": np.asarray(cam, np.float32), "class_ids": np.asarray(class_ids, np.int32)}
+  if strided is not None:
+    arrays["strided"] = np.asarray(strided, np.float32)
+  io.save_npz(path, **arrays)
+
+
+def load_strided_cam(path: str, image_hw, stride: int) -> tuple[np.ndarray, np.ndarray]:
+  """(strided [ceil(H / stride), ceil(W / stride), P] float32, class_ids [P]) of an IRN CAM file
+  of an H x W image, checked."""
+  z = _load_npz(path, "infer_cam")
+  if "strided" not in z or "class_ids" not in z:
+    raise UserError(f"{path}: a CAM file without IRN's stride-{stride} CAMs (keys {sorted(z)}; "
+                    "written with method psa?); delete it and rerun infer_cam")
+  strided, ids = z["strided"], z["class_ids"]
+  grid = tuple(-(-int(s) // stride) for s in image_hw)
+  if (strided.shape != grid + (len(ids),) or not np.issubdtype(strided.dtype, np.floating)
+      or ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer)):
+    raise UserError(f"{path}: stride-{stride} CAMs of shape {strided.shape} ({strided.dtype}) "
+                    f"do not fit the {image_hw[0]}x{image_hw[1]} image's {grid[0]}x{grid[1]} "
+                    f"grid and {len(ids)} classes; delete it and rerun infer_cam")
+  return strided.astype(np.float32), ids
 
 
 def load_cam_present(path: str) -> tuple[np.ndarray, np.ndarray]:

@@ -19,7 +19,7 @@
   affinity-jax convert psa-pytorch IN.pth OUT_DIR --arch cam|affinity [--backbone vgg16]
   affinity-jax convert mxnet IN.params OUT_DIR
   affinity-jax convert caffe vgg16_20M.caffemodel OUT_DIR
-  affinity-jax convert torchvision resnet50.pth|.npz OUT_DIR [--arch backbone|cam]
+  affinity-jax convert torchvision resnet50.pth|.npz OUT_DIR [--arch backbone|cam|relation]
 
 User errors (a bad file, config key or dataset) print one message and exit with status 2; so
 does a diverged run (NaN/Inf loss or network outputs: the message names the step and the last
@@ -169,12 +169,13 @@ def _parser() -> argparse.ArgumentParser:
   cf.add_argument("input")
   cf.add_argument("output")
   tv = csub.add_parser("torchvision", help="torchvision's ResNet-50 .pth (or .npz), or IRN's "
-                       "res50_cam.pth")
+                       "res50_cam.pth or res50_irn.pth")
   tv.add_argument("input")
   tv.add_argument("output")
-  tv.add_argument("--arch", choices=("backbone", "cam"), default="backbone",
-                  help="backbone (default: ImageNet weights, fc left out) or cam (IRN's "
-                       "res50_cam.pth, with its classifier)")
+  tv.add_argument("--arch", choices=("backbone", "cam", "relation"), default="backbone",
+                  help="backbone (default: ImageNet weights, fc left out), cam (IRN's "
+                       "res50_cam.pth, with its classifier) or relation (IRN's res50_irn.pth, "
+                       "its boundary and displacement heads and mean shift)")
   return p
 
 

@@ -155,6 +155,18 @@ def aff_image_scale(cfg) -> float:
   return scale
 
 
+METHODS = ("psa", "irn")
+
+
+def method(cfg) -> str:
+  """The config's `method`, checked: "psa" (AffinityNet, the default where the key is absent)
+  or "irn" (IRN's relation network and its walk at stride 4, docs/method.md §11)."""
+  name = cfg.get("method", "psa")
+  if name not in METHODS:
+    raise ConfigError(f"config key method must be one of {METHODS}, got {name!r}")
+  return name
+
+
 def _check(ok: bool, key: str, want: str, value) -> None:
   if not ok:
     raise ConfigError(f"config key {key} must be {want}, got {value!r}")
@@ -185,11 +197,20 @@ def validate(cfg) -> None:
   logt = cfg.random_walk.logt
   _check(int(logt) == logt and logt >= 0, "random_walk.logt", "an integer >= 0", logt)
   _check(float(cfg.model.width) > 0, "model.width", "> 0", cfg.model.width)
-  # ResNet-50 has IRN's networks, not yet IRN's stages (docs/method.md §11).
+  # PSA's stages run ResNet-38 or VGG-16; IRN's run ResNet-50 (docs/method.md §11).
   backbone = cfg.model.get("backbone", "resnet38")
-  _check(backbone in PSA_BACKBONES, "model.backbone",
-         f"one of {PSA_BACKBONES} for the pipeline (resnet50 has IRN's CAM network but no stages "
-         "yet)", backbone)
+  if method(cfg) == "irn":
+    _check(backbone == "resnet50", "model.backbone", "resnet50 with method irn", backbone)
+    # IRN's pair set ("psa") takes pairs from rows 0..h-r and columns r-1..w-r of the crop's
+    # stride-4 grid: a grid narrower than 2r - 1 has none, and the loss would train nothing.
+    grid, radius = int(cfg.aff.crop_size) // 4, int(cfg.aff.radius)
+    _check(cfg.aff.scheme != "psa" or grid >= 2 * radius - 1, "aff.crop_size",
+           f"at least 4 * (2 * aff.radius - 1) = {4 * (2 * radius - 1)} with aff.scheme psa "
+           f"and aff.radius {radius} (IRN's pair set needs a grid of {2 * radius - 1} cells; "
+           "or lower aff.radius, or use aff.scheme full)", cfg.aff.crop_size)
+  else:
+    _check(backbone in PSA_BACKBONES, "model.backbone",
+           f"one of {PSA_BACKBONES} with method psa (resnet50 is IRN's: method irn)", backbone)
   canvas = cfg.data.canvas
   _check(len(canvas) == 2 and all(int(c) == c and c > 0 for c in canvas), "data.canvas",
          "(height, width) in positive pixels", canvas)

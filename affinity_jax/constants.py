@@ -22,9 +22,11 @@ CAFFE_MEAN_RGB = (122.675, 116.669, 104.008)
 INPUT_CONVENTIONS = ("imagenet", "caffe_bgr")
 # Every architecture a checkpoint can hold: "backbone" is the trunk alone (the ImageNet weights
 # that initialise the others), the rest are the networks of the pipeline; either backbone.
-ARCHS = ("backbone", "cam", "affinity", "seg")
-# Those the original repository has (it has no segmentation network).
-ORIGINAL_ARCHS = tuple(a for a in ARCHS if a != "seg")
+# "relation" is IRN's inter-pixel relation network (boundaries and displacements), on
+# ResNet-50 only.
+ARCHS = ("backbone", "cam", "affinity", "seg", "relation")
+# Those the original repository has (it has no segmentation network; IRN's is not PSA's).
+ORIGINAL_ARCHS = tuple(a for a in ARCHS if a not in ("seg", "relation"))
 # The original's two backbones and IRN's ResNet-50 (config key model.backbone) -> the input
 # convention of their pretrained weights (data.transforms.normalize). torchvision's ResNet-50
 # takes ImageNet-normalised RGB, as IRN's voc12/dataloader.py feeds it.

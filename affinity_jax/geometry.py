@@ -236,17 +236,34 @@ def boundary_affinities(boundary: jax.Array, *, radius: int = 5,
   return _boundary_affinities(boundary, mask, radius=_check_radius(radius))
 
 
+@functools.lru_cache(maxsize=None)
+def _path_table(radius: int) -> np.ndarray:
+  """[K, L, 2] int32: the cells of each offset's path, padded to the longest (L) by repeating
+  the from cell (0, 0), which every path holds (so the maximum does not change)."""
+  paths = path_offsets(radius)
+  longest = max(len(p) for p in paths)
+  return np.asarray([list(p) + [(0, 0)] * (longest - len(p)) for p in paths], np.int32)
+
+
 @functools.partial(jax.jit, static_argnames=("radius",))
 def _boundary_affinities(boundary, mask, *, radius):
+  # One offset per scan step, its path's cells read as slices of one padded copy (fill 1): a
+  # program of constant size whatever the radius (unrolled, radius 10's 152 paths of up to 21
+  # cells took minutes to compile with their gradient), and with the step rematerialised, a
+  # gradient that keeps no per-offset copies.
   boundary = boundary.astype(jnp.float32)
-  shifted = {}
-  per_offset = []
-  for path in path_offsets(radius):
-    for cell in path:
-      if cell not in shifted:
-        shifted[cell] = _shift(boundary, *cell, fill=1.0)
-    per_offset.append(functools.reduce(jnp.maximum, [shifted[cell] for cell in path]))
-  return jnp.where(mask, 1.0 - jnp.stack(per_offset, axis=-1), 0.0)
+  b, h, w = boundary.shape
+  padded = jnp.pad(boundary, ((0, 0), (radius, radius), (radius, radius)), constant_values=1.0)
+
+  @jax.checkpoint
+  def path_max(cells):
+    return functools.reduce(jnp.maximum, [
+        jax.lax.dynamic_slice(padded, (0, radius + cells[j, 0], radius + cells[j, 1]), (b, h, w))
+        for j in range(cells.shape[0])])
+
+  _, maxima = jax.lax.scan(lambda carry, cells: (carry, path_max(cells)), None,
+                           jnp.asarray(_path_table(radius)))
+  return jnp.where(mask, 1.0 - jnp.moveaxis(maxima, 0, -1), 0.0)
 
 
 def symmetric_affinities(forward: jax.Array, *, radius: int = 5,

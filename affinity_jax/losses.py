@@ -1,16 +1,20 @@
-"""Losses of the three networks: affinity (docs/method.md §5), multilabel soft margin and
-segmentation cross-entropy.
+"""Losses of the networks: affinity (docs/method.md §5), multilabel soft margin, segmentation
+cross-entropy, and IRN's inter-pixel relation loss (docs/method.md §11).
 
 All are pure jnp functions of arrays, jit-able, returning float32 scalars.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from affinity_jax import geometry
 from affinity_jax.constants import IGNORE_LABEL
+from affinity_jax.relation_labels import RELATION_RADIUS
 
 # The original's epsilons: inside the logs and in the pair counts.
 LOG_EPS = 1e-5
@@ -47,6 +51,94 @@ def affinity_loss(affinity: jax.Array, fg_pos: jax.Array, bg_pos: jax.Array,
            "neg": mean(neg_nll, neg)}
   loss = parts["fg_pos"] / 4 + parts["bg_pos"] / 4 + parts["neg"] / 2
   return loss, parts
+
+
+def relation_loss(edge_logits: jax.Array, displacement: jax.Array, relation_label: jax.Array, *,
+                  radius: int = RELATION_RADIUS, scheme: str = "psa"
+                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """IRN's inter-pixel relation loss (net/resnet50_irn.py, weighted as step/train_irn.py).
+
+  Pairs (p, p + o), o in geometry.forward_offsets(radius), labelled by
+  geometry.pair_labels(relation_label, radius, scheme); "psa" is IRN's pair set. Their
+  affinity is a = 1 - max of sigmoid(edge_logits) over the path from p to p + o
+  (geometry.boundary_affinities); the displacement of the pair is d(p) - d(p + o). Sums and
+  counts run over the whole batch; a part whose pair set is empty is 0.
+
+  Parts:
+    bg_pos: sum(-log(a + 1e-5)) / (count + 1e-5) over pairs of two background positions: their
+      path should cross no boundary.
+    fg_pos: the same over pairs of two positions of one foreground label.
+    neg: sum(-log(1 + 1e-5 - a)) / (count + 1e-5) over pairs of two different labels: their
+      path should cross a boundary.
+    dp_fg: sum(|d(p) - d(p + o) - o|_1) / (2 count + 1e-5) over the fg_pos pairs: both ends
+      point to one centroid, p + d(p) = p + o + d(p + o) (the mean over pairs and the two
+      components, dy and dx).
+    dp_bg: sum(|d(p) - d(p + o)|_1) / (2 count + 1e-5) over the bg_pos pairs: the background
+      has no instance, its displacement field should be constant.
+  Loss = (bg_pos / 2 + fg_pos / 2 + neg) / 2 + (dp_fg + dp_bg) / 2.
+
+  Args:
+    edge_logits: [B, h, w] class-boundary logits on the stride-4 grid.
+    displacement: [B, h, w, 2] displacement field in grid cells, channel 0 = dy, 1 = dx.
+    relation_label: [B, h, w] integer labels of the crop on that grid (relation_labels.py):
+      0 = confident background, 1..254 = a foreground label, 255 = unsure.
+    radius: pairs within this radius (IRN: 10; K = 152 offsets).
+    scheme: the pair set, "psa" (IRN's) or "full" (geometry.py).
+
+  Returns:
+    (loss, {"bg_pos", "fg_pos", "neg", "dp_fg", "dp_bg"}) as float32 scalars.
+  """
+  if edge_logits.ndim != 3:
+    raise ValueError(f"relation_loss: edge_logits must be [B, h, w] "
+                     f"(got shape {tuple(edge_logits.shape)}).")
+  grid = tuple(edge_logits.shape)
+  if tuple(displacement.shape) != grid + (2,):
+    raise ValueError(f"relation_loss: displacement must be [B, h, w, 2] = {list(grid + (2,))} "
+                     f"on edge_logits' grid (got {list(displacement.shape)}).")
+  if tuple(relation_label.shape) != grid:
+    raise ValueError(f"relation_loss: relation_label must be [B, h, w] = {list(grid)} on "
+                     f"edge_logits' grid (got {list(relation_label.shape)}).")
+  pairs = geometry.pair_labels(relation_label, radius=radius, scheme=scheme)
+  affinity = geometry.boundary_affinities(jax.nn.sigmoid(edge_logits.astype(jnp.float32)),
+                                          radius=radius)
+  parts = _relation_parts(affinity, displacement.astype(jnp.float32), pairs["bg_pos"],
+                          pairs["fg_pos"], pairs["neg"], radius=radius)
+  loss = ((parts["bg_pos"] / 2 + parts["fg_pos"] / 2 + parts["neg"]) / 2
+          + (parts["dp_fg"] + parts["dp_bg"]) / 2)
+  return loss, parts
+
+
+def _relation_parts(affinity, displacement, bg_pos, fg_pos, neg, *, radius):
+  def mean(nll, label):
+    return jnp.sum(label * nll) / (jnp.sum(label) + COUNT_EPS)
+
+  parts = {"bg_pos": mean(-jnp.log(affinity + LOG_EPS), bg_pos),
+           "fg_pos": mean(-jnp.log(affinity + LOG_EPS), fg_pos),
+           "neg": mean(-jnp.log(1.0 + LOG_EPS - affinity), neg)}
+  # The pair displacement one component at a time, the ends gathered at once (a stack of 152
+  # shifted views compiles slowly): no [B, h, w, K, 2] array is formed.
+  b, h, w, _ = displacement.shape
+  offsets = np.asarray(geometry.forward_offsets(radius))
+  ends = _pair_end_indices(h, w, radius)
+  fg_sum = bg_sum = jnp.zeros((), jnp.float32)
+  for c in range(2):  # dy, then dx
+    component = displacement[..., c]
+    pair = component[..., None] - component.reshape(b, -1)[:, ends]  # d(p) - d(p + o)
+    fg_sum += jnp.sum(fg_pos * jnp.abs(pair - offsets[:, c].astype(np.float32)))
+    bg_sum += jnp.sum(bg_pos * jnp.abs(pair))
+  parts["dp_fg"] = fg_sum / (2 * jnp.sum(fg_pos) + COUNT_EPS)
+  parts["dp_bg"] = bg_sum / (2 * jnp.sum(bg_pos) + COUNT_EPS)
+  return parts
+
+
+@functools.lru_cache(maxsize=None)
+def _pair_end_indices(h: int, w: int, radius: int) -> np.ndarray:
+  """[h, w, K] int32 flat index (row-major over [h, w]) of p + o_k; ends outside the grid are
+  clipped to its edge (those pairs carry no label)."""
+  offsets = np.asarray(geometry.forward_offsets(radius))
+  ys = np.clip(np.arange(h)[:, None, None] + offsets[:, 0], 0, h - 1)
+  xs = np.clip(np.arange(w)[None, :, None] + offsets[:, 1], 0, w - 1)
+  return (ys * w + xs).astype(np.int32)
 
 
 def multilabel_soft_margin_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -105,6 +197,17 @@ def affinity_training_loss(radius: int, scheme: str):
     pairs = geometry.pair_labels(batch["aff_label"], radius=radius, scheme=scheme)
     return affinity_loss(aff, pairs["fg_pos"], pairs["bg_pos"], pairs["neg"])
   return aff_loss
+
+
+def relation_training_loss(radius: int = RELATION_RADIUS, scheme: str = "psa"):
+  """IRN's relation network's: ((edge_logits [B, h, w], displacement [B, h, w, 2]), batch with
+  "relation_label" [B, h, w]) -> (loss, its five parts), `relation_loss` over the pairs within
+  `radius` of the pair set `scheme`."""
+  def rel_loss(outputs, batch):
+    edge_logits, displacement = outputs
+    return relation_loss(edge_logits, displacement, batch["relation_label"], radius=radius,
+                         scheme=scheme)
+  return rel_loss
 
 
 def seg_training_loss(logits: jax.Array, batch) -> tuple[jax.Array, dict]:

@@ -391,3 +391,90 @@ def crf_label(image: np.ndarray, share: np.ndarray, channels: np.ndarray,
   q = crf.crf_inference(np.ascontiguousarray(image),
                         np.ascontiguousarray(share[..., :len(channels)]), t=iters)
   return channels[np.argmax(q, axis=-1)].astype(np.uint8)
+
+
+# IRN's walk in the pipeline (docs/method.md §11, method irn): the relation network's boundary
+# map at stride 4 of each image (flip-averaged, on the canvas), IRN's stride-4 CAMs of the
+# image's classes, the walk, and IRN's labels (boundary_walk_labels).
+
+IRN_STRIDE = 4
+
+
+def make_boundary_walk_fn(model, cfg):
+  """(variables, images [B, Hc, Wc, 3], widths [B], cams [B, h, w, K], valid [B, h, w]) ->
+  walked [B, h, w, K] float32: IRN's walk of the CAMs over the relation network `model`'s
+  boundary map, with the config's random_walk section (radius, beta, logt, tol).
+
+  The boundary map is IRN's: sigmoid of the mean of the boundary logits of the image and of its
+  flip (each image flipped within its own width `widths`, the logits flipped back within its
+  stride-4 grid), on the canvas grid [ceil(Hc / 4), ceil(Wc / 4)]: the network sees each image
+  padded with zeros (after normalising) as IRN pads it to its crop size.
+  """
+  radius = int(cfg.random_walk.radius)
+  t, beta = 2 ** int(cfg.random_walk.logt), float(cfg.random_walk.beta)
+  tol = float(cfg.random_walk.tol) if cfg.random_walk.tol > 0 else None
+
+  @jax.jit
+  def boundary(variables, images, widths):
+    flipped = cam_lib.flip_within(images, _flip_index(widths, images.shape[2]))
+    edges, _ = model.apply(variables, jnp.concatenate([images, flipped]))
+    b, _, grid_w = edges.shape
+    grid_widths = (widths + IRN_STRIDE - 1) // IRN_STRIDE
+    back = cam_lib.flip_within(edges[b // 2:, ..., None], _flip_index(grid_widths, grid_w))
+    return jax.nn.sigmoid(edges[:b // 2] / 2 + back[..., 0] / 2)
+
+  @jax.jit
+  def walk_scores(edge, cams, valid):
+    return boundary_walk(edge, cams, radius=radius, beta=beta, t=t, valid=valid, tol=tol)
+
+  def walk(variables, images, widths, cams, valid):
+    return walk_scores(boundary(variables, images, widths), cams, valid)
+  return walk
+
+
+def _flip_index(widths: jax.Array, canvas_w: int) -> jax.Array:
+  """cam.flip_index on the device: [B, canvas_w] flipping each row's first widths[b] columns."""
+  x = jnp.arange(canvas_w)[None, :]
+  w = widths[:, None]
+  return jnp.where(x < w, w - 1 - x, x).astype(jnp.int32)
+
+
+def boundary_walk_batch(walk, variables, images, cams: Mapping[int, np.ndarray], sizes, *,
+                        threshold: float, put=None):
+  """IRN's pseudo labels of one batch of canvases (method irn).
+
+  Args:
+    walk: `make_boundary_walk_fn(model, cfg)`.
+    images: [B, Hc, Wc, 3] the relation network's inputs at scale 1 on a canvas.
+    cams: {example index: (strided [ceil(H / 4), ceil(W / 4), P] IRN CAMs of the image's
+      classes, class_ids [P])}; examples without one have nothing to walk.
+    sizes: [B, 2] each image's (H, W).
+    threshold: the background's score (IRN's sem_seg_bg_thres, 0.25).
+    put: as in `walk_batch`.
+
+  Returns:
+    {example index: (label [H, W] uint8 (0 background, c + 1 class c), heat [H, W] float32
+    (the largest normalised class score, for pictures))}.
+  """
+  b = images.shape[0]
+  grid_hw = (-(-images.shape[1] // IRN_STRIDE), -(-images.shape[2] // IRN_STRIDE))
+  sizes = np.asarray(sizes)
+  k = channel_count(max((len(ids) for _, ids in cams.values()), default=1), 1 << 30)
+  stacks = np.zeros((b, *grid_hw, k), np.float32)
+  for i, (strided, _) in cams.items():
+    stacks[i, :strided.shape[0], :strided.shape[1], :strided.shape[2]] = strided
+  grid = -(-sizes // IRN_STRIDE)
+  valid = cam_lib.valid_mask(grid, grid_hw)
+  inputs = (images, sizes[:, 1].astype(np.int32), stacks, valid)
+  walked = np.asarray(walk(variables, *(put(inputs) if put else inputs)))
+  out = {}
+  for i, (strided, ids) in cams.items():
+    (gh, gw), (h, w) = grid[i], sizes[i]
+    scores = walked[i, :gh, :gw, :len(ids)]
+    index = boundary_walk_labels(scores, (h, w), threshold=threshold, stride=IRN_STRIDE)
+    label = np.concatenate([[0], np.asarray(ids, np.int64) + 1])[index].astype(np.uint8)
+    up = cam_lib.resize_bilinear(scores, (IRN_STRIDE * gh, IRN_STRIDE * gw))[:h, :w]
+    peak = float(up.max()) if up.size else 0.0
+    heat = up.max(axis=-1) / peak if peak > 0 else np.zeros((h, w), np.float32)
+    out[i] = (label, heat.astype(np.float32))
+  return out

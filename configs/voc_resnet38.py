@@ -15,6 +15,9 @@ import ml_collections
 def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.seed = 0
+  # "psa" (AffinityNet, this file) or "irn" (IRN's relation network: configs/voc_irn_resnet50.py).
+  # Each has its own backbones (config.validate), so model.backbone records the choice.
+  c.method = "psa"
   c.workdir = "runs/voc_resnet38"
   # Multi-process runs (README, "Running on a TPU pod slice / GPU cluster"): True joins the run
   # that the cluster's environment describes (Cloud TPU, SLURM, Open MPI); `affinity-jax run

@@ -1,12 +1,13 @@
-"""affinity_jax's ResNet-50 and CAM network against IRN's own (github jiwoon-ahn/irn), same weights.
+"""affinity_jax's ResNet-50, CAM and relation networks against IRN's own, same weights.
 
-IRN's net/resnet50_cam.py is imported from its checkout (`--irn-root` or IRN_ROOT), its files not
-edited. Its `resnet50(pretrained=True)` downloads torchvision's ImageNet weights through
-`model_zoo.load_url`; in this process only, that function returns instead a seeded random state
-dict in torchvision's layout (fc included, which IRN drops), with BatchNorm statistics far from
-(0, 1) so that they matter. The classifier gets seeded random weights too. Our side converts
-IRN's CAM network's own state dict (`convert.torchvision_to_variables(..., "cam")`, IRN's layout
-with its stage aliases) and, for the stages, the torchvision dict ("backbone").
+IRN (github jiwoon-ahn/irn): net/resnet50_cam.py and net/resnet50_irn.py are imported from its
+checkout (`--irn-root` or IRN_ROOT), its files not edited. Its `resnet50(pretrained=True)`
+downloads torchvision's ImageNet weights through `model_zoo.load_url`; in this process only,
+that function returns instead a seeded random state dict in torchvision's layout (fc included,
+which IRN drops), with BatchNorm statistics far from (0, 1) so that they matter. The classifier
+gets seeded random weights too. Our side converts IRN's CAM network's own state dict
+(`convert.torchvision_to_variables(..., "cam")`, IRN's layout with its stage aliases) and, for
+the stages, the torchvision dict ("backbone").
 
 Compared on random normalised images at each size (2 images, NCHW for IRN, NHWC for us):
 - logits: IRN's Net.forward (eval) against ResNet50CAMNet's;
@@ -19,9 +20,21 @@ Compared on random normalised images at each size (2 images, NCHW for IRN, NHWC 
   imutils.pil_rescale, bicubic), put together by the rule of docs/method.md §11 in torch
   (bilinear to the stride-4 grid and to 16 x the stride-16 grid cropped to the image, summed,
   each class over its maximum + 1e-5): `ms_cam_max_rel`, `ms_high_res_max_rel`.
-Each as max |ours - IRN's| / max |IRN's| (`{key}_{H}x{W}_max_rel`), plus `max_rel` over all.
+- the inter-pixel relation network (`compare_relation`, `--relation-sizes`, one image each):
+  IRN's net/resnet50_irn.py Net (eval, so its mean shift is applied) on the same torchvision
+  dict, its heads at torch's seeded default initialisation with GroupNorm scales and biases,
+  fc_edge6's bias and the mean shift drawn at random so that they matter, against RelationNet
+  with IRN's Net state dict converted (`convert.torchvision_to_variables(..., "relation")`):
+  `relation_edge_{H}x{W}` (edge_out, the boundary logits) and `relation_dp_{H}x{W}` (dp_out);
+  then IRN's EdgeDisplacement (its inference module: the image and its flipped copy padded
+  with zeros to `--crop-size`, cropped back to the stride-4 grid, boundary
+  sigmoid(edge[0] / 2 + flip(edge[1]) / 2), displacement dp[0]) on an image of `--flip-size`
+  against the same computed from ours: `relation_flip_edge_{H}x{W}`, `relation_flip_dp_...`.
+Each as max |ours - IRN's| / max |IRN's| (`{key}_{H}x{W}_max_rel`), plus `max_rel` over all;
+the relation network's also as the max absolute error (`..._max_abs`).
 
 Usage: python experiments/compare_irn_networks.py --irn-root /tmp/irn [--sizes 72x104,97x66]
+  [--relation-sizes 320x320,281x353] [--flip-size 281x353 --crop-size 512] [--skip-relation]
 The last line printed is JSON.
 """
 
@@ -55,16 +68,101 @@ def parse_size(text: str) -> tuple[int, int]:
   return h, w
 
 
-def load_irn_cam_module(torch, irn_root: str, state_dict: dict):
-  """IRN's net.resnet50_cam, whose resnet50(pretrained=True) loads `state_dict` (a fresh copy
-  each time: IRN pops fc from it) instead of downloading."""
+def load_irn_net_module(torch, irn_root: str, state_dict: dict, name: str = "net.resnet50_cam"):
+  """IRN's module `name` (net.resnet50_cam or net.resnet50_irn), whose resnet50(pretrained=True)
+  loads `state_dict` (a fresh copy each time: IRN pops fc from it) instead of downloading."""
   import torch.utils.model_zoo as model_zoo
   model_zoo.load_url = lambda url, *args, **kwargs: {
       k: torch.from_numpy(v.copy()) for k, v in state_dict.items()}
-  sys.path.insert(0, irn_root)
-  module = importlib.import_module("net.resnet50_cam")
+  if irn_root not in sys.path:
+    sys.path.insert(0, irn_root)
+  module = importlib.import_module(name)
   assert importlib.import_module("net.resnet50").model_zoo.load_url is model_zoo.load_url
   return module
+
+
+def max_abs(ours, theirs) -> float:
+  ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
+  assert ours.shape == theirs.shape, (ours.shape, theirs.shape)
+  return float(np.abs(ours - theirs).max())
+
+
+def irn_relation_net(torch, irn_root: str, torchvision_sd: dict, seed: int):
+  """(IRN's net.resnet50_irn module, its Net in eval mode): the backbone from `torchvision_sd`,
+  the heads at torch's default initialisation (seeded), then GroupNorm scales around 1,
+  GroupNorm biases, fc_edge6's bias and the mean shift drawn at random."""
+  irn = load_irn_net_module(torch, irn_root, torchvision_sd, "net.resnet50_irn")
+  torch.manual_seed(seed)
+  net = irn.Net()
+  gen = torch.Generator().manual_seed(seed + 1)
+  with torch.no_grad():
+    for layers in (net.edge_layers, net.dp_layers):
+      for module in layers.modules():
+        if isinstance(module, torch.nn.GroupNorm):
+          module.weight.copy_(torch.rand(module.weight.shape, generator=gen) + 0.5)
+          module.bias.copy_(torch.randn(module.bias.shape, generator=gen) * 0.2)
+    net.fc_edge6.bias.copy_(torch.randn(net.fc_edge6.bias.shape, generator=gen))
+    net.mean_shift.running_mean.copy_(torch.randn(2, generator=gen) * 0.5)
+  net.eval()
+  return irn, net
+
+
+def compare_relation(torch, irn_root: str, torchvision_sd: dict, sizes, flip_size,
+                     crop_size: int, seed: int = 0) -> dict[str, float]:
+  """IRN's relation network (Net and EdgeDisplacement) against ours on the same weights: the
+  `relation_*` entries of the module docstring, as {name: error}."""
+  import jax
+
+  from affinity_jax import convert, models
+  irn, net = irn_relation_net(torch, irn_root, torchvision_sd, seed)
+  irn_sd = {k: v.numpy() for k, v in net.state_dict().items()}
+  variables, dropped = convert.torchvision_to_variables(irn_sd, "relation",
+                                                        source="IRN's relation Net")
+  assert dropped == [], dropped
+  ours = models.build("relation", backbone="resnet50")
+  forward = jax.jit(ours.apply)
+  results = {}
+  rng = np.random.default_rng(seed + 3)
+  for h, w in sizes:
+    key = f"{h}x{w}"
+    x = rng.normal(size=(1, 3, h, w)).astype(np.float32)
+    with torch.no_grad():
+      edge, dp = (t.numpy() for t in net(torch.from_numpy(x)))
+    our_edge, our_dp = forward(variables, x.transpose(0, 2, 3, 1))
+    pairs = {"edge": (np.asarray(our_edge)[:, None], edge),
+             "dp": (np.asarray(our_dp).transpose(0, 3, 1, 2), dp)}
+    _record(results, pairs, key, f"IRN's Net, {key}")
+
+  # EdgeDisplacement: IRN's inference on [image, flipped image], padded to crop_size.
+  h, w = flip_size
+  edge_disp = irn.EdgeDisplacement(crop_size=crop_size, stride=4)
+  edge_disp.load_state_dict(net.state_dict(), strict=True)
+  edge_disp.eval()
+  x = rng.normal(size=(3, h, w)).astype(np.float32)
+  pair = np.stack([x, x[:, :, ::-1]])
+  with torch.no_grad():
+    edge, dp = (t.numpy() for t in edge_disp(torch.from_numpy(pair.copy())))
+  canvas = np.zeros((2, crop_size, crop_size, 3), np.float32)
+  canvas[:, :h, :w] = pair.transpose(0, 2, 3, 1)
+  our_edge, our_dp = (np.asarray(t) for t in forward(variables, canvas))
+  fh, fw = -(-h // 4), -(-w // 4)
+  our_edge, our_dp = our_edge[:, :fh, :fw], our_dp[:, :fh, :fw]
+  flipped = 1 / (1 + np.exp(-(our_edge[0] / 2 + our_edge[1][:, ::-1] / 2)))
+  pairs = {"flip_edge": (flipped[None], edge), "flip_dp": (our_dp[0].transpose(2, 0, 1), dp)}
+  _record(results, pairs, f"{h}x{w}", f"IRN's EdgeDisplacement, {h}x{w} on {crop_size}x"
+          f"{crop_size}")
+  return results
+
+
+def _record(results: dict, pairs: dict, key: str, title: str) -> None:
+  """Adds relation_{name}_{key}_max_rel / _max_abs of each (ours, IRN's) pair and prints them."""
+  for name, (ours, theirs) in pairs.items():
+    results[f"relation_{name}_{key}_max_rel"] = max_rel(ours, theirs)
+    results[f"relation_{name}_{key}_max_abs"] = max_abs(ours, theirs)
+  print(f"relation network, {title}: " + ", ".join(
+      f"{name} {results[f'relation_{name}_{key}_max_rel']:.2e} (abs "
+      f"{results[f'relation_{name}_{key}_max_abs']:.2e}, IRN's max "
+      f"{np.abs(theirs).max():.3g})" for name, (_, theirs) in pairs.items()), flush=True)
 
 
 def max_rel(ours, theirs) -> float:
@@ -82,11 +180,25 @@ def main(argv=None) -> int:
                  help="image sizes HxW, comma-separated (default 72x104,97x66)")
   p.add_argument("--ms-size", default=(75, 98), type=parse_size,
                  help="size of the multi-scale CAM image, HxW (default 75x98)")
+  p.add_argument("--relation-sizes", default="320x320,281x353",
+                 type=lambda s: [parse_size(t) for t in s.split(",")],
+                 help="image sizes HxW of the relation network, comma-separated (default "
+                      "320x320,281x353)")
+  p.add_argument("--flip-size", default=(281, 353), type=parse_size,
+                 help="size HxW of the image of the EdgeDisplacement comparison (default "
+                      "281x353)")
+  p.add_argument("--crop-size", type=int, default=512,
+                 help="EdgeDisplacement's canvas side (IRN's default 512), >= --flip-size")
+  p.add_argument("--skip-relation", action="store_true",
+                 help="compare the backbone and the CAM network only (tests/test_resnet50.py; "
+                      "tests/test_relation_net.py runs compare_relation itself)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
   args = p.parse_args(argv)
   if not args.irn_root:
     p.error("give --irn-root or set IRN_ROOT")
+  if args.crop_size < max(args.flip_size):
+    p.error(f"--crop-size {args.crop_size} is smaller than --flip-size {args.flip_size}")
   try:
     irn_root = irn_original.check_irn_root(args.irn_root)
   except ValueError as e:
@@ -101,7 +213,7 @@ def main(argv=None) -> int:
 
   torch.set_num_threads(args.threads)
   torchvision_sd = reference_resnet50.random_state_dict(1.0, seed=args.seed, fc=True)
-  irn = load_irn_cam_module(torch, irn_root, torchvision_sd)
+  irn = load_irn_net_module(torch, irn_root, torchvision_sd)
   net, cam = irn.Net(), irn.CAM()
   classifier = np.random.default_rng(args.seed + 1).normal(
       0.0, 0.02, (NUM_CLASSES, 2048, 1, 1)).astype(np.float32)
@@ -178,7 +290,10 @@ def main(argv=None) -> int:
   print(f"multi-scale + flip CAMs of a {h}x{w} image, classes {classes.tolist()}: stride-4 "
         f"{results['ms_cam_max_rel']:.2e}, full resolution {results['ms_high_res_max_rel']:.2e}",
         flush=True)
-  results["max_rel"] = max(results.values())
+  if not args.skip_relation:
+    results.update(compare_relation(torch, irn_root, torchvision_sd, args.relation_sizes,
+                                    args.flip_size, args.crop_size, args.seed))
+  results["max_rel"] = max(v for k, v in results.items() if k.endswith("_max_rel"))
   print(json.dumps(results, sort_keys=True))
   return 0
 

@@ -97,6 +97,7 @@ NETWORKS = [  # (backbone, arch, method, padded to a multiple of 8 as the origin
     ("vgg16", "cam", "cam", False),
     ("vgg16", "affinity", "__call__", True),
     ("vgg16", "seg", "__call__", False),
+    ("resnet50", "seg", "__call__", False),
 ]
 
 

@@ -31,6 +31,23 @@ def test_voc_reports_follow_the_papers_protocol():
   assert cfg.random_walk.crf  # the paper's dCRF on the walked maps (not infer_aff.py)
 
 
+def test_irn_config_names_irn_values():
+  """configs/voc_irn_resnet50.py: IRN's run_sample.py values where they differ from PSA's."""
+  cfg = _load("voc_irn_resnet50.py")
+  config.validate(cfg)
+  assert (cfg.method, cfg.model.backbone) == ("irn", "resnet50")
+  assert (cfg.cam.batch_size, cfg.cam.epochs, cfg.cam.lr, cfg.cam.weight_decay,
+          cfg.cam.crop_size, tuple(cfg.cam.resize_long)) == (16, 5, 0.1, 1e-4, 512, (320, 640))
+  assert tuple(cfg.cam_infer.scales) == (1.0, 0.5, 1.5, 2.0)
+  assert (cfg.aff_labels.fg_threshold, cfg.aff_labels.bg_threshold) == (0.30, 0.05)
+  assert (cfg.aff.batch_size, cfg.aff.epochs, cfg.aff.lr, cfg.aff.weight_decay,
+          cfg.aff.crop_size, tuple(cfg.aff.scale_range), cfg.aff.radius, cfg.aff.scheme) == (
+              32, 3, 0.1, 1e-4, 512, (0.5, 1.5), 10, "psa")
+  assert cfg.cam.momentum_quirk and cfg.aff.momentum_quirk  # PolyOptimizer's SGD(p, lr, wd)
+  assert (cfg.random_walk.beta, cfg.random_walk.logt, cfg.random_walk.radius,
+          cfg.random_walk.bg_threshold, cfg.random_walk.crf) == (10.0, 8, 5, 0.25, False)
+
+
 # Config names: `synthetic:tiny` is the shipped configs/synthetic.py (tests/test_packaging.py
 # checks the same from an installed wheel).
 
@@ -47,7 +64,8 @@ def test_the_shipped_configs_are_the_files_of_configs():
       assert installed.read() == ours.read(), f
 
 
-@pytest.mark.parametrize("name", ["synthetic", "voc_resnet38", "voc_vgg16"])
+@pytest.mark.parametrize("name", ["synthetic", "synthetic_irn", "voc_irn_resnet50",
+                                  "voc_resnet38", "voc_vgg16"])
 @pytest.mark.parametrize("variant", ["", ":tiny"])
 def test_a_name_loads_the_same_config_as_its_path(name, variant):
   by_name = config.load_config(name + variant)
@@ -58,8 +76,8 @@ def test_a_name_loads_the_same_config_as_its_path(name, variant):
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("synthetc", r"unknown config 'synthetc'; shipped configs: synthetic, voc_resnet38, "
-                 r"voc_vgg16"),
+    ("synthetc", r"unknown config 'synthetc'; shipped configs: synthetic, synthetic_irn, "
+                 r"voc_irn_resnet50, voc_resnet38, voc_vgg16"),
     ("synthetic:huge", r"unknown variant 'huge'"),
     ("nowhere/synthetic.py:tiny", r"config file 'nowhere/synthetic.py' not found \(or name a "
                                   r"shipped config: synthetic, "),

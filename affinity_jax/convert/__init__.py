@@ -5,7 +5,8 @@
 - `convert_mxnet(in_path, out_dir)`: ademxapp's ImageNet ResNet-38 `.params`, read with numpy.
 - `convert_caffe(in_path, out_dir)`: DeepLab's VGG-16 `.caffemodel`, read with numpy.
 - `convert_torchvision(in_path, out_dir, arch="backbone")`: torchvision's ResNet-50 `.pth`
-  (needs torch) or `.npz`, or IRN's res50_cam.pth (arch "cam").
+  (needs torch) or `.npz`, IRN's res50_cam.pth (arch "cam") or res50_irn.pth (arch
+  "relation").
 All raise `ConversionError` (a UserError) with a message naming the file or keys.
 """
 

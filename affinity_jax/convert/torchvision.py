@@ -1,6 +1,7 @@
-"""torchvision's ResNet-50 and IRN's CAM network on it -> our variables (models/resnet50.py).
+"""torchvision's ResNet-50 and IRN's CAM and relation networks on it -> our variables
+(models/resnet50.py, models/relation_net.py).
 
-Two layouts are read:
+Three layouts are read:
 - torchvision's ImageNet state dict (`resnet50-*.pth`, the file IRN's net/resnet50.py loads):
   conv1, bn1, layer1.0 .. layer4.2, fc. `fc.weight` / `fc.bias` are dropped, as IRN does; the
   result is a "backbone" checkpoint.
@@ -9,7 +10,15 @@ Two layouts are read:
   ResNet-50 alone, the classifier dropped). IRN's Net also registers its stages as modules
   (stage1..stage4, backbone, newly_added), so its state dict holds every tensor a second or
   third time under those names: each such alias must equal the tensor it names, and is dropped.
-Either may carry DataParallel's "module." prefix and `num_batches_tracked` entries (ignored).
+- IRN's trained inter-pixel relation network (`res50_irn.pth`, net/resnet50_irn.py): the
+  backbone as "resnet50." again, its heads fc_edge1..6 and fc_dp1..7 and
+  mean_shift.running_mean -> a "relation" checkpoint (or, with arch "backbone", the ResNet-50
+  alone). Its aliases differ from the CAM network's: stage1 = (conv1, bn1, relu, maxpool),
+  stage2..stage5 = layer1..layer4, backbone = the five stages, edge_layers / dp_layers = the
+  heads, fc_dp7.4 = mean_shift. train_irn.py saves the state dict of its loss module, whose
+  training-only buffers (path_indices0.., disp_target) are dropped.
+  models/relation_net.py has the table of the heads' names.
+Any may carry DataParallel's "module." prefix and `num_batches_tracked` entries (ignored).
 
 Renaming (models/resnet50.py has the full table): "layer3.4.conv2.weight" -> params/layer3_4/
 conv2/kernel (OIHW -> HWIO, transpose(2, 3, 1, 0)), "layer2.0.downsample.0.weight" ->
@@ -33,10 +42,11 @@ import numpy as np
 
 from affinity_jax.convert.psa import (BN_SUFFIXES, MODULE_PREFIX, ConversionError, open_input,
                                       place_tensor, plain_tensors, read_torch_state_dict)
+from affinity_jax.models import relation_net
 from affinity_jax.models.resnet38 import scaled
 from affinity_jax.models.resnet50 import EXPANSION, LAYERS, STEM_CHANNELS, has_downsample
 
-CONVERTIBLE_ARCHS = ("backbone", "cam")
+CONVERTIBLE_ARCHS = ("backbone", "cam", "relation")
 IRN_PREFIX = "resnet50."
 CLASSIFIER = "classifier.weight"
 IMAGENET_FC = ("fc.weight", "fc.bias")
@@ -44,6 +54,21 @@ IMAGENET_FC = ("fc.weight", "fc.bias")
 # Sequential(conv1, bn1, relu, maxpool, layer1), stageN = Sequential(layerN), backbone =
 # ModuleList(stage1..stage4), newly_added = ModuleList(classifier).
 IRN_STAGE1 = {"0": "conv1", "1": "bn1", "4": "layer1"}
+# net/resnet50_irn.py instead: stage1 = Sequential(conv1, bn1, relu, maxpool), stageN =
+# Sequential(layer{N-1}) for N = 2..5, backbone = ModuleList(stage1..stage5), edge_layers /
+# dp_layers = ModuleList(fc_edge1..6) / (fc_dp1..7), and fc_dp7's fifth module is mean_shift.
+RELATION_STAGE1 = {"0": "conv1", "1": "bn1"}
+MEAN_SHIFT = f"{relation_net.MEAN_SHIFT}.running_mean"
+MEAN_SHIFT_ALIAS = "fc_dp7.4.running_mean"
+# A relation network's head tensor in IRN's nn.Sequential: index.tensor -> our path below it.
+HEAD_TENSORS = {"0.weight": ("conv", "kernel"), "1.weight": ("norm", "scale"),
+                "1.bias": ("norm", "bias")}
+DISPLACEMENT_OUT = ("3.weight", ("out", "kernel"))  # fc_dp7's last convolution
+# train_irn.py saves AffinityDisplacementLoss's state dict: these buffers hold no weights.
+RELATION_TRAINING_BUFFERS = ("path_indices", "disp_target")
+# The top-level names only IRN's relation network has (its heads, their lists, its fifth stage).
+RELATION_MODULES = (relation_net.BOUNDARY_MODULES | relation_net.DISPLACEMENT_MODULES
+                    | {relation_net.MEAN_SHIFT, "edge_layers", "dp_layers", "stage5"})
 
 
 def _check_arch(arch: str) -> None:
@@ -87,53 +112,102 @@ def _layout(arch: str, width: float, num_classes: int
       cin = cout
   if arch == "cam":
     conv("classifier", ("classifier",), num_classes, cin, 1)
+  if arch == "relation":  # in IRN's order: mean_shift, fc_edge1..6, fc_dp1..7
+    out.append((MEAN_SHIFT, (relation_net.DISPLACEMENT_CHANNELS,), "batch_stats",
+                (relation_net.MEAN_SHIFT, "mean")))
+    channels = relation_net.head_channels(width)
+    for name in ([h.name for h in relation_net.BOUNDARY_HEADS] + [relation_net.BOUNDARY_OUT]
+                 + [h.name for h in relation_net.DISPLACEMENT_HEADS]):
+      cin, cout, _ = channels[name]
+      if name == relation_net.BOUNDARY_OUT:  # a plain convolution, with bias
+        conv(name, (name,), cout, cin, 1)
+        out.append((f"{name}.bias", (cout,), "params", (name, "bias")))
+        continue
+      for suffix, path in HEAD_TENSORS.items():
+        shape = (cout, cin, 1, 1) if path[0] == "conv" else (cout,)
+        out.append((f"{name}.{suffix}", shape, "params", (name, *path)))
+      if name == "fc_dp7":
+        suffix, path = DISPLACEMENT_OUT
+        out.append((f"{name}.{suffix}", (relation_net.DISPLACEMENT_CHANNELS, cout, 1, 1),
+                    "params", (name, *path)))
   return out
 
 
 def torchvision_state_dict_shapes(arch: str = "backbone", width: float = 1.0,
                                   num_classes: int = 20) -> dict[str, tuple[int, ...]]:
   """torchvision's ResNet-50 state-dict names and shapes (OIHW) without fc and
-  num_batches_tracked, in its order; arch "cam" adds IRN's `classifier.weight`. Other widths
-  scale every channel count as the models do (names unchanged), for tests."""
+  num_batches_tracked, in its order; arch "cam" adds IRN's `classifier.weight`, arch
+  "relation" IRN's relation heads (mean_shift.running_mean, fc_edge1..6, fc_dp1..7, in IRN's
+  order, without its aliases). Other widths scale every channel count as the models do (names
+  unchanged), for tests."""
   return {name: shape for name, shape, _, _ in _layout(arch, width, num_classes)}
 
 
-def _irn_alias(name: str) -> str | None:
-  """The canonical name (without "resnet50.") of a tensor IRN's Net registers again under its
-  stage modules, or None if `name` is no such alias."""
+def _is_relation(names) -> bool:
+  """Whether IRN-layout tensor `names` are its relation network's (it has heads and a stage5)."""
+  return any(n.split(".")[0] in RELATION_MODULES for n in names)
+
+
+def _irn_alias(name: str, relation: bool) -> str | None:
+  """The canonical name (without "resnet50.") of a tensor IRN's CAM Net (or relation Net, with
+  `relation`) registers again under its stage or list modules, or None if `name` is no such
+  alias."""
   parts = name.split(".")
-  if len(parts) > 2 and parts[0] == "newly_added" and parts[1] == "0":
-    return ".".join(["classifier", *parts[2:]])
-  if len(parts) > 2 and parts[0] == "backbone" and parts[1] in ("0", "1", "2", "3"):
+  if len(parts) < 3:
+    return None
+  if not relation:
+    if parts[0] == "newly_added" and parts[1] == "0":
+      return ".".join(["classifier", *parts[2:]])
+    if parts[0] == "backbone" and parts[1] in ("0", "1", "2", "3"):
+      parts = [f"stage{int(parts[1]) + 1}", *parts[2:]]
+    if len(parts) > 2 and parts[0] == "stage1" and parts[1] in IRN_STAGE1:
+      return ".".join([IRN_STAGE1[parts[1]], *parts[2:]])
+    if len(parts) > 2 and parts[0] in ("stage2", "stage3", "stage4") and parts[1] == "0":
+      return ".".join([f"layer{parts[0][-1]}", *parts[2:]])
+    return None
+  if name == MEAN_SHIFT_ALIAS:
+    return MEAN_SHIFT
+  lists = {"edge_layers": "fc_edge", "dp_layers": "fc_dp"}
+  if parts[0] in lists and parts[1].isdigit():
+    twin = ".".join([f"{lists[parts[0]]}{int(parts[1]) + 1}", *parts[2:]])
+    return MEAN_SHIFT if twin == MEAN_SHIFT_ALIAS else twin
+  if parts[0] == "backbone" and parts[1] in ("0", "1", "2", "3", "4"):
     parts = [f"stage{int(parts[1]) + 1}", *parts[2:]]
-  if len(parts) > 2 and parts[0] == "stage1" and parts[1] in IRN_STAGE1:
-    return ".".join([IRN_STAGE1[parts[1]], *parts[2:]])
-  if len(parts) > 2 and parts[0] in ("stage2", "stage3", "stage4") and parts[1] == "0":
-    return ".".join([f"layer{parts[0][-1]}", *parts[2:]])
+  if len(parts) > 2 and parts[0] == "stage1" and parts[1] in RELATION_STAGE1:
+    return ".".join([RELATION_STAGE1[parts[1]], *parts[2:]])
+  if (len(parts) > 2 and parts[0] in ("stage2", "stage3", "stage4", "stage5")
+      and parts[1] == "0"):
+    return ".".join([f"layer{int(parts[0][-1]) - 1}", *parts[2:]])
   return None
 
 
+def _is_backbone(name: str) -> bool:
+  return name.split(".")[0] in ("conv1", "bn1") or name.startswith("layer")
+
+
 def _canonical(state_dict: Mapping[str, Any], source: str) -> tuple[dict[str, Any], str]:
-  """(tensors in torchvision's names plus "classifier.weight", "torchvision" or "irn"): the
-  DataParallel prefix, num_batches_tracked and IRN's aliases removed."""
+  """(tensors in torchvision's names plus IRN's heads ("classifier.weight"; fc_edge*, fc_dp*,
+  mean_shift.running_mean), "torchvision" or "irn"): the DataParallel prefix,
+  num_batches_tracked and IRN's aliases removed."""
   tensors = plain_tensors(state_dict, source)
   if IRN_PREFIX + "conv1.weight" not in tensors:
     return tensors, "torchvision"
+  relation = _is_relation(tensors)
   out, aliases = {}, {}
   for name, value in tensors.items():
     if name.startswith(IRN_PREFIX):
       out[name[len(IRN_PREFIX):]] = value
-    elif name == CLASSIFIER or _irn_alias(name) is None:
-      out[name] = value  # the classifier, or a stranger reported as unexpected.
+    elif _irn_alias(name, relation) is None:
+      out[name] = value  # a head, or a stranger reported as unexpected.
     else:
       aliases[name] = value
   for name, value in aliases.items():
-    twin = _irn_alias(name)
+    twin = _irn_alias(name, relation)
     if twin not in out or np.shape(out[twin]) != np.shape(value) or not np.array_equal(
         np.asarray(out[twin]), np.asarray(value)):
-      prefixed = twin if twin == CLASSIFIER else IRN_PREFIX + twin
-      raise ConversionError(f"{source}: {name} should be the same tensor as {prefixed} (IRN's "
-                            "Net registers its stages twice), but differs from it")
+      stored = IRN_PREFIX + twin if _is_backbone(twin) else twin
+      raise ConversionError(f"{source}: {name} should be the same tensor as {stored} (IRN's "
+                            "Net registers its modules more than once), but differs from it")
   return out, "irn"
 
 
@@ -148,7 +222,7 @@ def infer_width(state_dict: Mapping[str, Any], source: str = "state dict") -> fl
                                 f"kernel [64, 3, 7, 7]")
         return shape[0] / STEM_CHANNELS
   raise ConversionError(f"{source}: no conv1.weight (nor resnet50.conv1.weight): not "
-                        "torchvision's ResNet-50 nor IRN's CAM network")
+                        "torchvision's ResNet-50 nor one of IRN's networks")
 
 
 def torchvision_to_variables(state_dict: Mapping[str, Any], arch: str = "backbone", *,
@@ -158,8 +232,10 @@ def torchvision_to_variables(state_dict: Mapping[str, Any], arch: str = "backbon
 
   state_dict: name -> array (numpy, or anything `np.asarray` takes, e.g. CPU torch tensors) in
     torchvision's or IRN's layout (module docstring).
-  arch: "backbone" (fc, or IRN's classifier, left out) or "cam" (IRN's classifier needed; its
-    rows give num_classes).
+  arch: "backbone" (fc, or IRN's classifier or relation heads, left out), "cam" (IRN's
+    classifier needed; its rows give num_classes) or "relation" (IRN's relation network:
+    fc_edge1..6, fc_dp1..7 and mean_shift.running_mean needed; the training-only buffers of
+    train_irn.py's loss module, path_indices* and disp_target, are left out).
   width: the model width; None reads it from conv1.
   source: how error messages name the input (e.g. its file name).
   """
@@ -169,6 +245,16 @@ def torchvision_to_variables(state_dict: Mapping[str, Any], arch: str = "backbon
   dropped = [n for n in IMAGENET_FC if n in tensors]
   if arch == "backbone" and CLASSIFIER in tensors:
     dropped.append(CLASSIFIER)
+  relation = layout == "irn" and _is_relation(tensors)
+  if relation:
+    dropped += [n for n in tensors if n.startswith(RELATION_TRAINING_BUFFERS) or (
+        arch == "backbone" and n.split(".")[0] in RELATION_MODULES)]
+  if arch == "relation" and not relation:
+    hint = ("torchvision's ImageNet file has none: convert it with --arch backbone, IRN "
+            "trains the relation network's heads from scratch on it" if layout == "torchvision"
+            else "this is IRN's CAM network (res50_cam.pth), not its relation network "
+            "(res50_irn.pth)")
+    raise ConversionError(f"{source}: no fc_edge1.0.weight, IRN's relation network: {hint}")
   if arch == "cam" and CLASSIFIER not in tensors:
     hint = (": torchvision's ImageNet file has none (its fc is ImageNet's 1000 classes); "
             "convert it with --arch backbone, IRN trains the classifier from scratch"
@@ -177,7 +263,8 @@ def torchvision_to_variables(state_dict: Mapping[str, Any], arch: str = "backbon
   classifier_shape = np.shape(tensors[CLASSIFIER]) if arch == "cam" else (0,)
   layout_rows = _layout(arch, width, int(classifier_shape[0]) if classifier_shape else 0)
   expected = {name: shape for name, shape, _, _ in layout_rows}
-  kind = "IRN's CAM network" if arch == "cam" else "torchvision's ResNet-50"
+  kind = {"cam": "IRN's CAM network", "relation": "IRN's relation network"}.get(
+      arch, "torchvision's ResNet-50")
 
   missing = [n for n in expected if n not in tensors]
   if missing:
@@ -218,9 +305,10 @@ def read_state_dict(in_path: str) -> dict[str, np.ndarray]:
 
 
 def convert_torchvision(in_path: str, out_dir: str, arch: str = "backbone") -> dict:
-  """Converts torchvision's ResNet-50 (.pth or .npz; "backbone") or IRN's res50_cam.pth
-  ("cam" or "backbone") to a resnet50 checkpoint folder `out_dir`. Returns the metadata
-  written, whose "dropped" lists the tensors left out (fc.weight, fc.bias, ...)."""
+  """Converts torchvision's ResNet-50 (.pth or .npz; "backbone"), IRN's res50_cam.pth ("cam"
+  or "backbone") or IRN's res50_irn.pth ("relation" or "backbone") to a resnet50 checkpoint
+  folder `out_dir`. Returns the metadata written, whose "dropped" lists the tensors left out
+  (fc.weight, fc.bias, ...)."""
   from affinity_jax import checkpoint
   _check_arch(arch)
   state_dict = read_state_dict(in_path)

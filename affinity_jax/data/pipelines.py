@@ -1,4 +1,4 @@
-"""tf.data input pipelines of the three trainings and of inference, yielding numpy batches.
+"""tf.data input pipelines of the trainings and of inference, yielding numpy batches.
 
 Training: per-epoch seeded shuffle of the encoded records -> this host's rows of each global
 batch -> decode + augment (parallel, order-preserving) -> batch(drop_remainder) -> prefetch,
@@ -20,6 +20,7 @@ a label is 255.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Iterator, Sequence
@@ -215,11 +216,62 @@ def aff_train(builder, split: str, score_dir: str, *, batch_size: int, crop_size
   return _finish_train(ds, batch_size)
 
 
-def _load_label(path: bytes, height, width):
+def _load_label(path: bytes, height, width, stage: str):
   try:
-    return artifacts.load_label(path.decode(), "random_walk", (height, width))[..., None]
+    return artifacts.load_label(path.decode(), stage, (height, width))[..., None]
   except UserError as e:
     records.fail(str(e))
+
+
+def _labelled_train(builder, split: str, label_dir: str | None, *, stage: str,
+                    methods: Sequence[str], outputs, batch_size: int, crop_size: int,
+                    scale_range: tuple[float, float], resize_long: tuple[int, int] | None,
+                    color_jitter: Sequence[float] | None, seed: int, start_step: int,
+                    shuffle_buffer: int, process_index: int | None, process_count: int | None,
+                    check: bool, exclude: frozenset[str], convention: str) -> Iterator[Batch]:
+  """Training batches of an image and its label map `{label_dir}/{name}.png` (written by
+  `stage`), or with label_dir=None the dataset's own masks, endless.
+
+  Per image: scaled together by a factor uniform in `scale_range` (or to a long side uniform in
+  `resize_long`) with `methods` (image, label; the image is given uint8), flipped, colour
+  jittered, normalised and cropped (image fill 0, label fill 255). `outputs(image, label)`
+  turns the float32 [S, S, 3] crop and its uint8 [S, S, 1] label into the example.
+  """
+  records.check_batch(batch_size)
+  index, count = records.host(process_index, process_count)
+  if check and label_dir is not None:
+    # The whole split on every host: each reads rows of all of it (_train_stream), and all
+    # stop here together, before the first collective step, if a file is missing.
+    records.check_files(builder, split, label_dir, ".png", exclude)
+  stream, _ = _train_stream(builder, split, seed=seed, start_step=start_step,
+                            batch_size=batch_size, shuffle_buffer=shuffle_buffer,
+                            process_index=index, process_count=count, exclude=exclude)
+  load_label = functools.partial(_load_label, stage=stage)
+
+  def preprocess(example, seed):
+    s_scale, s_flip, s_jitter, s_crop = transforms.split_seed(seed, 4)
+    example = records.decode(example)
+    image = example["image"]
+    if label_dir is None:
+      label = example["mask"]
+    else:
+      shape = tf.shape(image)
+      path = tf.strings.join([os.fspath(label_dir), "/", example["name"], ".png"])
+      label = tf.numpy_function(load_label, [path, shape[0], shape[1]], tf.uint8,
+                                stateful=False)
+      label = tf.ensure_shape(label, [None, None, 1])
+    if resize_long is not None:
+      image, label = transforms.random_resize_long([image, label], methods, *resize_long,
+                                                   s_scale)
+    else:
+      image, label = transforms.random_scale([image, label], methods, *scale_range, s_scale)
+    image, label = transforms.random_flip([tf.cast(image, tf.float32), label], s_flip)
+    image = transforms.normalize(_jitter(image, s_jitter, color_jitter), convention)
+    image, label = transforms.random_crop([image, label], [0.0, IGNORE], crop_size, s_crop)
+    return outputs(image, label)
+
+  ds = stream.map(preprocess, num_parallel_calls=AUTOTUNE, deterministic=True)
+  return _finish_train(ds, batch_size)
 
 
 def seg_train(builder, split: str, label_dir: str | None, *, batch_size: int, crop_size: int,
@@ -242,41 +294,66 @@ def seg_train(builder, split: str, label_dir: str | None, *, batch_size: int, cr
     {"image": float32 [B, S, S, 3], "label": int32 [B, S, S]}.
   """
   _check_crop(crop_size)
-  records.check_batch(batch_size)
-  index, count = records.host(process_index, process_count)
-  if check and label_dir is not None:
-    # The whole split on every host: each reads rows of all of it (_train_stream), and all
-    # stop here together, before the first collective step, if a file is missing.
-    records.check_files(builder, split, label_dir, ".png", exclude)
-  stream, _ = _train_stream(builder, split, seed=seed, start_step=start_step,
-                            batch_size=batch_size, shuffle_buffer=shuffle_buffer,
-                            process_index=index, process_count=count, exclude=exclude)
+  return _labelled_train(
+      builder, split, label_dir, stage="random_walk", methods=("bilinear", "nearest"),
+      outputs=lambda image, label: {"image": image, "label": tf.cast(label[..., 0], tf.int32)},
+      batch_size=batch_size, crop_size=crop_size, scale_range=scale_range,
+      resize_long=resize_long, color_jitter=color_jitter, seed=seed, start_step=start_step,
+      shuffle_buffer=shuffle_buffer, process_index=process_index, process_count=process_count,
+      check=check, exclude=exclude, convention=convention)
 
-  def preprocess(example, seed):
-    s_scale, s_flip, s_jitter, s_crop = transforms.split_seed(seed, 4)
-    example = records.decode(example)
-    image = tf.cast(example["image"], tf.float32)
-    if label_dir is None:
-      label = example["mask"]
-    else:
-      shape = tf.shape(image)
-      path = tf.strings.join([os.fspath(label_dir), "/", example["name"], ".png"])
-      label = tf.numpy_function(_load_label, [path, shape[0], shape[1]], tf.uint8,
-                                stateful=False)
-      label = tf.ensure_shape(label, [None, None, 1])
-    methods = ["bilinear", "nearest"]
-    if resize_long is not None:
-      image, label = transforms.random_resize_long([image, label], methods, *resize_long,
-                                                   s_scale)
-    else:
-      image, label = transforms.random_scale([image, label], methods, *scale_range, s_scale)
-    image, label = transforms.random_flip([image, label], s_flip)
-    image = transforms.normalize(_jitter(image, s_jitter, color_jitter), convention)
-    image, label = transforms.random_crop([image, label], [0.0, IGNORE], crop_size, s_crop)
-    return {"image": image, "label": tf.cast(label[..., 0], tf.int32)}
 
-  ds = stream.map(preprocess, num_parallel_calls=AUTOTUNE, deterministic=True)
-  return _finish_train(ds, batch_size)
+def relation_train(builder, split: str, label_dir: str | None, *, batch_size: int,
+                   crop_size: int, scale_range: tuple[float, float] = (0.5, 1.5),
+                   color_jitter: Sequence[float] | None = None, seed: int = 0,
+                   start_step: int = 0, shuffle_buffer: int = 1024,
+                   process_index: int | None = None, process_count: int | None = None,
+                   check: bool = True, exclude: frozenset[str] = frozenset(),
+                   convention: str = "imagenet", stride: int = 4) -> Iterator[Batch]:
+  """IRN's relation network training batches, endless (without the images in `exclude`).
+
+  Labels are IRN's confident-region labels `{label_dir}/{name}.png` (uint8 [H, W]: 0
+  background, 1..254 foreground, 255 unsure; relation_labels.relation_labels, written by the
+  aff_labels stage), or with label_dir=None the dataset's own masks (a sanity check).
+  Per image, as IRN's VOC12AffinityDataset in step/train_irn.py:
+  - image and label rescaled together by a factor s uniform in `scale_range` to
+    round(h * s) x round(w * s) (imutils.random_scale: PIL's bicubic on the uint8 image, PIL's
+    nearest on the label; here by PIL itself, transforms.resize_image and resize_label, so
+    with IRN's pixels);
+  - flipped left-right with probability 1/2 and normalised (IRN normalises first; the two
+    commute);
+  - cropped to crop_size x crop_size (imutils.random_crop): a random window of a longer side, a
+    random place in the crop for a shorter one, filled with 0 (the mean colour: the crop
+    follows normalising) in the image and 255 in the label;
+  - the label reduced to the stride grid, round(S / stride) a side (transforms.reduce_label_tf,
+    equal to relation_labels.reduce_label, IRN's pil_rescale(label, 0.25, 0)).
+  IRN has no colour jitter; `color_jitter` (brightness, contrast, saturation, hue; before
+  normalising) is off by default. The pair labels (IRN's aff_bg_pos_label, aff_fg_pos_label,
+  aff_neg_label: relation_labels.relation_pair_labels) are for the consumer to make from
+  "relation_label".
+  With `check`, every label file of the split's images must exist before the first batch.
+
+  Args:
+    stride: the relation grid's stride (IRN: 4, relation_labels.RELATION_STRIDE); crop_size must
+      be a positive multiple of it.
+
+  Yields:
+    {"image": float32 [B, S, S, 3], "relation_label": uint8 [B, S / stride, S / stride]} with
+    S = crop_size (0 background, 1..254 foreground, 255 unsure or outside the image).
+  """
+  if isinstance(stride, bool) or int(stride) != stride or stride < 1:
+    raise ValueError(f"relation_train: stride must be a positive integer, got {stride!r}")
+  if crop_size <= 0 or crop_size % stride:
+    raise UserError(f"crop_size must be a positive multiple of {stride}, got {crop_size}")
+  stride = int(stride)
+  return _labelled_train(
+      builder, split, label_dir, stage="aff_labels", methods=("pil_bicubic", "pil_nearest"),
+      outputs=lambda image, label: {
+          "image": image, "relation_label": transforms.reduce_label_tf(label[..., 0], stride)},
+      batch_size=batch_size, crop_size=crop_size, scale_range=scale_range, resize_long=None,
+      color_jitter=color_jitter, seed=seed, start_step=start_step,
+      shuffle_buffer=shuffle_buffer, process_index=process_index, process_count=process_count,
+      check=check, exclude=exclude, convention=convention)
 
 
 def canvas_for_scale(canvas: tuple[int, int], scale: float) -> tuple[int, int]:

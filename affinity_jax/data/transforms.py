@@ -2,10 +2,11 @@
 
 Every random op is stateless: it takes a `seed`, an int32/int64 tensor of shape [2], so a
 pipeline seeded once gives the same batches on every run, eagerly or inside tf.data.
-Images are uint8 [H, W, 3] as decoded; where the original resizes them (CAM training, inference)
-they are resized while still uint8 with PIL's bicubic (`resize_image`), as it resizes its PIL
-images. Then they are float32 in 0..255 until `normalize`. Maps (masks, pseudo labels, score
-maps) are [H, W, C] tensors of any dtype that follow the image's geometry.
+Images are uint8 [H, W, 3] as decoded; where the original resizes them (CAM training, inference;
+IRN's relation training) they are resized while still uint8 with PIL's bicubic (`resize_image`),
+as it resizes its PIL images, and IRN's label maps with PIL's nearest (`resize_label`). Then
+they are float32 in 0..255 until `normalize`. Maps (masks, pseudo labels, score maps) are
+[H, W, C] tensors of any dtype that follow the image's geometry.
 """
 
 from __future__ import annotations
@@ -109,9 +110,10 @@ def resize(tensors: Sequence[tf.Tensor], size: tf.Tensor, methods: Sequence[str]
            antialias: bool = True) -> list[tf.Tensor]:
   """Resizes [H, W, C] tensors to size = [h, w]; "nearest" keeps dtype (labels).
 
-  "pil_bicubic" is `resize_image` (uint8 RGB in and out, PIL's bicubic). The other continuous
-  methods ("bilinear", "bicubic") return float32 and, with `antialias`, widen their kernel when
-  shrinking, as PIL does (it changes nothing when enlarging, only costs time).
+  "pil_bicubic" is `resize_image` (uint8 RGB in and out, PIL's bicubic); "pil_nearest" is
+  `resize_label` (uint8 label maps, PIL's nearest). The other continuous methods ("bilinear",
+  "bicubic") return float32 and, with `antialias`, widen their kernel when shrinking, as PIL
+  does (it changes nothing when enlarging, only costs time).
   """
   out = []
   for t, method in zip(tensors, methods):
@@ -120,6 +122,8 @@ def resize(tensors: Sequence[tf.Tensor], size: tf.Tensor, methods: Sequence[str]
       out.append(tf.image.resize(t, size, method="nearest"))
     elif method == "pil_bicubic":
       out.append(resize_image(t, size))
+    elif method == "pil_nearest":
+      out.append(resize_label(t, size))
     else:
       out.append(tf.image.resize(tf.cast(t, tf.float32), size, method=method,
                                  antialias=antialias))
@@ -149,6 +153,59 @@ def resize_image(image: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
     raise TypeError(f"resize_image: expects a uint8 image, got {image.dtype.name}")
   resized = tf.numpy_function(_pil_bicubic, [image, size], tf.uint8, stateful=False)
   return tf.ensure_shape(resized, [None, None, 3])
+
+
+def _pil_nearest(label: np.ndarray, size: np.ndarray) -> np.ndarray:
+  height, width = int(size[0]), int(size[1])
+  channels = [np.asarray(Image.fromarray(np.ascontiguousarray(label[..., c])).resize(
+      (width, height), Image.Resampling.NEAREST)) for c in range(label.shape[-1])]
+  return np.stack(channels, axis=-1)
+
+
+def resize_label(label: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
+  """uint8 [H, W, C] -> uint8 [h, w, C] at size = [h, w], by PIL's nearest neighbour.
+
+  As IRN rescales its label maps (imutils.pil_rescale, order 0), to its pixels: PIL steps
+  through the input in doubles, so where an output pixel's centre falls exactly on an input
+  pixel edge it may take either neighbour, which tf.image.resize (float32) and the exact rule
+  of `reduce_label_tf` do not reproduce. Runs in a `tf.numpy_function`, as `resize_image`.
+  """
+  label = tf.convert_to_tensor(label)
+  if label.dtype != tf.uint8 or label.shape.rank != 3:
+    raise TypeError(f"resize_label: expects a uint8 [H, W, C] label map, got {label.dtype.name} "
+                    f"of rank {label.shape.rank}")
+  resized = tf.numpy_function(_pil_nearest, [label, size], tf.uint8, stateful=False)
+  return tf.ensure_shape(resized, [None, None] + label.shape[2:])
+
+
+def reduce_label_tf(label: tf.Tensor, stride: int) -> tf.Tensor:
+  """[H, W, ...] label map -> [round(H / stride), round(W / stride), ...] on the stride grid.
+
+  relation_labels.reduce_label (IRN's reduction of its training crop's label by PIL's nearest
+  neighbour) in TF: sizes rounded half to even, and output row i takes input row
+  floor((i + 1/2) * H / h), computed exactly in integers; likewise for columns. PIL steps
+  through the same positions in doubles, so the two could part only where (2i + 1) * H / (2h)
+  is an integer. When H is a multiple of the stride the ratio is exact in doubles and they
+  agree. At stride 4 the other ties need H = 4h +- 2 with h odd, which rounding half to even
+  rules out (4h +- 2 rounds to the even neighbour), so they agree for every H
+  (tests/test_relation_pipeline.py checks H up to 2048); at other strides they may part at
+  sizes that are not multiples of it (stride 8: H = 52, 84, ...), never at relation_train's.
+
+  Args:
+    label: [H, W, ...] labels of any dtype (uint8 in the pipeline).
+    stride: the grid's stride (IRN: 4); round(H / stride) and round(W / stride) must be >= 1.
+  """
+  label = tf.convert_to_tensor(label)
+  shape = tf.shape(label)
+  static = label.shape.as_list()
+  for axis in (0, 1):
+    size = _round_div(shape[axis], stride)
+    tf.debugging.assert_positive(size, f"reduce_label_tf: no cell at stride {stride}")
+    rows = ((2 * tf.range(size) + 1) * shape[axis]) // (2 * size)
+    label = tf.gather(label, rows, axis=axis)
+    if static[axis] is not None:
+      static[axis] = round(static[axis] / stride)  # Python's round: half to even.
+  return tf.ensure_shape(label, static)
 
 
 def scaled_size(height: tf.Tensor, width: tf.Tensor, scale: tf.Tensor) -> tf.Tensor:

@@ -1,11 +1,14 @@
 """Networks of the pipeline (Flax linen, NHWC) and what the trainer needs to know about them.
 
 Three backbones (`model.backbone`): the original's ResNet-38 (the default) and VGG-16, and
-IRN's ResNet-50 (so far its backbone and CAM network only).
+IRN's ResNet-50 (its backbone, CAM network and inter-pixel relation network).
 - `ResNet38`: the backbone alone (taps conv4 / conv5 / conv6 at stride 8).
 - `CAMNet`, `AffinityNet`, `SegNet`: backbone + head; `build(arch, ..., backbone=)` picks one by
   name, `from_config(cfg, arch)` with the config's `model` section. `VGG16*`: the same on VGG-16.
-- `ResNet50` (taps conv1, stage1..stage4), `ResNet50CAMNet` (IRN's CAM network, stride 16).
+- `ResNet50` (taps conv1, stage1..stage4), `ResNet50CAMNet` (IRN's CAM network, stride 16),
+  `RelationNet` (IRN's boundary and displacement network on the frozen ResNet-50, stride 4;
+  arch "relation", no num_classes), `ResNet50SegNet` (the trunk at stride 8, dilated, with the
+  segmentation head of the other backbones).
 - `param_labels(params)`: the original's (IRN's for ResNet-50) frozen set and learning-rate
   groups.
 - `normalize_images`: RGB in [0, 255] -> the input a backbone expects (`input_convention`);
@@ -24,16 +27,18 @@ from flax import traverse_util
 from affinity_jax.constants import (ARCHS, BACKBONES, CAFFE_MEAN_RGB, IMAGENET_MEAN,
                                     IMAGENET_STD, INPUT_CONVENTIONS)
 from affinity_jax.errors import ConfigError
-from affinity_jax.models import resnet38, resnet50
+from affinity_jax.models import relation_net, resnet38, resnet50
 from affinity_jax.models.heads import AffinityNet, CAMNet, SegNet
+from affinity_jax.models.relation_net import RelationNet
 from affinity_jax.models.resnet38 import BLOCKS, FrozenBatchNorm, ResNet38, BlockSpec, scaled
-from affinity_jax.models.resnet50 import ResNet50, ResNet50CAMNet
+from affinity_jax.models.resnet50 import ResNet50, ResNet50CAMNet, ResNet50SegNet
 from affinity_jax.models.vgg16 import (VGG16, VGG16AffinityNet, VGG16CAMNet, VGG16SegNet,
                                        TRUNK_CONVS)
 
 __all__ = ["ResNet38", "CAMNet", "AffinityNet", "SegNet", "FrozenBatchNorm", "BlockSpec",
            "BLOCKS", "VGG16", "VGG16CAMNet", "VGG16AffinityNet", "VGG16SegNet", "TRUNK_CONVS",
-           "ResNet50", "ResNet50CAMNet", "IRN_FROZEN_MODULES", "IRN_BACKBONE_MODULES",
+           "ResNet50", "ResNet50CAMNet", "ResNet50SegNet", "RelationNet", "IRN_FROZEN_MODULES",
+           "IRN_BACKBONE_MODULES", "RESNET50_MODULES",
            "ARCHS", "BACKBONES", "DEFAULT_BACKBONE", "IMAGENET_MEAN", "IMAGENET_STD",
            "FROZEN_MODULES", "NEW_MODULES", "backbone_name", "build", "calibrate_batch_norm",
            "denormalize_images", "from_config", "init_variables", "input_convention",
@@ -46,7 +51,8 @@ _NETWORKS = {
     "resnet38": {"backbone": ResNet38, "cam": CAMNet, "affinity": AffinityNet, "seg": SegNet},
     "vgg16": {"backbone": VGG16, "cam": VGG16CAMNet, "affinity": VGG16AffinityNet,
               "seg": VGG16SegNet},
-    "resnet50": {"backbone": ResNet50, "cam": ResNet50CAMNet},
+    "resnet50": {"backbone": ResNet50, "cam": ResNet50CAMNet, "relation": RelationNet,
+                 "seg": ResNet50SegNet},
 }
 
 # The original never trains the stem and the first stage: ResNet-38's conv1a, b2, b2_1, b2_2,
@@ -68,6 +74,14 @@ NEW_MODULES = frozenset({"fc8", "f8_3", "f8_4", "f8_5", "f9", "seg_conv1", "seg_
 IRN_FROZEN_MODULES = frozenset({"conv1", "bn1"} | {
     name for name in resnet50.block_names() if name.startswith(("layer1_", "layer2_"))})
 IRN_BACKBONE_MODULES = frozenset(resnet50.block_names()) - IRN_FROZEN_MODULES
+RESNET50_MODULES = IRN_FROZEN_MODULES | IRN_BACKBONE_MODULES
+# IRN's relation network (net/resnet50_irn.py, step/train_irn.py): the backbone is never trained
+# (Net.train keeps it in eval mode, forward detaches every level, and only the heads are
+# given to the optimiser), so all of RESNET50_MODULES is frozen there, layer3 and layer4
+# included. Its two groups, both with weight decay (irn_weight_decay 1e-4): the boundary branch
+# (edge_layers: fc_edge1..6, GroupNorm scale and bias and fc_edge6's bias included) at lr x1,
+# "pretrained_weight", and the displacement branch (dp_layers: fc_dp1..7) at lr x10,
+# "new_weight". Its mean shift is in batch_stats, never trained.
 
 
 def normalize_images(images: Any, convention: str = "imagenet") -> jax.Array:
@@ -101,8 +115,10 @@ def denormalize_images(images: Any, convention: str = "imagenet") -> np.ndarray:
 def build(arch: str, num_classes: int = 20, width: float = 1.0, dtype: Any = jnp.float32,
           backbone: str = DEFAULT_BACKBONE):
   """A network by name: "backbone" (ResNet38 / VGG16 / ResNet50), "cam" (CAMNet / VGG16CAMNet /
-  ResNet50CAMNet), "affinity" (AffinityNet / VGG16AffinityNet), "seg" (SegNet / VGG16SegNet),
-  on `backbone` ("resnet38", "vgg16" or "resnet50": backbone and cam only, so far)."""
+  ResNet50CAMNet), "affinity" (AffinityNet / VGG16AffinityNet), "seg" (SegNet / VGG16SegNet /
+  ResNet50SegNet), "relation" (RelationNet, IRN's), on `backbone` ("resnet38", "vgg16" or
+  "resnet50": no affinity; relation only). num_classes is ignored by the networks without classes
+  (backbone, affinity, relation)."""
   if not width > 0:
     raise ValueError(f"model width must be positive, got {width!r}")
   if backbone not in _NETWORKS:
@@ -113,7 +129,7 @@ def build(arch: str, num_classes: int = 20, width: float = 1.0, dtype: Any = jnp
     raise ValueError(f"no {arch!r} network on {backbone} yet: {backbone} has only "
                      f"{', '.join(_NETWORKS[backbone])}")
   network = _NETWORKS[backbone][arch]
-  if arch in ("backbone", "affinity"):
+  if arch in ("backbone", "affinity", "relation"):
     return network(width=width, dtype=dtype)
   return network(num_classes=num_classes, width=width, dtype=dtype)
 
@@ -156,15 +172,24 @@ def param_labels(params: Any) -> Any:
   "pretrained_bias" (the rest of the backbone), "new_weight" / "new_bias" (heads trained from
   scratch). VGG-16 AffinityNet's GroupNorms (gn8_*) count as pretrained, as in the original's
   get_parameter_groups (its from_scratch_layers are f8_* and f9 only): scale x1 with decay,
-  bias x2 without. ResNet-50 has IRN's groups (IRN_FROZEN_MODULES): conv1, bn1, layer1_*,
-  layer2_* frozen, layer3_* and layer4_* "pretrained_weight" (BatchNorm biases included),
-  classifier "new_weight".
+  bias x2 without. ResNet-50 has IRN's groups. Its CAM network (IRN_FROZEN_MODULES): conv1,
+  bn1, layer1_*, layer2_* frozen, layer3_* and layer4_* "pretrained_weight" (BatchNorm biases
+  included), classifier "new_weight". Its relation network (told by its heads, fc_edge* /
+  fc_dp*): the whole backbone frozen, the boundary branch "pretrained_weight" and the
+  displacement branch "new_weight", every leaf (biases, GroupNorm scale and bias) included.
   """
   flat = traverse_util.flatten_dict(params)
+  relation = any(path[0] in relation_net.BOUNDARY_MODULES | relation_net.DISPLACEMENT_MODULES
+                 for path in flat)
   labels = {}
   for path in flat:
     top, leaf = path[0], path[-1]
-    if top in FROZEN_MODULES or top in IRN_FROZEN_MODULES:
+    if relation and top in relation_net.BOUNDARY_MODULES:
+      labels[path] = "pretrained_weight"
+    elif relation and top in relation_net.DISPLACEMENT_MODULES:
+      labels[path] = "new_weight"
+    elif (top in FROZEN_MODULES or top in IRN_FROZEN_MODULES
+          or (relation and top in RESNET50_MODULES)):
       labels[path] = "frozen"
     elif top in IRN_BACKBONE_MODULES:
       labels[path] = "pretrained_weight"

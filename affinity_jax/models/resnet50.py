@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 
 from affinity_jax.models import canvas
-from affinity_jax.models.heads import CAMNet
+from affinity_jax.models.heads import CAMNet, segmentation_head
 from affinity_jax.models.resnet38 import (BN_EPS, FrozenBatchNorm, conv, scaled,
                                           torch_default_init)
 
@@ -66,6 +66,10 @@ FEATURE_CHANNELS = LAYERS[-1].planes * EXPANSION  # 2048: stage4, what the class
 # layer2, layer3, layer4 (layer1 has stride 1 and the max pool stride 2, always).
 IRN_STRIDES = (2, 2, 2, 1)
 NO_DILATION = (1, 1, 1, 1)
+# The segmentation network's trunk at output stride 8 (DeepLab's): layer3 and layer4 keep the
+# resolution and dilate by 2 and 4 instead.
+SEG_STRIDES = (2, 2, 1, 1)
+SEG_DILATIONS = (1, 1, 2, 4)
 POOL_STRIDE = 2
 # IRN's stages: stage1 = conv1, bn1, ReLU, max pool, layer1; stage2..4 = layer2..4.
 STAGES = ("stage1", "stage2", "stage3", "stage4")
@@ -147,6 +151,12 @@ class Bottleneck(nn.Module):
     return nn.relu(y + x.astype(y.dtype))
 
 
+def stem_max_pool(x: jax.Array) -> jax.Array:
+  """The stem's max pool: 3x3, stride 2, padding 1 (-inf, as PyTorch's). [B, H, W, C] ->
+  [B, ceil(H / 2), ceil(W / 2), C]."""
+  return nn.max_pool(x, (3, 3), strides=(POOL_STRIDE, POOL_STRIDE), padding=((1, 1), (1, 1)))
+
+
 def resnet50_taps(images: jax.Array, width: float, dtype: Dtype,
                   strides: tuple[int, ...] = IRN_STRIDES,
                   dilations: tuple[int, ...] = NO_DILATION,
@@ -174,7 +184,7 @@ def resnet50_taps(images: jax.Array, width: float, dtype: Dtype,
   taps = {"conv1": x}
   stride = strides[0]
   x = canvas.zero_outside(x, valid(stride))
-  x = nn.max_pool(x, (3, 3), strides=(POOL_STRIDE, POOL_STRIDE), padding=((1, 1), (1, 1)))
+  x = stem_max_pool(x)
   stride *= POOL_STRIDE
   for index, (layer, layer_stride, dilation) in enumerate(
       zip(LAYERS, (1, *strides[1:]), dilations)):
@@ -245,3 +255,26 @@ class ResNet50CAMNet(CAMNet):
       pooled = canvas.masked_mean(x, canvas.valid_cells(sizes, x.shape[1:3], self.stride))
     # The classifier is linear without bias: pooling first is IRN's order (gap2d, then conv).
     return classifier(pooled.astype(self.dtype))[:, 0, 0, :].astype(jnp.float32)
+
+
+class ResNet50SegNet(nn.Module):
+  """A segmentation network on ResNet-50 for IRN's pseudo labels (IRN itself stops at them; its
+  paper trains DeepLab): the trunk at output stride 8 (SEG_STRIDES, SEG_DILATIONS) and the
+  segmentation head of the other backbones (heads.segmentation_head: two 3x3 atrous
+  convolutions, dilation 12), so that the pipeline's inference at stride 8 serves it as it
+  serves SegNet.
+
+  `__call__(images, train=False, sizes=None)`: images [B, H, W, 3] ("imagenet" convention) ->
+  logits [B, ceil(H/8), ceil(W/8), num_classes + 1] float32 (index 0 = background).
+  """
+  num_classes: int = 20
+  width: float = 1.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: jax.Array, train: bool = False,
+               sizes: jax.Array | None = None) -> jax.Array:
+    del train  # no dropout, frozen BatchNorm statistics
+    x = resnet50_taps(images, self.width, self.dtype, SEG_STRIDES, SEG_DILATIONS,
+                      sizes)["stage4"]
+    return segmentation_head(x, self.num_classes, self.width, self.dtype, sizes)

@@ -30,6 +30,14 @@ def parse_stages(text: str) -> list[str]:
   return [s for s in ORDER if s in names]
 
 
+def reads(module, cfg) -> tuple[str, ...]:
+  """The config keys a stage's outputs are made from: its READS, and with method irn its
+  IRN_READS (keys that only IRN's configs have)."""
+  from affinity_jax import config
+  extra = getattr(module, "IRN_READS", ()) if config.method(cfg) == "irn" else ()
+  return tuple(module.READS) + tuple(extra)
+
+
 def run_stages(cfg, names: list[str]) -> dict[str, dict]:
   """Runs `names` in pipeline order, holding the workdir's lock; returns their summaries.
 
@@ -120,7 +128,7 @@ def _run_locked(cfg, names: list[str]) -> dict[str, dict]:
   summaries = {}
   for name in names:
     module = modules[name]
-    record = fingerprints.make_record(cfg, name, module.READS, module.CONSUMES, dataset,
+    record = fingerprints.make_record(cfg, name, reads(module, cfg), module.CONSUMES, dataset,
                                       getattr(module, "VERSION", 1))
 
     def decide(name=name, record=record):

@@ -6,7 +6,11 @@ alpha_low (la) and alpha_high (ha), each refined by dCRF on the RGB image. Write
 dCRF runs in `aff_labels.workers` processes; in a multi-process run each process labels its
 even share of the images still to do (per_image.shares).
 
-This module imports no JAX at load time: its worker function runs in spawned processes.
+With `method` "irn" (docs/method.md §11) it writes IRN's confident-region labels instead,
+`{workdir}/aff_labels/{name}.png` (relation_labels.relation_labels on the full-resolution CAMs,
+thresholds aff_labels.fg_threshold / bg_threshold): what data.pipelines.relation_train reads.
+
+This module imports no JAX at load time: its worker functions run in spawned processes.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import os
 
 import numpy as np
 
-from affinity_jax import artifacts, console, crf
+from affinity_jax import artifacts, config, console, crf
 
 # What its outputs are made from (affinity_jax/fingerprints.py): the config keys it reads
 # (a section stands for all its keys) and the stages whose outputs it consumes.
@@ -48,6 +52,14 @@ def crf_scores(image: np.ndarray, la: np.ndarray, ha: np.ndarray, out_path: str,
                         crf.crf_inference(image, ha, t=iters))
 
 
+def relation_label(image: np.ndarray, cams: np.ndarray, class_ids: np.ndarray, out_path: str,
+                   fg_threshold: float, bg_threshold: float) -> None:
+  """Writes IRN's confident-region label of one image (in a worker process)."""
+  from affinity_jax import relation_labels
+  artifacts.save_label(out_path, relation_labels.relation_labels(
+      image, cams, classes=class_ids, fg_threshold=fg_threshold, bg_threshold=bg_threshold))
+
+
 def run(cfg) -> dict:
   import jax
   import tensorflow as tf
@@ -60,8 +72,13 @@ def run(cfg) -> dict:
   out_dir = workdir.path(artifacts.AFF_LABELS)
   workers = int(cfg.aff_labels.workers) or os.cpu_count() or 1
   builder = data.from_config(cfg)
-  alpha_low, alpha_high = float(cfg.aff_labels.alpha_low), float(cfg.aff_labels.alpha_high)
-  iters = int(cfg.aff_labels.crf_iters)
+  irn = config.method(cfg) == "irn"
+  suffix = ".png" if irn else ".npz"
+  if irn:
+    thresholds = (float(cfg.aff_labels.fg_threshold), float(cfg.aff_labels.bg_threshold))
+  else:
+    alpha_low, alpha_high = float(cfg.aff_labels.alpha_low), float(cfg.aff_labels.alpha_high)
+    iters = int(cfg.aff_labels.crf_iters)
   written = 0
   report = artifacts.SkipReport(workdir, "aff_labels", jax.process_index() == 0)
   no_cam = artifacts.skipped_by(workdir, "infer_cam")  # e.g. larger than the canvas
@@ -75,13 +92,13 @@ def run(cfg) -> dict:
   with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx,
                                               initializer=_die_with_parent) as pool:
     splits = list(cfg.data.pseudo_splits)
-    todo_of, mine = per_image.shares(builder, splits, out_dir, ".npz", "aff_labels")
+    todo_of, mine = per_image.shares(builder, splits, out_dir, suffix, "aff_labels")
     for split in splits:
       if not todo_of[split]:
-        print(f"[aff_labels] {split}: all score maps present in {out_dir}")
+        print(f"[aff_labels] {split}: all labels present in {out_dir}")
         continue
       # This process's images still without scores (an image of two splits: in the first).
-      todo = set(artifacts.missing([n for n in todo_of[split] if n in mine], out_dir, ".npz"))
+      todo = set(artifacts.missing([n for n in todo_of[split] if n in mine], out_dir, suffix))
       if not todo:
         continue
       futures = {}
@@ -104,14 +121,19 @@ def run(cfg) -> dict:
         if name in no_cam and not os.path.exists(cam_path):
           report.skip(name, "no CAM (infer_cam skipped it)")
           continue
-        present, _ = artifacts.load_cam_present(cam_path)
+        present, class_ids = artifacts.load_cam_present(cam_path)
         mismatch = artifacts.cam_size_mismatch(cam_path, present.shape[:2], ex["image"].shape[:2])
         if mismatch:
           report.skip(name, mismatch)
           continue
-        la = cam.background_stack(present, alpha=alpha_low)
-        ha = cam.background_stack(present, alpha=alpha_high)
-        futures[pool.submit(crf_scores, ex["image"], la, ha, workdir.scores(name), iters)] = name
+        if irn:
+          future = pool.submit(relation_label, ex["image"], present, class_ids,
+                               workdir.relation_label(name), *thresholds)
+        else:
+          la = cam.background_stack(present, alpha=alpha_low)
+          ha = cam.background_stack(present, alpha=alpha_high)
+          future = pool.submit(crf_scores, ex["image"], la, ha, workdir.scores(name), iters)
+        futures[future] = name
         # Bound the queue so images are not all held in memory at once.
         if len(futures) >= 4 * workers:
           done, _ = concurrent.futures.wait(futures, return_when="FIRST_COMPLETED")
@@ -120,5 +142,6 @@ def run(cfg) -> dict:
             collect(f)
       for f in futures:
         collect(f)
-  print(f"[aff_labels] wrote {written} score files to {out_dir} ({workers} workers)")
+  print(f"[aff_labels] wrote {written} {'relation labels' if irn else 'score files'} to "
+        f"{out_dir} ({workers} workers)")
   return report.finish({"written": written})

@@ -6,6 +6,10 @@ Writes `{workdir}/cams/{name}.npz` (artifacts.save_cam): the present classes, ea
 own maximum + 1e-5; and `{workdir}/cam_pred/{name}.png`, the CAM-only label map (argmax over a
 constant background 0.2 and the CAMs: 0 background, c + 1 class c; the original's
 `--out_cam_pred`), for inspecting or scoring CAMs with any tool.
+
+With `method` "irn" (docs/method.md §11) the CAMs are IRN's (cam.irn_cams, one image at a time
+at its own size): the full-resolution map is the file's `cam`, and the stride-4 map that the
+walk takes is its `strided` (artifacts.save_cam).
 """
 
 from __future__ import annotations
@@ -15,11 +19,12 @@ import os
 import jax
 import numpy as np
 
-from affinity_jax import artifacts, cam, checkpoint, data, distributed
+from affinity_jax import artifacts, cam, checkpoint, config, data, distributed
 from affinity_jax.stages import per_image
 
 # What its outputs are made from (affinity_jax/fingerprints.py): the config keys it reads
 # (a section stands for all its keys) and the stages whose outputs it consumes.
+# (`method` is not read apart: config.validate ties it to model.backbone.)
 READS = ("model", "cam_infer.scales", "data.canvas")
 CONSUMES = ("train_cam",)
 # The version of this stage's code: bumped when the same inputs give other outputs
@@ -36,18 +41,26 @@ def run(cfg) -> dict:
   report = artifacts.SkipReport(workdir, "infer_cam", jax.process_index() == 0)
   scales = tuple(cfg.cam_infer.scales)
   devices = per_image.LocalDevices()
+  irn = config.method(cfg) == "irn"
   plan = per_image.shares(builder, cfg.data.pseudo_splits, out_dir, ".npz", "infer_cam")
   for batch, names, keep in per_image.pending(
       cfg, builder, cfg.data.pseudo_splits, out_dir, ".npz", scales=scales,
       batch_size=cfg.cam_infer.batch_size, report=report, devices=devices.count, plan=plan):
     if model is None:
       model, variables = checkpoint.load_network(cfg, artifacts.CAM_NET)
-      variables = devices.replicate(variables)  # once: every batch is split over the devices
-      cam_fn = cam.cam_fn(model)
+      if irn:
+        irn_apply = jax.jit(lambda v, x: model.apply(v, x, method="cam"))
+      else:
+        variables = devices.replicate(variables)  # once: every batch is split over the devices
+        cam_fn = cam.cam_fn(model)
     for i in [i for i in keep if not artifacts.has_positive_class(batch["label"][i])]:
       report.skip(names[i], artifacts.NO_POSITIVE_CLASS)
       keep.remove(i)
     if not keep:
+      continue
+    if irn:
+      written += _irn_cams(workdir, batch, names, keep, scales,
+                           lambda x: irn_apply(variables, x))
       continue
     cams = cam_fn(variables, batch, scales, batch["label"], put=devices.put)
     devices.record(batch)
@@ -67,6 +80,25 @@ def run(cfg) -> dict:
   derived = _derive_cam_predictions(cfg, workdir, done_before)
   return report.finish({"written": written, "cam_predictions_derived": derived,
                         **devices.summary("infer_cam")})
+
+
+def _irn_cams(workdir: artifacts.Workdir, batch: dict, names: list[str], keep: list[int],
+              scales, apply) -> int:
+  """IRN's CAMs of the images `keep` of an inference batch, each at its own size (the canvas
+  holds it at the top-left, scale 1); returns how many it wrote."""
+  sizes = np.asarray(batch["orig_size"])
+  for i in keep:
+    h, w = sizes[i]
+    class_ids = np.flatnonzero(batch["label"][i] > 0).astype(np.int32)
+    maps = cam.irn_cams(apply, np.asarray(batch["raw"][i, :h, :w]), class_ids, scales=scales)
+    artifacts.require_finite(workdir, artifacts.CAM_NET, maps["high_res"], [names[i]],
+                             "the CAM network gives non-finite CAMs")
+    artifacts.save_cam(workdir.cam(names[i]), maps["high_res"], class_ids,
+                       strided=maps["cam"])
+    full = np.zeros(maps["high_res"].shape[:2] + (len(batch["label"][i]),), np.float32)
+    full[..., class_ids] = maps["high_res"]
+    artifacts.save_label(workdir.cam_prediction(names[i]), cam.cam_prediction(full))
+  return len(keep)
 
 
 def _derive_cam_predictions(cfg, workdir: artifacts.Workdir, done_before: list[str]) -> int:

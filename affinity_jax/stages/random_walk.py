@@ -12,6 +12,11 @@ docs/method.md §6) the argmax of the dCRF marginals of the walked scores (backg
 present classes, divided by their sum) instead. Writes
 `{workdir}/pseudo_labels/{name}.png` (0 background, c + 1 class c) and, for the first
 `eval.panels` images of each split, the walked foreground heat map for pictures.
+
+With `method` "irn" (docs/method.md §11): the relation network's flip-averaged boundary map at
+stride 4 of the image as it is, IRN's stride-4 CAMs (infer_cam's `strided`), the walk over
+the image's classes (random_walk.boundary_walk_batch) and IRN's labels: background where every
+class's walked score, divided by the image's maximum, is under random_walk.bg_threshold; no dCRF.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from affinity_jax.stages import per_image
 READS = ("model", "random_walk.beta", "random_walk.logt", "random_walk.alpha",
          "random_walk.radius", "random_walk.scheme", "random_walk.tol", "random_walk.crf",
          "random_walk.crf_iters", "aff.image_scale", "data.canvas")
+# With method irn, also these (keys of IRN's configs only).
+IRN_READS = ("random_walk.bg_threshold",)
 CONSUMES = ("train_aff", "infer_cam")
 # The version of this stage's code: bumped when the same inputs give other outputs
 # (fingerprints.py). 2: the exact canvas forward, the original's pair set per image.
@@ -35,6 +42,8 @@ VERSION = 2
 
 
 def run(cfg) -> dict:
+  if config.method(cfg) == "irn":
+    return _run_irn(cfg)
   workdir = artifacts.Workdir(cfg.workdir)
   out_dir = workdir.path(artifacts.PSEUDO_LABELS)
   builder = data.from_config(cfg)
@@ -88,6 +97,50 @@ def run(cfg) -> dict:
       artifacts.save_label(workdir.pseudo_label(batch_names[i]), label)
       if batch_names[i] in panel_names:
         artifacts.save_walk_heat(workdir.walk_heat(batch_names[i]), heat[i, :h, :w])
+      written += 1
+  print(f"[random_walk] wrote {written} pseudo labels to {out_dir}")
+  return report.finish({"written": written, **devices.summary("random_walk")})
+
+
+def _run_irn(cfg) -> dict:
+  """IRN's walk (method irn): see the module docstring."""
+  workdir = artifacts.Workdir(cfg.workdir)
+  out_dir = workdir.path(artifacts.PSEUDO_LABELS)
+  builder = data.from_config(cfg)
+  threshold = float(cfg.random_walk.bg_threshold)
+  panel_names = {n for split in cfg.data.pseudo_splits
+                 for n in data.split_names(builder, split)[:cfg.eval.panels]}
+  model = None
+  written = 0
+  report = artifacts.SkipReport(workdir, "random_walk", jax.process_index() == 0)
+  devices = per_image.LocalDevices()
+  for batch, batch_names, keep in per_image.pending(
+      cfg, builder, cfg.data.pseudo_splits, out_dir, ".png", scales=(1.0,),
+      batch_size=cfg.random_walk.batch_size, report=report, devices=devices.count):
+    if model is None:
+      model, variables = checkpoint.load_network(cfg, artifacts.RELATION_NET)
+      variables = devices.replicate(variables)
+      walk = rw.make_boundary_walk_fn(model, cfg)
+    sizes = np.asarray(batch["orig_size"])
+    cams = {}
+    for i in list(keep):
+      if not artifacts.has_positive_class(batch["label"][i]):
+        report.skip(batch_names[i], artifacts.NO_POSITIVE_CLASS)
+        keep.remove(i)
+        continue
+      cams[i] = artifacts.load_strided_cam(workdir.cam(batch_names[i]), sizes[i], rw.IRN_STRIDE)
+    if not keep:
+      continue
+    results = rw.boundary_walk_batch(walk, variables, batch["image_s0"], cams, sizes,
+                                     threshold=threshold, put=devices.put)
+    devices.record(batch)
+    for i in keep:
+      label, heat = results[i]
+      artifacts.require_finite(workdir, artifacts.RELATION_NET, heat, [batch_names[i]],
+                               "the walk gives non-finite scores")
+      artifacts.save_label(workdir.pseudo_label(batch_names[i]), label)
+      if batch_names[i] in panel_names:
+        artifacts.save_walk_heat(workdir.walk_heat(batch_names[i]), heat)
       written += 1
   print(f"[random_walk] wrote {written} pseudo labels to {out_dir}")
   return report.finish({"written": written, **devices.summary("random_walk")})

@@ -5,6 +5,12 @@ The method: docs/method.md §4, §5.
 Batches of `aff_train` (image and its la / ha score maps flipped and cropped together, affinity
 labels on the stride-8 grid), the images resized by `aff.image_scale`; the loss compares the
 affinities of every pair within the radius with their labels. Writes `{workdir}/aff_net/final`.
+
+With `method` "irn" (docs/method.md §11) it trains IRN's relation network instead
+(models.RelationNet, its backbone frozen) on `relation_train` batches (image and IRN's
+confident-region label rescaled, flipped and cropped together, the label reduced to stride 4),
+with losses.relation_training_loss (the affinity of every pair within aff.radius against the
+label's pairs, and the displacement field's two losses).
 """
 
 from __future__ import annotations
@@ -71,6 +77,43 @@ def affinity_pictures(cfg, model):
   return draw
 
 
+def relation_batches(cfg, builder, start, batch_size, process_index, process_count):
+  c = cfg.aff
+  workdir = artifacts.Workdir(cfg.workdir)
+  return pipelines.relation_train(
+      builder, cfg.data.train_split, workdir.path(artifacts.AFF_LABELS), batch_size=batch_size,
+      crop_size=c.crop_size, scale_range=tuple(c.scale_range),
+      color_jitter=tuple(c.color_jitter), seed=cfg.seed, start_step=start,
+      shuffle_buffer=cfg.data.shuffle_buffer, exclude=artifacts.skipped_by(workdir, "aff_labels"),
+      process_index=process_index, process_count=process_count,
+      convention=models.input_convention(cfg))
+
+
+def relation_pictures(cfg, model):
+  """What TensorBoard shows of the relation network (`aff.image_every`): each image of the
+  fixed batch beside its boundary map (the sigmoid of the boundary logits, bilinear from
+  stride 4) in heat colours."""
+  convention = models.input_convention(cfg)
+
+  @jax.jit
+  def boundary(variables, images):
+    edges, _ = model.apply(variables, images)
+    return jax.image.resize(jax.nn.sigmoid(edges), images.shape[:3], "bilinear")
+
+  def draw(variables, batch):
+    edges = np.asarray(boundary(variables, batch["image"]))
+    images = models.denormalize_images(batch["image"], convention)
+    return {"boundaries": np.stack([pictures.side_by_side(im, pictures.heat(b))
+                                    for im, b in zip(images, edges)])}
+  return draw
+
+
+RELATION_SPEC = TrainingSpec(
+    network=artifacts.RELATION_NET,
+    loss=lambda cfg: losses.relation_training_loss(int(cfg.aff.radius), cfg.aff.scheme),
+    batches=relation_batches, backbone_from_cam_net=True, pictures=relation_pictures,
+    frozen_backbone=True)
+
 SPEC = TrainingSpec(network=artifacts.AFF_NET,
                     loss=lambda cfg: losses.affinity_training_loss(cfg.aff.radius,
                                                                    cfg.aff.scheme),
@@ -79,4 +122,4 @@ SPEC = TrainingSpec(network=artifacts.AFF_NET,
 
 
 def run(cfg) -> dict:
-  return run_training(cfg, SPEC)
+  return run_training(cfg, RELATION_SPEC if config.method(cfg) == "irn" else SPEC)

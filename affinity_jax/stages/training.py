@@ -34,6 +34,9 @@ class TrainingSpec:
   # (cfg, model) -> what TensorBoard shows of the network every `{section}.image_every`
   # steps (train.PictureFn); None: no pictures.
   pictures: Callable[[object, object], train.PictureFn] | None = None
+  # The network never trains its backbone (IRN's relation network), whatever init.freeze_stem
+  # says: its "frozen" parameters stay frozen.
+  frozen_backbone: bool = False
 
 
 def steps_for(net_cfg, num_examples: int) -> int:
@@ -104,7 +107,8 @@ def run_training(cfg, spec: TrainingSpec) -> dict:
     variables = checkpoint.merge_backbone(variables, backbone,
                                           workdir.network(artifacts.CAM_NET))
   labels = models.param_labels(variables["params"])
-  if not cfg.init.freeze_stem:  # from scratch, the stem has nothing pretrained to keep.
+  if not cfg.init.freeze_stem and not spec.frozen_backbone:
+    # From scratch, the stem has nothing pretrained to keep.
     labels = jax.tree.map(lambda l: "pretrained_weight" if l == "frozen" else l, labels)
   optim = train.OptimConfig(lr=net_cfg.lr, total_steps=steps, weight_decay=net_cfg.weight_decay,
                             poly_power=net_cfg.poly_power, momentum_quirk=net_cfg.momentum_quirk,

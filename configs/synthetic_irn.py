@@ -1,0 +1,64 @@
+"""IRN on the procedurally generated `synthetic_wsss` dataset: configs/voc_irn_resnet50.py's
+stages scaled down like configs/synthetic.py (the same data, canvas and evaluation), so that
+IRN's pipeline runs on a 2-core CPU and can be set beside PSA's demo (experiments/RESULTS.md).
+
+A narrow ResNet-50 (`width` multiplier) trained from scratch: no ImageNet weights here, so
+the departures of configs/synthetic.py apply (Adam, a trained stem, BatchNorm statistics
+calibrated on a training batch, the relation network starting from the CAM network's backbone).
+
+Variants: `configs/synthetic_irn.py:tiny` (a few images and steps; what the tests run).
+"""
+
+import importlib.util
+import os
+
+
+def _load(name):
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), name + ".py")
+  spec = importlib.util.spec_from_file_location("_" + name + "_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config
+
+
+def get_config(arg=None):
+  c = _load("voc_irn_resnet50")()
+  synthetic = _load("synthetic")()
+  c.workdir = "runs/synthetic_irn"
+  for key in ("data", "eval"):
+    c[key] = synthetic[key]
+  c.model.num_classes = synthetic.model.num_classes
+  c.model.width = 0.0625
+  c.init.freeze_stem = False
+  c.init.from_cam_net = True
+  no_hue = synthetic.cam.color_jitter  # classes differ only by the hue of their part
+  c.cam.update(dict(optimizer="adam", lr=3e-4, batch_size=16, epochs=-1, steps=2000,
+                    crop_size=96, resize_long=(80, 96), color_jitter=no_hue,
+                    checkpoint_every=300, log_every=50))
+  # At stride 16 a 96-px image has a 6x6 grid: the larger scales give the finer maps.
+  c.cam_infer.update(dict(scales=(1.0, 1.5, 2.0), batch_size=1))
+  c.aff_labels.workers = 2
+  # The relation network's pairs within radius 5 on the 24x24 grid of a 96-px crop (IRN: 10 on
+  # the 128x128 grid of a 512-px crop), every pair inside the grid ("full").
+  c.aff.update(dict(optimizer="adam", lr=3e-4, batch_size=8, epochs=-1, steps=300,
+                    crop_size=96, scale_range=(0.9, 1.1), color_jitter=no_hue, radius=5,
+                    scheme="full", checkpoint_every=100, log_every=50))
+  c.random_walk.batch_size = 8
+  c.seg = synthetic.seg
+  c.seg_infer = synthetic.seg_infer
+
+  if arg == "tiny":
+    c.data.options = {"config": "tiny"}   # 64x64 images, 3 classes, 16 train / 8 val.
+    c.model.num_classes = 3
+    c.data.canvas = (64, 64)
+    for net in (c.cam, c.aff, c.seg):
+      net.update(dict(steps=3, batch_size=2, crop_size=48, checkpoint_every=2, log_every=1))
+    c.cam.resize_long = (48, 64)
+    c.cam.image_every = c.aff.image_every = 0  # no TensorBoard pictures (an extra compile each)
+    c.cam_infer.scales = (1.0, 0.5)
+    c.random_walk.update(dict(logt=4, batch_size=2))
+    c.seg_infer.batch_size = 2
+    c.eval.panels = 1
+  elif arg:
+    raise ValueError(f"configs/synthetic_irn.py: unknown variant {arg!r} (known: tiny)")
+  return c

@@ -1,0 +1,90 @@
+"""IRN's pipeline (method irn) end to end on the tiny synthetic IRN config, through the real CLI:
+IRN's CAMs, relation labels, the relation network, the walk at stride 4, the segmentation
+network on ResNet-50, evaluate."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from affinity_jax import checkpoint, cli, config, io
+from affinity_jax.errors import ConfigError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, "configs", "synthetic_irn.py:tiny")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("irn_e2e")
+  argv = ["run", "--config", TINY, "--workdir", str(workdir),
+          f"--config.data.data_dir={workdir / 'tfds'}"]
+  assert cli.main(argv) == 0
+  return workdir, argv
+
+
+def test_every_stage_wrote_its_outputs(run_dir):
+  workdir, _ = run_dir
+  n_train, n_val = 16, 8  # the tiny synthetic config
+  for folder in ("cams", "cam_pred", "aff_labels", "pseudo_labels"):
+    assert len(os.listdir(workdir / folder)) == n_train + n_val, folder
+  assert len(os.listdir(workdir / "seg_pred")) == n_val
+  _, meta = checkpoint.load_variables(str(workdir / "aff_net" / "final"))
+  assert meta["arch"] == "relation" and meta["backbone"] == "resnet50"
+  _, meta = checkpoint.load_variables(str(workdir / "seg_net" / "final"))
+  assert meta["arch"] == "seg" and meta["backbone"] == "resnet50"
+
+
+def test_outputs_have_irn_formats(run_dir):
+  workdir, _ = run_dir
+  for name in sorted(f[:-4] for f in os.listdir(workdir / "cams"))[:6]:
+    cam = io.load_npz(workdir / "cams" / f"{name}.npz")
+    h, w, k = cam["cam"].shape
+    # IRN's two CAMs: full resolution and the stride-4 grid, each class peaking at <= 1.
+    assert cam["strided"].shape == (-(-h // 4), -(-w // 4), k) == (16, 16, k)
+    for maps in (cam["cam"], cam["strided"]):
+      assert maps.dtype == np.float32 and maps.min() >= 0 and maps.max() <= 1
+    ids = {int(c) + 1 for c in cam["class_ids"]}
+    relation = io.load_png(workdir / "aff_labels" / f"{name}.png")
+    assert relation.shape == (h, w) and set(np.unique(relation)) <= {0, 255} | ids
+    label = io.load_png(workdir / "pseudo_labels" / f"{name}.png")
+    assert label.shape == (h, w) and set(np.unique(label)) <= {0} | ids
+
+
+def test_results_and_a_rerun_that_does_nothing(run_dir, capsys):
+  workdir, argv = run_dir
+  results = json.loads((workdir / "results.json").read_text())
+  for key in ("cam_miou", "rw_miou", "seg_miou"):
+    assert 0.0 <= results[key] <= 1.0
+  before = {f: (workdir / "pseudo_labels" / f).stat().st_mtime_ns
+            for f in os.listdir(workdir / "pseudo_labels")}
+  assert cli.main(argv + ["--stages", "random_walk"]) == 0
+  assert "all outputs present" in capsys.readouterr().out
+  assert before == {f: (workdir / "pseudo_labels" / f).stat().st_mtime_ns
+                    for f in os.listdir(workdir / "pseudo_labels")}
+
+
+def test_a_changed_irn_key_is_named_not_reused(run_dir, capsys):
+  """random_walk.bg_threshold is a key of IRN's configs only (IRN_READS): its change is caught."""
+  workdir, argv = run_dir
+  assert cli.main(argv + ["--stages", "random_walk",
+                          "--config.random_walk.bg_threshold=0.4"]) == 2
+  err = capsys.readouterr().err
+  assert "random_walk.bg_threshold: 0.25 -> 0.4" in err and "Traceback" not in err
+  record = json.loads((workdir / "fingerprints" / "random_walk.json").read_text())
+  assert record["inputs"]["config"]["random_walk.bg_threshold"] == 0.25
+
+
+def test_method_and_backbone_must_agree():
+  cfg = config.load_config("synthetic_irn:tiny")
+  cfg.model.backbone = "resnet38"
+  with pytest.raises(ConfigError, match="model.backbone must be resnet50 with method irn"):
+    config.validate(cfg)
+  cfg = config.load_config("synthetic:tiny")
+  cfg.model.backbone = "resnet50"
+  with pytest.raises(ConfigError, match="with method psa"):
+    config.validate(cfg)
+  cfg.method = "dense"
+  with pytest.raises(ConfigError, match="config key method must be one of"):
+    config.validate(cfg)
