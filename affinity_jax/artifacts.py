@@ -206,20 +206,27 @@ def save_cam(path: str, cam: np.ndarray, class_ids: np.ndarray,
   io.save_npz(path, **arrays)
 
 
-def load_strided_cam(path: str, image_hw, stride: int) -> tuple[np.ndarray, np.ndarray]:
+def load_strided_cam(path: str, image_hw, stride: int, num_classes: int
+                     ) -> tuple[np.ndarray | None, np.ndarray | str]:
   """(strided [ceil(H / stride), ceil(W / stride), P] float32, class_ids [P]) of an IRN CAM file
-  of an H x W image, checked."""
+  of an H x W image, checked; (None, why) when the file was made for an image of another size
+  (the caller skips and reports the image, as cam_size_mismatch's callers do)."""
   z = _load_npz(path, "infer_cam")
-  if "strided" not in z or "class_ids" not in z:
+  if "strided" not in z or "cam" not in z or "class_ids" not in z:
     raise UserError(f"{path}: a CAM file without IRN's stride-{stride} CAMs (keys {sorted(z)}; "
                     "written with method psa?); delete it and rerun infer_cam")
   strided, ids = z["strided"], z["class_ids"]
+  mismatch = cam_size_mismatch(path, z["cam"].shape[:2], image_hw)
+  if mismatch:
+    return None, mismatch
   grid = tuple(-(-int(s) // stride) for s in image_hw)
   if (strided.shape != grid + (len(ids),) or not np.issubdtype(strided.dtype, np.floating)
-      or ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer)):
+      or ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer)
+      or (len(ids) and (ids.min() < 0 or ids.max() >= num_classes))):
     raise UserError(f"{path}: stride-{stride} CAMs of shape {strided.shape} ({strided.dtype}) "
-                    f"do not fit the {image_hw[0]}x{image_hw[1]} image's {grid[0]}x{grid[1]} "
-                    f"grid and {len(ids)} classes; delete it and rerun infer_cam")
+                    f"with classes {ids.tolist()} do not fit the {image_hw[0]}x{image_hw[1]} "
+                    f"image's {grid[0]}x{grid[1]} grid and {num_classes} classes; delete it "
+                    "and rerun infer_cam")
   return strided.astype(np.float32), ids
 
 

@@ -203,6 +203,16 @@ def validate(cfg) -> None:
     _check(backbone == "resnet50", "model.backbone", "resnet50 with method irn", backbone)
     # IRN's pair set ("psa") takes pairs from rows 0..h-r and columns r-1..w-r of the crop's
     # stride-4 grid: a grid narrower than 2r - 1 has none, and the loss would train nothing.
+    _check(int(cfg.aff.crop_size) % 4 == 0 and cfg.aff.crop_size > 0, "aff.crop_size",
+           "a positive multiple of 4 with method irn (the relation network's stride)",
+           cfg.aff.crop_size)
+    # The relation network never trains its backbone: it must come from somewhere.
+    _check(bool(cfg.init.backbone) or bool(cfg.init.from_cam_net), "init.backbone",
+           "a converted ResNet-50 (affinity-jax convert torchvision) with method irn, or "
+           "init.from_cam_net True: the relation network's backbone is frozen, and a random one "
+           "would never learn", cfg.init.backbone)
+    _check(not cfg.random_walk.crf, "random_walk.crf",
+           "False with method irn (IRN's labels take no dCRF)", cfg.random_walk.crf)
     grid, radius = int(cfg.aff.crop_size) // 4, int(cfg.aff.radius)
     _check(cfg.aff.scheme != "psa" or grid >= 2 * radius - 1, "aff.crop_size",
            f"at least 4 * (2 * aff.radius - 1) = {4 * (2 * radius - 1)} with aff.scheme psa "

@@ -445,6 +445,10 @@ def run(args, overrides: Sequence[str] = ()) -> dict:
     raise UserError("--heatmaps: the heat maps are the CAM network's and the walk's; use "
                     "--method walk (or --cam-net and --aff-net)")
   cfg, config_source = load_config(args.config, overrides, args.workdir, list(paths.values()))
+  if method == "walk" and config_lib.method(cfg) == "irn":
+    raise UserError("--method walk runs PSA's walk (CAM network and AffinityNet); this run's "
+                    "config has method irn, whose walk predict does not run yet: use --method "
+                    "seg (the segmentation network), or the random_walk stage on a dataset")
   if args.crf is not None:
     cfg.seg_infer.crf = cfg.random_walk.crf = bool(args.crf)
 

@@ -223,7 +223,7 @@ def boundary_walk(boundary: jax.Array, cam: jax.Array, *, radius: int = 5, beta:
 
 
 def boundary_walk_labels(walked: np.ndarray, size, *, threshold: float = 0.25,
-                         stride: int = 4) -> np.ndarray:
+                         stride: int = 4, return_heat: bool = False):
   """IRN's semantic pseudo label of one image from its walked class scores.
 
   Args:
@@ -238,10 +238,14 @@ def boundary_walk_labels(walked: np.ndarray, size, *, threshold: float = 0.25,
     `stride` (bilinear, half-pixel centres), cropped to the image and divided by their maximum
     over the image and the classes; a position is background where every class is under
     `threshold`. An image whose walked scores are all 0 is all background.
+    With `return_heat`, also [H, W] float32: the largest of those normalised class scores (for
+    pictures).
   """
   walked = np.asarray(walked, np.float32)
   if walked.ndim != 3:
     raise ValueError(f"walked must be [h, w, C] (got shape {walked.shape}).")
+  if not np.all(np.isfinite(walked)):
+    raise ValueError("walked scores must be finite (a NaN would make the image all background).")
   h, w, _ = walked.shape
   height, width = (int(v) for v in size)
   if not (0 < height <= stride * h and 0 < width <= stride * w):
@@ -249,9 +253,13 @@ def boundary_walk_labels(walked: np.ndarray, size, *, threshold: float = 0.25,
   up = cam_lib.resize_bilinear(walked, (stride * h, stride * w))[:height, :width]
   peak = float(up.max()) if up.size else 0.0
   if not peak > 0:
-    return np.zeros((height, width), np.int32)
-  scores = np.concatenate([np.full((height, width, 1), threshold, np.float32), up / peak], -1)
-  return np.argmax(scores, axis=-1).astype(np.int32)
+    label, heat = np.zeros((height, width), np.int32), np.zeros((height, width), np.float32)
+  else:
+    up = up / peak
+    label = np.argmax(np.concatenate([np.full((height, width, 1), threshold, np.float32), up],
+                                     -1), axis=-1).astype(np.int32)
+    heat = up.max(axis=-1) if up.shape[-1] else np.zeros((height, width), np.float32)
+  return (label, heat.astype(np.float32)) if return_heat else label
 
 
 def prepare_cam(cam: jax.Array, *, alpha: float = 16.0, stride: int = STRIDE) -> jax.Array:
@@ -401,80 +409,64 @@ IRN_STRIDE = 4
 
 
 def make_boundary_walk_fn(model, cfg):
-  """(variables, images [B, Hc, Wc, 3], widths [B], cams [B, h, w, K], valid [B, h, w]) ->
-  walked [B, h, w, K] float32: IRN's walk of the CAMs over the relation network `model`'s
-  boundary map, with the config's random_walk section (radius, beta, logt, tol).
+  """(variables, images [B, Hc, Wc, 3], flip [B, Wc], grid_flip [B, ceil(Wc / 4)], cams
+  [B, h, w, K], valid [B, h, w]) -> walked [B, h, w, K] float32: IRN's walk of the CAMs over the
+  relation network `model`'s boundary map, with the config's random_walk section (radius, beta,
+  logt, tol). `flip` and `grid_flip`: cam.flip_index of each image's width and of its stride-4
+  grid's width.
 
   The boundary map is IRN's: sigmoid of the mean of the boundary logits of the image and of its
-  flip (each image flipped within its own width `widths`, the logits flipped back within its
-  stride-4 grid), on the canvas grid [ceil(Hc / 4), ceil(Wc / 4)]: the network sees each image
-  padded with zeros (after normalising) as IRN pads it to its crop size.
+  flip (each image flipped within its own width, the logits flipped back within its grid), on
+  the canvas grid [ceil(Hc / 4), ceil(Wc / 4)]: the network sees each image padded with zeros
+  (after normalising) as IRN pads it to its crop size.
   """
   radius = int(cfg.random_walk.radius)
   t, beta = 2 ** int(cfg.random_walk.logt), float(cfg.random_walk.beta)
   tol = float(cfg.random_walk.tol) if cfg.random_walk.tol > 0 else None
 
   @jax.jit
-  def boundary(variables, images, widths):
-    flipped = cam_lib.flip_within(images, _flip_index(widths, images.shape[2]))
-    edges, _ = model.apply(variables, jnp.concatenate([images, flipped]))
-    b, _, grid_w = edges.shape
-    grid_widths = (widths + IRN_STRIDE - 1) // IRN_STRIDE
-    back = cam_lib.flip_within(edges[b // 2:, ..., None], _flip_index(grid_widths, grid_w))
-    return jax.nn.sigmoid(edges[:b // 2] / 2 + back[..., 0] / 2)
+  def boundary(variables, images, flip, grid_flip):
+    edges, _ = model.apply(variables, images)
+    flipped, _ = model.apply(variables, cam_lib.flip_within(images, flip))
+    back = cam_lib.flip_within(flipped[..., None], grid_flip)[..., 0]
+    return jax.nn.sigmoid(edges / 2 + back / 2)
 
   @jax.jit
   def walk_scores(edge, cams, valid):
     return boundary_walk(edge, cams, radius=radius, beta=beta, t=t, valid=valid, tol=tol)
 
-  def walk(variables, images, widths, cams, valid):
-    return walk_scores(boundary(variables, images, widths), cams, valid)
+  def walk(variables, images, flip, grid_flip, cams, valid):
+    return walk_scores(boundary(variables, images, flip, grid_flip), cams, valid)
   return walk
 
 
-def _flip_index(widths: jax.Array, canvas_w: int) -> jax.Array:
-  """cam.flip_index on the device: [B, canvas_w] flipping each row's first widths[b] columns."""
-  x = jnp.arange(canvas_w)[None, :]
-  w = widths[:, None]
-  return jnp.where(x < w, w - 1 - x, x).astype(jnp.int32)
-
-
 def boundary_walk_batch(walk, variables, images, cams: Mapping[int, np.ndarray], sizes, *,
-                        threshold: float, put=None):
-  """IRN's pseudo labels of one batch of canvases (method irn).
+                        put=None) -> dict[int, np.ndarray]:
+  """IRN's walk of one batch of canvases (method irn): each image's walked class scores on its
+  own stride-4 grid, which `boundary_walk_labels` turns into its label.
 
   Args:
     walk: `make_boundary_walk_fn(model, cfg)`.
     images: [B, Hc, Wc, 3] the relation network's inputs at scale 1 on a canvas.
-    cams: {example index: (strided [ceil(H / 4), ceil(W / 4), P] IRN CAMs of the image's
-      classes, class_ids [P])}; examples without one have nothing to walk.
+    cams: {example index: [ceil(H / 4), ceil(W / 4), P] IRN's stride-4 CAMs of the image's
+      classes}; examples without one have nothing to walk.
     sizes: [B, 2] each image's (H, W).
-    threshold: the background's score (IRN's sem_seg_bg_thres, 0.25).
     put: as in `walk_batch`.
 
   Returns:
-    {example index: (label [H, W] uint8 (0 background, c + 1 class c), heat [H, W] float32
-    (the largest normalised class score, for pictures))}.
+    {example index: [ceil(H / 4), ceil(W / 4), P] float32 walked scores}.
   """
   b = images.shape[0]
   grid_hw = (-(-images.shape[1] // IRN_STRIDE), -(-images.shape[2] // IRN_STRIDE))
   sizes = np.asarray(sizes)
-  k = channel_count(max((len(ids) for _, ids in cams.values()), default=1), 1 << 30)
+  k = channel_count(max((c.shape[-1] for c in cams.values()), default=1), 1 << 30)
   stacks = np.zeros((b, *grid_hw, k), np.float32)
-  for i, (strided, _) in cams.items():
+  for i, strided in cams.items():
     stacks[i, :strided.shape[0], :strided.shape[1], :strided.shape[2]] = strided
   grid = -(-sizes // IRN_STRIDE)
   valid = cam_lib.valid_mask(grid, grid_hw)
-  inputs = (images, sizes[:, 1].astype(np.int32), stacks, valid)
+  inputs = (images, cam_lib.flip_index(sizes[:, 1], images.shape[2]),
+            cam_lib.flip_index(grid[:, 1], grid_hw[1]), stacks, valid)
   walked = np.asarray(walk(variables, *(put(inputs) if put else inputs)))
-  out = {}
-  for i, (strided, ids) in cams.items():
-    (gh, gw), (h, w) = grid[i], sizes[i]
-    scores = walked[i, :gh, :gw, :len(ids)]
-    index = boundary_walk_labels(scores, (h, w), threshold=threshold, stride=IRN_STRIDE)
-    label = np.concatenate([[0], np.asarray(ids, np.int64) + 1])[index].astype(np.uint8)
-    up = cam_lib.resize_bilinear(scores, (IRN_STRIDE * gh, IRN_STRIDE * gw))[:h, :w]
-    peak = float(up.max()) if up.size else 0.0
-    heat = up.max(axis=-1) / peak if peak > 0 else np.zeros((h, w), np.float32)
-    out[i] = (label, heat.astype(np.float32))
-  return out
+  return {i: walked[i, :grid[i][0], :grid[i][1], :strided.shape[-1]]
+          for i, strided in cams.items()}

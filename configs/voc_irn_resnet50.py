@@ -68,7 +68,7 @@ def get_config(arg=None):
       batch_size=32, epochs=3, lr=0.1, weight_decay=1e-4, poly_power=0.9,
       momentum_quirk=True, momentum=0.9, optimizer="sgd", crop_size=512,
       scale_range=(0.5, 1.5), color_jitter=(), radius=10, scheme="psa",
-      image_scale=1.0,  # the walk runs on the image as it is (not read by IRN's stages).
+      image_scale=1.0,  # PSA's key; IRN's walk runs on the image as it is.
       checkpoint_every=500, log_every=20, steps=-1,
       # Not IRN's: every N steps TensorBoard ({workdir}/aff_net/logs) gets the boundary map of
       # 4 fixed training images; 0: none.
@@ -90,6 +90,7 @@ def get_config(arg=None):
     c.cam_infer.scales = (1.0,)
     c.seg_infer.scales = (1.0,)
     c.aff.radius = 5  # IRN's pair set at radius 10 needs a 76-px crop
+    c.init.from_cam_net = True  # without --config.init.backbone (pass it for a real check)
     c.random_walk.logt = 4
   elif arg:
     raise ValueError(f"configs/voc_irn_resnet50.py: unknown variant {arg!r} (known: tiny)")

@@ -148,3 +148,42 @@ def test_compare_irn_names_a_folder_that_is_not_irn(tmp_path):
   assert res.returncode == 2
   assert f"--irn-root '{tmp_path}' is not a checkout of jiwoon-ahn/irn: missing" in res.stderr
   assert "net/resnet50.py" in res.stderr and "misc/indexing.py" not in res.stderr
+
+
+def test_the_stages_walk_of_a_canvas_batch_equals_each_image_alone():
+  """random_walk.make_boundary_walk_fn / boundary_walk_batch (the random_walk stage's, method
+  irn) on images narrower and shorter than the canvas: each image's scores equal IRN's procedure
+  for it alone: the relation network on [image, its flip] padded to the canvas, logits cropped
+  to the image's stride-4 grid, the flip's flipped back, sigmoid of their mean, the walk on the
+  image's own grid."""
+  import jax
+  from affinity_jax import config, models
+  cfg = config.load_config("synthetic_irn:tiny")
+  model = models.build("relation", width=1 / 16, backbone="resnet50")
+  variables = models.init_variables(model, jax.random.key(0), (1, 64, 64, 3))
+  rng = np.random.default_rng(0)
+  sizes = np.array([[50, 37], [61, 64], [23, 30]])
+  images = np.zeros((3, 64, 64, 3), np.float32)
+  cams = {}
+  for i, (h, w) in enumerate(sizes):
+    images[i, :h, :w] = rng.normal(size=(h, w, 3))
+    cams[i] = rng.random((-(-h // 4), -(-w // 4), 1 + i % 2)).astype(np.float32)
+  walk = random_walk.make_boundary_walk_fn(model, cfg)
+  got = random_walk.boundary_walk_batch(walk, variables, images, cams, sizes)
+  forward = jax.jit(model.apply)
+  for i, (h, w) in enumerate(sizes):
+    pair = np.zeros((2, 64, 64, 3), np.float32)
+    pair[0, :h, :w], pair[1, :h, :w] = images[i, :h, :w], images[i, :h, :w, :][:, ::-1]
+    edges = np.asarray(forward(variables, pair)[0])[:, :-(-h // 4), :-(-w // 4)]
+    boundary = 1 / (1 + np.exp(-(edges[0] / 2 + edges[1][:, ::-1] / 2)))
+    want = random_walk.boundary_walk(boundary[None], cams[i][None], radius=int(cfg.random_walk.radius),
+                            beta=float(cfg.random_walk.beta), t=2 ** int(cfg.random_walk.logt))
+    assert got[i].shape == cams[i].shape
+    np.testing.assert_allclose(got[i], np.asarray(want)[0], rtol=1e-4, atol=1e-6)
+
+
+def test_non_finite_walked_scores_are_an_error_not_background():
+  walked = np.ones((4, 5, 2), np.float32)
+  walked[1, 2, 0] = np.nan
+  with pytest.raises(ValueError, match="walked scores must be finite"):
+    random_walk.boundary_walk_labels(walked, (16, 20))

@@ -34,6 +34,10 @@ def test_voc_reports_follow_the_papers_protocol():
 def test_irn_config_names_irn_values():
   """configs/voc_irn_resnet50.py: IRN's run_sample.py values where they differ from PSA's."""
   cfg = _load("voc_irn_resnet50.py")
+  # The relation network's backbone is frozen: without ImageNet weights it would stay random.
+  with pytest.raises(ConfigError, match="config key init.backbone must be a converted ResNet-50"):
+    config.validate(cfg)
+  cfg.init.backbone = "runs/resnet50"
   config.validate(cfg)
   assert (cfg.method, cfg.model.backbone) == ("irn", "resnet50")
   assert (cfg.cam.batch_size, cfg.cam.epochs, cfg.cam.lr, cfg.cam.weight_decay,

@@ -88,3 +88,17 @@ def test_method_and_backbone_must_agree():
   cfg.method = "dense"
   with pytest.raises(ConfigError, match="config key method must be one of"):
     config.validate(cfg)
+
+
+def test_predict_uses_the_resnet50_segmentation_network(run_dir, tmp_path, capsys):
+  workdir, _ = run_dir
+  image = tmp_path / "mine.png"
+  io.save_png(str(image), np.random.default_rng(0).integers(0, 256, (50, 70, 3), np.uint8))
+  out = tmp_path / "out"
+  assert cli.main(["predict", "--workdir", str(workdir), "--images", str(image),
+                   "--out", str(out)]) == 0
+  assert io.load_png(out / "mine.png").shape == (50, 70)
+  # IRN's walk is the random_walk stage's; predict's walk is PSA's and says so.
+  assert cli.main(["predict", "--workdir", str(workdir), "--images", str(image), "--method",
+                   "walk", "--out", str(tmp_path / "walk")]) == 2
+  assert "config has method irn" in capsys.readouterr().err

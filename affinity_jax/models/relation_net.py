@@ -28,7 +28,8 @@ slices `[..., :h, :w]`.
   order (its displacement target is search_dst, (dy, dx) pairs). IRN's MeanShift then
   subtracts the mean displacement over the training images from the output, at inference
   only; here that 2-vector is `batch_stats/mean_shift/mean` (IRN's mean_shift.running_mean,
-  zeros until set after training).
+  zeros unless converted from IRN's file: our training does not measure it, as nothing uses the
+  displacement field yet).
 
 Widths: every channel count above (the backbone's too) is scaled by `width` (resnet38.scaled;
 1.0 = IRN's, which loads its weights); the two output channel counts (1 and 2) never are.

@@ -43,8 +43,9 @@ def run(cfg) -> dict:
   devices = per_image.LocalDevices()
   irn = config.method(cfg) == "irn"
   plan = per_image.shares(builder, cfg.data.pseudo_splits, out_dir, ".npz", "infer_cam")
+  # IRN's CAMs are made from each image as it is (`raw`), scaled on the host.
   for batch, names, keep in per_image.pending(
-      cfg, builder, cfg.data.pseudo_splits, out_dir, ".npz", scales=scales,
+      cfg, builder, cfg.data.pseudo_splits, out_dir, ".npz", scales=(1.0,) if irn else scales,
       batch_size=cfg.cam_infer.batch_size, report=report, devices=devices.count, plan=plan):
     if model is None:
       model, variables = checkpoint.load_network(cfg, artifacts.CAM_NET)

@@ -122,22 +122,30 @@ def _run_irn(cfg) -> dict:
       variables = devices.replicate(variables)
       walk = rw.make_boundary_walk_fn(model, cfg)
     sizes = np.asarray(batch["orig_size"])
-    cams = {}
+    cams, ids = {}, {}
     for i in list(keep):
       if not artifacts.has_positive_class(batch["label"][i]):
         report.skip(batch_names[i], artifacts.NO_POSITIVE_CLASS)
         keep.remove(i)
         continue
-      cams[i] = artifacts.load_strided_cam(workdir.cam(batch_names[i]), sizes[i], rw.IRN_STRIDE)
+      path = workdir.cam(batch_names[i])
+      cams[i], ids[i] = artifacts.load_strided_cam(path, sizes[i], rw.IRN_STRIDE,
+                                                   cfg.model.num_classes)
+      if cams[i] is None:  # made for an image of another size
+        report.skip(batch_names[i], ids.pop(i))
+        del cams[i]
+        keep.remove(i)
     if not keep:
       continue
-    results = rw.boundary_walk_batch(walk, variables, batch["image_s0"], cams, sizes,
-                                     threshold=threshold, put=devices.put)
+    walked = rw.boundary_walk_batch(walk, variables, batch["image_s0"], cams, sizes,
+                                    put=devices.put)
     devices.record(batch)
     for i in keep:
-      label, heat = results[i]
-      artifacts.require_finite(workdir, artifacts.RELATION_NET, heat, [batch_names[i]],
+      artifacts.require_finite(workdir, artifacts.RELATION_NET, walked[i], [batch_names[i]],
                                "the walk gives non-finite scores")
+      index, heat = rw.boundary_walk_labels(walked[i], sizes[i], threshold=threshold,
+                                            stride=rw.IRN_STRIDE, return_heat=True)
+      label = np.concatenate([[0], ids[i].astype(np.int64) + 1])[index].astype(np.uint8)
       artifacts.save_label(workdir.pseudo_label(batch_names[i]), label)
       if batch_names[i] in panel_names:
         artifacts.save_walk_heat(workdir.walk_heat(batch_names[i]), heat)

@@ -69,6 +69,12 @@ def affinity_pictures(cfg, model):
     features = model.apply(variables, images).astype(jnp.float32)
     return jax.image.resize(boundary_map(features, radius), images.shape[:3], "bilinear")
 
+  return _boundary_pictures(boundary, convention)
+
+
+def _boundary_pictures(boundary, convention: str):
+  """TensorBoard's draw(variables, batch): each image beside its boundary map in heat colours,
+  `boundary(variables, images)` [B, H, W] in [0, 1]."""
   def draw(variables, batch):
     edges = np.asarray(boundary(variables, batch["image"]))
     images = models.denormalize_images(batch["image"], convention)
@@ -100,12 +106,7 @@ def relation_pictures(cfg, model):
     edges, _ = model.apply(variables, images)
     return jax.image.resize(jax.nn.sigmoid(edges), images.shape[:3], "bilinear")
 
-  def draw(variables, batch):
-    edges = np.asarray(boundary(variables, batch["image"]))
-    images = models.denormalize_images(batch["image"], convention)
-    return {"boundaries": np.stack([pictures.side_by_side(im, pictures.heat(b))
-                                    for im, b in zip(images, edges)])}
-  return draw
+  return _boundary_pictures(boundary, convention)
 
 
 RELATION_SPEC = TrainingSpec(
