@@ -2,6 +2,7 @@
 
 import os
 
+import ml_collections
 import pytest
 
 from affinity_jax import config
@@ -103,3 +104,13 @@ def test_a_path_outside_configs_still_loads_and_can_load_a_shipped_config(tmp_pa
                  "  return c\n")
   cfg = config.load_config(f"{own}")
   assert cfg.seed == 7 and cfg.data.name == "synthetic_wsss"
+
+
+def test_epochs_count_whole_batches_as_the_originals():
+  """(examples // batch) * epochs (PSA's train_cls.py, IRN's train_irn.py): VOC's 10,582 images
+  in batches of 32 for 3 epochs are 990 steps (3 * 10582 // 32 would be 992)."""
+  from affinity_jax.stages import training
+  net = ml_collections.ConfigDict(dict(steps=-1, epochs=3, batch_size=32))
+  assert training.steps_for(net, 10582) == 990
+  net.steps = 7
+  assert training.steps_for(net, 10582) == 7

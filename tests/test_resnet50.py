@@ -423,3 +423,21 @@ def test_irn_cams_shapes_classes_and_normalisation():
   np.testing.assert_allclose(single["high_res"][..., 0], out["high_res"][..., live], rtol=1e-6)
   with pytest.raises(ValueError, match="irn_cams: image must be uint8"):
     cam_lib.irn_cams(apply, image.astype(np.float32), [1])
+
+
+def test_irn_cams_on_bucketed_canvases_equal_each_image_alone():
+  """infer_cam (method irn) runs each scaled image on a canvas rounded up to IRN_BUCKET pixels
+  with its size given: the same CAMs as the image alone, for a few compiles per split."""
+  from affinity_jax import cam as cam_lib  # pylint: disable=import-outside-toplevel
+  from affinity_jax.stages import infer_cam  # pylint: disable=import-outside-toplevel
+  model = models.build("cam", num_classes=4, width=W, backbone="resnet50")
+  variables = models.init_variables(model, jax.random.key(1), (1, 32, 32, 3))
+  plain = jax.jit(lambda x: model.apply(variables, x, method="cam"))
+  bucketed = infer_cam._bucketed(  # pylint: disable=protected-access
+      jax.jit(lambda v, x, sizes: model.apply(v, x, sizes, method="cam")), model.stride)
+  image = np.random.default_rng(2).integers(0, 256, (45, 70, 3)).astype(np.uint8)
+  want = cam_lib.irn_cams(plain, image, [0, 2, 3], scales=(1.0, 0.5, 1.5))
+  got = cam_lib.irn_cams(lambda x: bucketed(variables, x), image, [0, 2, 3],
+                         scales=(1.0, 0.5, 1.5))
+  for key in ("cam", "high_res"):
+    np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6)

@@ -50,7 +50,9 @@ def run(cfg) -> dict:
     if model is None:
       model, variables = checkpoint.load_network(cfg, artifacts.CAM_NET)
       if irn:
-        irn_apply = jax.jit(lambda v, x: model.apply(v, x, method="cam"))
+        irn_apply = _bucketed(jax.jit(lambda v, x, sizes: model.apply(v, x, sizes,
+                                                                      method="cam")),
+                              model.stride)
       else:
         variables = devices.replicate(variables)  # once: every batch is split over the devices
         cam_fn = cam.cam_fn(model)
@@ -81,6 +83,25 @@ def run(cfg) -> dict:
   derived = _derive_cam_predictions(cfg, workdir, done_before)
   return report.finish({"written": written, "cam_predictions_derived": derived,
                         **devices.summary("infer_cam")})
+
+
+# IRN's CAMs run image by image at each image's own (scaled) size: each goes to the top-left of
+# a canvas of its size rounded up to this many pixels, with its size given (models/canvas.py:
+# the same CAMs as the image alone), so that a split's many sizes compile a few programs.
+IRN_BUCKET = 128
+
+
+def _bucketed(cam_fn, stride: int):
+  """(variables, images [B, h, w, 3]) -> [B, ceil(h / stride), ceil(w / stride), C]: `cam_fn`
+  (variables, canvas, sizes) on the images padded to a multiple of IRN_BUCKET."""
+  def apply(variables, images):
+    b, h, w, c = images.shape
+    canvas = np.zeros((b, -(-h // IRN_BUCKET) * IRN_BUCKET, -(-w // IRN_BUCKET) * IRN_BUCKET, c),
+                      np.float32)
+    canvas[:, :h, :w] = images
+    out = cam_fn(variables, canvas, np.full((b, 2), (h, w), np.int32))
+    return np.asarray(out)[:, :-(-h // stride), :-(-w // stride)]
+  return apply
 
 
 def _irn_cams(workdir: artifacts.Workdir, batch: dict, names: list[str], keep: list[int],

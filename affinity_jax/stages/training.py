@@ -40,10 +40,12 @@ class TrainingSpec:
 
 
 def steps_for(net_cfg, num_examples: int) -> int:
-  """`steps` when positive, else `epochs` passes over `num_examples` at the global batch size."""
+  """`steps` when positive, else `epochs` passes over `num_examples` at the global batch size,
+  each of its whole batches (the originals' (examples // batch) * epochs: PSA's train_cls.py,
+  IRN's train_cam.py and train_irn.py drop each epoch's last partial batch)."""
   if net_cfg.steps > 0:
     return int(net_cfg.steps)
-  return max(1, int(net_cfg.epochs) * num_examples // int(net_cfg.batch_size))
+  return max(1, num_examples // int(net_cfg.batch_size) * int(net_cfg.epochs))
 
 
 def local_batch_size(global_batch: int) -> int:
