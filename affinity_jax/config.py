@@ -167,6 +167,17 @@ def method(cfg) -> str:
   return name
 
 
+def cam_background(cfg) -> float:
+  """The constant background score of CAM-only label maps: eval.cam_background with method irn
+  (IRN's eval_cam.py: 0.15), PSA's 0.2 otherwise (cam.CAM_ONLY_BACKGROUND)."""
+  if method(cfg) == "irn":
+    value = float(cfg.eval.cam_background)
+    if not 0 <= value <= 1:
+      raise ConfigError(f"config key eval.cam_background must lie in [0, 1], got {value}")
+    return value
+  return 0.2
+
+
 def _check(ok: bool, key: str, want: str, value) -> None:
   if not ok:
     raise ConfigError(f"config key {key} must be {want}, got {value!r}")

@@ -50,6 +50,11 @@ def test_outputs_have_irn_formats(run_dir):
     assert relation.shape == (h, w) and set(np.unique(relation)) <= {0, 255} | ids
     label = io.load_png(workdir / "pseudo_labels" / f"{name}.png")
     assert label.shape == (h, w) and set(np.unique(label)) <= {0} | ids
+    # The CAM-only map takes IRN's background 0.15 (eval.cam_background), not PSA's 0.2.
+    stack = np.concatenate([np.full((h, w, 1), 0.15, np.float32), cam["cam"]], axis=-1)
+    keys = np.concatenate([[0], cam["class_ids"] + 1])
+    np.testing.assert_array_equal(io.load_png(workdir / "cam_pred" / f"{name}.png"),
+                                  keys[np.argmax(stack, axis=-1)])
 
 
 def test_results_and_a_rerun_that_does_nothing(run_dir, capsys):

@@ -16,11 +16,13 @@ import os
 
 import numpy as np
 
-from affinity_jax import artifacts, cam, charts, data, evaluation, io, pictures
+from affinity_jax import artifacts, cam, charts, config, data, evaluation, io, pictures
 
 # What its outputs are made from (affinity_jax/fingerprints.py): the config keys it reads
 # (a section stands for all its keys) and the stages whose outputs it consumes.
 READS = ("model.num_classes", "eval.cam_splits", "eval.seg_splits", "random_walk.crf")
+# With method irn, also these (keys of IRN's configs only).
+IRN_READS = ("eval.cam_background",)
 CONSUMES = ("infer_cam", "random_walk", "infer_seg")
 
 
@@ -28,9 +30,9 @@ CONSUMES = ("infer_cam", "random_walk", "infer_seg")
 _PRODUCER = {"cam": "infer_cam", "rw": "random_walk", "seg": "infer_seg"}
 
 
-def _prediction(kind: str, path: str, num_classes: int) -> np.ndarray:
+def _prediction(kind: str, path: str, num_classes: int, background: float) -> np.ndarray:
   if kind == "cam":
-    return cam.cam_prediction(artifacts.load_cam(path, num_classes))
+    return cam.cam_prediction(artifacts.load_cam(path, num_classes), background=background)
   return artifacts.load_label(path, _PRODUCER[kind])
 
 
@@ -64,7 +66,7 @@ def _score(cfg, split: str, kinds: dict[str, str], report) -> dict:
         report.skip(name, f"no {kind} prediction ({_PRODUCER[kind]} skipped it)")
         continue
       artifacts.require(path, _PRODUCER[kind])
-      preds[kind] = _prediction(kind, path, cfg.model.num_classes)
+      preds[kind] = _prediction(kind, path, cfg.model.num_classes, config.cam_background(cfg))
       try:  # labels out of range (a broken file or another dataset's) stop with its name.
         conf[kind].add(gt, preds[kind], prediction_file=path,
                        ground_truth_file=f"{name} of {cfg.data.name} {split}")

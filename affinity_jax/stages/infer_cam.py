@@ -26,6 +26,8 @@ from affinity_jax.stages import per_image
 # (a section stands for all its keys) and the stages whose outputs it consumes.
 # (`method` is not read apart: config.validate ties it to model.backbone.)
 READS = ("model", "cam_infer.scales", "data.canvas")
+# With method irn, also these (keys of IRN's configs only).
+IRN_READS = ("eval.cam_background",)
 CONSUMES = ("train_cam",)
 # The version of this stage's code: bumped when the same inputs give other outputs
 # (fingerprints.py). 2: the exact canvas forward, PIL's pixels and resizes.
@@ -42,6 +44,7 @@ def run(cfg) -> dict:
   scales = tuple(cfg.cam_infer.scales)
   devices = per_image.LocalDevices()
   irn = config.method(cfg) == "irn"
+  background = config.cam_background(cfg)
   plan = per_image.shares(builder, cfg.data.pseudo_splits, out_dir, ".npz", "infer_cam")
   # IRN's CAMs are made from each image as it is (`raw`), scaled on the host.
   for batch, names, keep in per_image.pending(
@@ -63,7 +66,7 @@ def run(cfg) -> dict:
       continue
     if irn:
       written += _irn_cams(workdir, batch, names, keep, scales,
-                           lambda x: irn_apply(variables, x))
+                           lambda x: irn_apply(variables, x), background)
       continue
     cams = cam_fn(variables, batch, scales, batch["label"], put=devices.put)
     devices.record(batch)
@@ -74,7 +77,8 @@ def run(cfg) -> dict:
       h, w = sizes[i]
       class_ids = np.flatnonzero(batch["label"][i] > 0).astype(np.int32)
       artifacts.save_cam(workdir.cam(names[i]), cams[i, :h, :w][..., class_ids], class_ids)
-      artifacts.save_label(workdir.cam_prediction(names[i]), cam.cam_prediction(cams[i, :h, :w]))
+      artifacts.save_label(workdir.cam_prediction(names[i]),
+                           cam.cam_prediction(cams[i, :h, :w], background=background))
       written += 1
   print(f"[infer_cam] wrote {written} CAM files to {out_dir}")
   todo = {n for names in plan[0].values() for n in names}
@@ -105,7 +109,7 @@ def _bucketed(cam_fn, stride: int):
 
 
 def _irn_cams(workdir: artifacts.Workdir, batch: dict, names: list[str], keep: list[int],
-              scales, apply) -> int:
+              scales, apply, background: float) -> int:
   """IRN's CAMs of the images `keep` of an inference batch, each at its own size (the canvas
   holds it at the top-left, scale 1); returns how many it wrote."""
   sizes = np.asarray(batch["orig_size"])
@@ -119,7 +123,8 @@ def _irn_cams(workdir: artifacts.Workdir, batch: dict, names: list[str], keep: l
                        strided=maps["cam"])
     full = np.zeros(maps["high_res"].shape[:2] + (len(batch["label"][i]),), np.float32)
     full[..., class_ids] = maps["high_res"]
-    artifacts.save_label(workdir.cam_prediction(names[i]), cam.cam_prediction(full))
+    artifacts.save_label(workdir.cam_prediction(names[i]),
+                         cam.cam_prediction(full, background=background))
   return len(keep)
 
 
@@ -133,7 +138,8 @@ def _derive_cam_predictions(cfg, workdir: artifacts.Workdir, done_before: list[s
     if not os.path.exists(workdir.cam(name)) or os.path.exists(workdir.cam_prediction(name)):
       continue
     full = artifacts.load_cam(workdir.cam(name), cfg.model.num_classes)
-    artifacts.save_label(workdir.cam_prediction(name), cam.cam_prediction(full))
+    artifacts.save_label(workdir.cam_prediction(name),
+                         cam.cam_prediction(full, background=config.cam_background(cfg)))
     derived += 1
   if derived:
     print(f"[infer_cam] wrote {derived} CAM-only label maps from existing CAM files")
