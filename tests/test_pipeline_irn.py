@@ -107,3 +107,25 @@ def test_predict_uses_the_resnet50_segmentation_network(run_dir, tmp_path, capsy
   assert cli.main(["predict", "--workdir", str(workdir), "--images", str(image), "--method",
                    "walk", "--out", str(tmp_path / "walk")]) == 2
   assert "config has method irn" in capsys.readouterr().err
+
+
+def test_voc_tiny_on_a_generated_tree_of_many_sizes(tmp_path):
+  """configs/voc_irn_resnet50.py:tiny on a generated VOC tree (every image of its own size, on
+  the 512 canvas): every stage writes one output per image at the image's size."""
+  from tests import _voc_tree  # pylint: disable=import-outside-toplevel
+  expected = _voc_tree.make_voc_tree(str(tmp_path / "manual"))
+  workdir = tmp_path / "run"
+  assert cli.main(["run", "--config", "voc_irn_resnet50:tiny", "--workdir", str(workdir),
+                   f"--config.data.manual_dir={tmp_path / 'manual'}",
+                   f"--config.data.data_dir={tmp_path / 'tfds'}"]) == 0
+  names = sorted(f[:-4] for f in os.listdir(workdir / "pseudo_labels"))
+  assert names == sorted(_voc_tree.TRAIN_AUG)
+  for name in names:
+    h, w = expected["sizes"][name]
+    cam = io.load_npz(workdir / "cams" / f"{name}.npz")
+    assert cam["cam"].shape[:2] == (h, w)
+    assert cam["strided"].shape[:2] == (-(-h // 4), -(-w // 4))
+    assert io.load_png(workdir / "aff_labels" / f"{name}.png").shape == (h, w)
+    assert io.load_png(workdir / "pseudo_labels" / f"{name}.png").shape == (h, w)
+  results = json.loads((workdir / "results.json").read_text())
+  assert 0.0 <= results["rw_miou"] <= 1.0 and 0.0 <= results["seg_miou"] <= 1.0
