@@ -71,4 +71,4 @@ def test_an_unknown_config_name_lists_the_shipped_ones(capsys):
   status, _, err = _prepare(capsys, "--config", "synthetc:tiny")
   assert status == 2
   assert "unknown config 'synthetc'" in err
-  assert "synthetic, voc_resnet38, voc_vgg16" in err
+  assert "synthetic, synthetic_irn, voc_irn_resnet50, voc_resnet38, voc_vgg16" in err
