@@ -41,24 +41,38 @@ CONSUMES = ("train_aff", "infer_cam")
 VERSION = 2
 
 
+def _pending(cfg, scale: float):
+  """(workdir, report, devices, panel names, batches): what both walks start from, the batches
+  (per_image.pending) of the images without a pseudo label, at `scale`."""
+  workdir = artifacts.Workdir(cfg.workdir)
+  builder = data.from_config(cfg)
+  panel_names = {n for split in cfg.data.pseudo_splits
+                 for n in data.split_names(builder, split)[:cfg.eval.panels]}
+  report = artifacts.SkipReport(workdir, "random_walk", jax.process_index() == 0)
+  devices = per_image.LocalDevices()
+  batches = per_image.pending(
+      cfg, builder, cfg.data.pseudo_splits, workdir.path(artifacts.PSEUDO_LABELS), ".png",
+      scales=(scale,), batch_size=cfg.random_walk.batch_size, report=report,
+      devices=devices.count)
+  return workdir, report, devices, panel_names, batches
+
+
+def _finish(workdir, report, devices, written: int) -> dict:
+  print(f"[random_walk] wrote {written} pseudo labels to "
+        f"{workdir.path(artifacts.PSEUDO_LABELS)}")
+  return report.finish({"written": written, **devices.summary("random_walk")})
+
+
 def run(cfg) -> dict:
   if config.method(cfg) == "irn":
     return _run_irn(cfg)
-  workdir = artifacts.Workdir(cfg.workdir)
-  out_dir = workdir.path(artifacts.PSEUDO_LABELS)
-  builder = data.from_config(cfg)
   num_classes = cfg.model.num_classes
   scale = config.aff_image_scale(cfg)
   alpha = float(cfg.random_walk.alpha)
-  panel_names = {n for split in cfg.data.pseudo_splits
-                 for n in data.split_names(builder, split)[:cfg.eval.panels]}
+  workdir, report, devices, panel_names, batches = _pending(cfg, scale)
   model = None
   written = 0
-  report = artifacts.SkipReport(workdir, "random_walk", jax.process_index() == 0)
-  devices = per_image.LocalDevices()
-  for batch, batch_names, keep in per_image.pending(
-      cfg, builder, cfg.data.pseudo_splits, out_dir, ".png", scales=(scale,),
-      batch_size=cfg.random_walk.batch_size, report=report, devices=devices.count):
+  for batch, batch_names, keep in batches:
     if model is None:
       model, variables = checkpoint.load_network(cfg, artifacts.AFF_NET)
       variables = devices.replicate(variables)  # once: every batch is split over the devices
@@ -98,25 +112,16 @@ def run(cfg) -> dict:
       if batch_names[i] in panel_names:
         artifacts.save_walk_heat(workdir.walk_heat(batch_names[i]), heat[i, :h, :w])
       written += 1
-  print(f"[random_walk] wrote {written} pseudo labels to {out_dir}")
-  return report.finish({"written": written, **devices.summary("random_walk")})
+  return _finish(workdir, report, devices, written)
 
 
 def _run_irn(cfg) -> dict:
   """IRN's walk (method irn): see the module docstring."""
-  workdir = artifacts.Workdir(cfg.workdir)
-  out_dir = workdir.path(artifacts.PSEUDO_LABELS)
-  builder = data.from_config(cfg)
   threshold = float(cfg.random_walk.bg_threshold)
-  panel_names = {n for split in cfg.data.pseudo_splits
-                 for n in data.split_names(builder, split)[:cfg.eval.panels]}
+  workdir, report, devices, panel_names, batches = _pending(cfg, 1.0)
   model = None
   written = 0
-  report = artifacts.SkipReport(workdir, "random_walk", jax.process_index() == 0)
-  devices = per_image.LocalDevices()
-  for batch, batch_names, keep in per_image.pending(
-      cfg, builder, cfg.data.pseudo_splits, out_dir, ".png", scales=(1.0,),
-      batch_size=cfg.random_walk.batch_size, report=report, devices=devices.count):
+  for batch, batch_names, keep in batches:
     if model is None:
       model, variables = checkpoint.load_network(cfg, artifacts.RELATION_NET)
       variables = devices.replicate(variables)
@@ -150,5 +155,4 @@ def _run_irn(cfg) -> dict:
       if batch_names[i] in panel_names:
         artifacts.save_walk_heat(workdir.walk_heat(batch_names[i]), heat)
       written += 1
-  print(f"[random_walk] wrote {written} pseudo labels to {out_dir}")
-  return report.finish({"written": written, **devices.summary("random_walk")})
+  return _finish(workdir, report, devices, written)
