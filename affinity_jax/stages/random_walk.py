@@ -57,6 +57,15 @@ def _pending(cfg, scale: float):
   return workdir, report, devices, panel_names, batches
 
 
+def _with_positive_class(batch, names, keep: list[int], report) -> list[int]:
+  """Removes from `keep` (and reports) the images without a positive class, which have nothing
+  to walk; returns a copy of what is left, for the caller to remove more from `keep`."""
+  for i in [i for i in keep if not artifacts.has_positive_class(batch["label"][i])]:
+    report.skip(names[i], artifacts.NO_POSITIVE_CLASS)
+    keep.remove(i)
+  return list(keep)
+
+
 def _finish(workdir, report, devices, written: int) -> dict:
   print(f"[random_walk] wrote {written} pseudo labels to "
         f"{workdir.path(artifacts.PSEUDO_LABELS)}")
@@ -79,11 +88,7 @@ def run(cfg) -> dict:
       walk = rw.make_walk_fn(model, cfg)
     sizes = np.asarray(batch["orig_size"])
     cams = {}
-    for i in list(keep):
-      if not artifacts.has_positive_class(batch["label"][i]):
-        report.skip(batch_names[i], artifacts.NO_POSITIVE_CLASS)
-        keep.remove(i)
-        continue
+    for i in _with_positive_class(batch, batch_names, keep, report):
       path = workdir.cam(batch_names[i])
       full = artifacts.load_cam(path, num_classes)
       mismatch = artifacts.cam_size_mismatch(path, full.shape[:2], sizes[i])
@@ -128,11 +133,7 @@ def _run_irn(cfg) -> dict:
       walk = rw.make_boundary_walk_fn(model, cfg)
     sizes = np.asarray(batch["orig_size"])
     cams, ids = {}, {}
-    for i in list(keep):
-      if not artifacts.has_positive_class(batch["label"][i]):
-        report.skip(batch_names[i], artifacts.NO_POSITIVE_CLASS)
-        keep.remove(i)
-        continue
+    for i in _with_positive_class(batch, batch_names, keep, report):
       path = workdir.cam(batch_names[i])
       cams[i], ids[i] = artifacts.load_strided_cam(path, sizes[i], rw.IRN_STRIDE,
                                                    cfg.model.num_classes)
