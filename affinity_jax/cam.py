@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from affinity_jax import crf as crf_lib
-from affinity_jax.constants import IMAGENET_MEAN, IMAGENET_STD, STRIDE
+from affinity_jax.constants import IMAGENET_MEAN, IMAGENET_STD, IRN_STRIDE, STRIDE
 
 NORM_EPS = 1e-5
 # The constant background score of CAM-only predictions (docs/method.md §2).
@@ -302,7 +302,6 @@ def walk_to_image(grid_hw: np.ndarray, sizes: np.ndarray, scaled: np.ndarray,
 # network at stride 16.
 
 IRN_CAM_STRIDE = 16
-IRN_GRID_STRIDE = 4
 
 
 def irn_cams(cam_apply, image: np.ndarray, classes, *, scales=(1.0, 0.5, 1.5, 2.0),
@@ -337,7 +336,7 @@ def irn_cams(cam_apply, image: np.ndarray, classes, *, scales=(1.0, 0.5, 1.5, 2.
     mean, std = np.float32(IMAGENET_MEAN), np.float32(IMAGENET_STD)
     normalise_fn = lambda x: (x.astype(np.float32) / 255.0 - mean) / std  # noqa: E731
   height, width = image.shape[:2]
-  grid = (-(-height // IRN_GRID_STRIDE), -(-width // IRN_GRID_STRIDE))
+  grid = (-(-height // IRN_STRIDE), -(-width // IRN_STRIDE))
   padded = (-(-height // IRN_CAM_STRIDE) * IRN_CAM_STRIDE,
             -(-width // IRN_CAM_STRIDE) * IRN_CAM_STRIDE)
   classes = np.asarray(classes, np.int64).reshape(-1)

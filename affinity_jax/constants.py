@@ -2,6 +2,8 @@
 
 # Output stride of every network: one feature-grid cell per 8 x 8 input pixels.
 STRIDE = 8
+# IRN's grid (docs/method.md §11): its stride-4 CAMs, relation labels, boundary map and walk.
+IRN_STRIDE = 4
 # Label of pixels (and affinity-grid cells) that no loss or metric counts.
 IGNORE_LABEL = 255
 # PASCAL VOC's 20 classes in label order (mask value c + 1 is class c; 0 is the background).

@@ -42,7 +42,7 @@ import numpy as np
 from affinity_jax import cam as cam_lib
 from affinity_jax import crf, geometry
 from affinity_jax.cam import background_stack
-from affinity_jax.constants import STRIDE
+from affinity_jax.constants import IRN_STRIDE, STRIDE
 
 
 def transition_weights(aff_sym: jax.Array, *, beta: float = 8.0) -> jax.Array:
@@ -404,8 +404,6 @@ def crf_label(image: np.ndarray, share: np.ndarray, channels: np.ndarray,
 # IRN's walk in the pipeline (docs/method.md §11, method irn): the relation network's boundary
 # map at stride 4 of each image (flip-averaged, on the canvas), IRN's stride-4 CAMs of the
 # image's classes, the walk, and IRN's labels (boundary_walk_labels).
-
-IRN_STRIDE = 4
 
 
 def make_boundary_walk_fn(model, cfg):

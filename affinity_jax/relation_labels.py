@@ -25,15 +25,14 @@ from typing import Optional, Sequence
 import numpy as np
 
 from affinity_jax import crf, geometry
-from affinity_jax.constants import IGNORE_LABEL
+from affinity_jax.constants import IGNORE_LABEL, IRN_STRIDE
 
 # run_sample.py --conf_fg_thres / --conf_bg_thres: CAM scores (each CAM divided by its maximum)
 # above which a pixel may be foreground, with the dCRF's say.
 FG_THRESHOLD = 0.30
 BG_THRESHOLD = 0.05
-# IRN's relation network works on the stride-4 grid, its pairs within radius 10 there
-# (step/train_irn.py PathIndex(radius=10, ...)).
-RELATION_STRIDE = 4
+# IRN's relation network works on the stride-4 grid (constants.IRN_STRIDE), its pairs within
+# radius 10 there (step/train_irn.py PathIndex(radius=10, ...)).
 RELATION_RADIUS = 10
 
 
@@ -113,7 +112,7 @@ def relation_labels(image: np.ndarray, cams: np.ndarray, *,
   return label.astype(np.uint8)
 
 
-def reduce_label(label: np.ndarray, stride: int = RELATION_STRIDE) -> np.ndarray:
+def reduce_label(label: np.ndarray, stride: int = IRN_STRIDE) -> np.ndarray:
   """A label map on the stride grid, as IRN's training loader reduces its crop's label.
 
   imutils.pil_rescale(label, 1 / stride, order=0): PIL's nearest-neighbour resize of the uint8

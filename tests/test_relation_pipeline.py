@@ -11,7 +11,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from affinity_jax import data, relation_labels
+from affinity_jax import constants, data, relation_labels
 from affinity_jax.data import pipelines, transforms
 from affinity_jax.errors import UserError
 
@@ -222,7 +222,7 @@ def test_same_batches_on_two_hosts(varied, tmp_path):
 
 def test_arguments(varied, tmp_path):
   default = inspect.signature(pipelines.relation_train).parameters["stride"].default
-  assert default == relation_labels.RELATION_STRIDE
+  assert default == constants.IRN_STRIDE
   with pytest.raises(UserError, match="multiple of 4"):
     pipelines.relation_train(varied, "train", str(tmp_path), batch_size=2, crop_size=30,
                              **ONE_HOST)

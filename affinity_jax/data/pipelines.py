@@ -334,7 +334,7 @@ def relation_train(builder, split: str, label_dir: str | None, *, batch_size: in
   With `check`, every label file of the split's images must exist before the first batch.
 
   Args:
-    stride: the relation grid's stride (IRN: 4, relation_labels.RELATION_STRIDE); crop_size must
+    stride: the relation grid's stride (IRN: 4, constants.IRN_STRIDE); crop_size must
       be a positive multiple of it.
 
   Yields:

@@ -26,6 +26,7 @@ import numpy as np
 
 from affinity_jax import artifacts, checkpoint, config, data
 from affinity_jax import random_walk as rw
+from affinity_jax.constants import IRN_STRIDE
 from affinity_jax.stages import per_image
 
 # What its outputs are made from (affinity_jax/fingerprints.py): the config keys it reads
@@ -135,7 +136,7 @@ def _run_irn(cfg) -> dict:
     cams, ids = {}, {}
     for i in _with_positive_class(batch, batch_names, keep, report):
       path = workdir.cam(batch_names[i])
-      cams[i], ids[i] = artifacts.load_strided_cam(path, sizes[i], rw.IRN_STRIDE,
+      cams[i], ids[i] = artifacts.load_strided_cam(path, sizes[i], IRN_STRIDE,
                                                    cfg.model.num_classes)
       if cams[i] is None:  # made for an image of another size
         report.skip(batch_names[i], ids.pop(i))
@@ -150,7 +151,7 @@ def _run_irn(cfg) -> dict:
       artifacts.require_finite(workdir, artifacts.RELATION_NET, walked[i], [batch_names[i]],
                                "the walk gives non-finite scores")
       index, heat = rw.boundary_walk_labels(walked[i], sizes[i], threshold=threshold,
-                                            stride=rw.IRN_STRIDE, return_heat=True)
+                                            stride=IRN_STRIDE, return_heat=True)
       label = np.concatenate([[0], ids[i].astype(np.int64) + 1])[index].astype(np.uint8)
       artifacts.save_label(workdir.pseudo_label(batch_names[i]), label)
       if batch_names[i] in panel_names:
