@@ -196,3 +196,34 @@ def test_bad_options(tmp_path, options, match):
 def test_unknown_dataset(tmp_path):
   with pytest.raises(UserError, match="unknown dataset"):
     data.get_builder("coco", tmp_path)
+
+
+def test_body_cue_tints_each_body_towards_its_class_colour_by_a_drawn_share():
+  """body_cue > 0 moves a body's colour towards its class's part colour by a share in
+  [0, body_cue] drawn per object; masks, labels, parts and every other pixel stay as without it."""
+  shape = dict(image_size=(96, 96), max_objects=2, object_scale=(0.2, 0.4),
+               part_fraction=(0.15, 0.3))
+  base = synthetic.SyntheticConfig(name="b", **shape)
+  cued = synthetic.SyntheticConfig(name="c", body_cue=0.4, **shape)
+  colours = synthetic.part_colours(base.num_classes)
+  shares = []
+  for i in range(12):
+    image, mask, label, parts = synthetic.generate_example(cued, "train", i, with_parts=True)
+    b_image, b_mask, b_label, b_parts = synthetic.generate_example(base, "train", i,
+                                                                   with_parts=True)
+    np.testing.assert_array_equal(mask, b_mask)
+    np.testing.assert_array_equal(label, b_label)
+    np.testing.assert_array_equal(parts, b_parts)
+    bodies = (mask >= 1) & (mask <= base.num_classes) & ~parts
+    assert not ((image != b_image).any(-1) & ~bodies).any()
+    for cls, obj in _objects(mask):
+      body = obj & ~parts
+      was = b_image[body].astype(np.float64).mean(0)
+      moved = image[body].astype(np.float64).mean(0) - was
+      towards = colours[cls - 1] - was
+      shares.append(moved @ towards / (towards @ towards))
+  # The image's illumination gain (0.85-1.15, a ramp) scales the share a little.
+  assert -0.02 <= min(shares) and max(shares) <= 0.4 * 1.3
+  assert max(shares) - min(shares) > 0.15
+  with pytest.raises(UserError, match="body_cue"):
+    synthetic.SyntheticConfig(name="x", body_cue=1.5).validate()

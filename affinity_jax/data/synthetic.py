@@ -20,6 +20,10 @@ built so that the method has the same thing to fix as on photographs:
   classes'" tells a class, so the classifier has to find the part itself (with every image
   holding an object, the last class to be learned can otherwise be read off by elimination, and
   its CAM is flat over the image).
+* Optionally (`body_cue` > 0) each body is tinted towards its class's part colour by a share
+  drawn per object from [0, body_cue]: the body becomes weak, unreliable evidence of the class,
+  as the body of a photographed object is next to its most telling part (a from-ImageNet
+  classifier's CAM is then strong on the part and weak, not zero, over the body).
 * Optionally (`empty_fraction` > 0) some training images hold no object at all (label all 0):
   a class can then no longer be told by elimination from "no other class's part", which a
   classifier otherwise learns for the last class it finds, as a flat CAM over the whole image.
@@ -35,8 +39,9 @@ config from them): image_size (H, W), size_range (lo, hi) to draw H and W per im
 (exercises padding), num_classes (<= 20), max_objects, num_train, num_val, seed, boundary_width,
 object_scale (lo, hi): object radii as fractions of the short side (default 0.12-0.3),
 part_fraction (lo, hi): the part's share of its object's area (default 0.05-0.15), and
-distractors: at most this many partless bodies per image (default 0), and empty_fraction: the
-share of training images without any object (default 0; val images always have one).
+distractors: at most this many partless bodies per image (default 0), empty_fraction: the
+share of training images without any object (default 0; val images always have one), and
+body_cue: the largest share of the class's part colour in a body's colour (default 0).
 Named configs: `default` (128x128, 5 classes, 600 / 120 images, ~10 s to generate on 2 cores)
 and `tiny` (64x64, 3 classes, 16 / 8 images, for tests).
 Example i of a split depends only on (seed, split, i), so growing a split keeps its first images.
@@ -80,6 +85,8 @@ class SyntheticConfig(tfds.core.BuilderConfig):
   distractors: int = 0
   # Share of training images with no object at all (val images always have one).
   empty_fraction: float = 0.0
+  # At most this share of each body's colour is its class's part colour (drawn per object).
+  body_cue: float = 0.0
 
   def validate(self) -> None:
     if not 1 <= self.num_classes <= len(_COLOUR_NAMES):
@@ -97,6 +104,8 @@ class SyntheticConfig(tfds.core.BuilderConfig):
     if not 0.0 <= self.empty_fraction < 1.0:
       raise UserError("synthetic_wsss: empty_fraction must be in [0, 1), "
                       f"got {self.empty_fraction}")
+    if not 0.0 <= self.body_cue <= 1.0:
+      raise UserError(f"synthetic_wsss: body_cue must be in [0, 1], got {self.body_cue}")
     if self.distractors < 0:
       raise UserError(f"synthetic_wsss: distractors must be >= 0, got {self.distractors}")
     if self.boundary_width < 0:
@@ -119,9 +128,10 @@ def class_names_for(num_classes: int) -> tuple[str, ...]:
 class SyntheticWsss(LocalBuilder):
   """Objects with a class-agnostic body and a class-specific part on a textured background."""
 
-  VERSION = tfds.core.Version("1.1.0")
+  VERSION = tfds.core.Version("1.2.0")
   RELEASE_NOTES = {"1.0.0": "First release.",
-                   "1.1.0": "Knobs distractors and empty_fraction; images without them unchanged."}
+                   "1.1.0": "Knobs distractors and empty_fraction; images without them unchanged.",
+                   "1.2.0": "Knob body_cue; images without it unchanged."}
   BUILDER_CONFIGS = [
       SyntheticConfig(name="default", description="128x128, 5 classes, 600 train / 120 val."),
       SyntheticConfig(name="tiny", image_size=(64, 64), num_classes=3, num_train=16,
@@ -166,7 +176,7 @@ def _knobs(config: SyntheticConfig) -> dict:
   return {f.name: getattr(config, f.name) for f in dataclasses.fields(SyntheticConfig)
           if f.name in ("image_size", "size_range", "num_classes", "max_objects", "num_train",
                         "num_val", "seed", "boundary_width", "object_scale", "part_fraction",
-                        "distractors", "empty_fraction")}
+                        "distractors", "empty_fraction", "body_cue")}
 
 
 def part_colours(num_classes: int) -> np.ndarray:
@@ -200,12 +210,18 @@ def generate_example(config: SyntheticConfig, split: str, index: int, *,
       < config.empty_fraction):
     num_objects = 0  # A negative: no object, label all 0.
   placed = []
+  # The body cues' strengths from a stream of their own: with body_cue 0 the image is unchanged.
+  cue = np.random.default_rng([config.seed, _SPLIT_IDS[split], index, 3])
   for _ in range(num_objects):
     obj = _place_object(rng, occupied, gap, config.object_scale)
     if obj is None:
       continue
     cls = int(rng.integers(config.num_classes))
-    image[obj] = _body_texture(rng, yy, xx)[obj]
+    body = _body_texture(rng, yy, xx)[obj]
+    if config.body_cue:
+      share = cue.uniform(0.0, config.body_cue)
+      body = (1.0 - share) * body + share * colours[cls]
+    image[obj] = body
     part = _part(rng, obj, config.part_fraction)
     shade = rng.uniform(0.9, 1.1)
     image[part] = np.clip(colours[cls] * shade, 0, 255)
