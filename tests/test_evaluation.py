@@ -232,4 +232,4 @@ def test_which_prepared_synthetic_config_is_scored(tmp_path, capsys):
   (tmp_path / "run" / "fingerprints" / "infer_seg.json").write_text(json.dumps(record))
   code, out, err = _evaluate(capsys, *argv)
   assert code == 0, err
-  assert "synthetic_wsss/tiny/1.1.0" in out
+  assert f"synthetic_wsss/tiny/{tiny.info.version}" in out
