@@ -199,12 +199,12 @@ def test_unknown_dataset(tmp_path):
 
 
 def test_body_cue_tints_each_body_towards_its_class_colour_by_a_drawn_share():
-  """body_cue > 0 moves a body's colour towards its class's part colour by a share in
-  [0, body_cue] drawn per object; masks, labels, parts and every other pixel stay as without it."""
+  """body_cue (lo, hi) moves a body's colour towards its class's part colour by a share in
+  [lo, hi] drawn per object; masks, labels, parts and every other pixel stay as without it."""
   shape = dict(image_size=(96, 96), max_objects=2, object_scale=(0.2, 0.4),
                part_fraction=(0.15, 0.3))
   base = synthetic.SyntheticConfig(name="b", **shape)
-  cued = synthetic.SyntheticConfig(name="c", body_cue=0.4, **shape)
+  cued = synthetic.SyntheticConfig(name="c", body_cue=(0.2, 0.6), **shape)
   colours = synthetic.part_colours(base.num_classes)
   shares = []
   for i in range(12):
@@ -223,7 +223,7 @@ def test_body_cue_tints_each_body_towards_its_class_colour_by_a_drawn_share():
       towards = colours[cls - 1] - was
       shares.append(moved @ towards / (towards @ towards))
   # The image's illumination gain (0.85-1.15, a ramp) scales the share a little.
-  assert -0.02 <= min(shares) and max(shares) <= 0.4 * 1.3
+  assert 0.2 * 0.8 <= min(shares) and max(shares) <= 0.6 * 1.3
   assert max(shares) - min(shares) > 0.15
   with pytest.raises(UserError, match="body_cue"):
-    synthetic.SyntheticConfig(name="x", body_cue=1.5).validate()
+    synthetic.SyntheticConfig(name="x", body_cue=(0.5, 0.2)).validate()

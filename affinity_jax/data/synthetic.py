@@ -20,8 +20,8 @@ built so that the method has the same thing to fix as on photographs:
   classes'" tells a class, so the classifier has to find the part itself (with every image
   holding an object, the last class to be learned can otherwise be read off by elimination, and
   its CAM is flat over the image).
-* Optionally (`body_cue` > 0) each body is tinted towards its class's part colour by a share
-  drawn per object from [0, body_cue]: the body becomes weak, unreliable evidence of the class,
+* Optionally (`body_cue` = (lo, hi) with hi > 0) each body is tinted towards its class's part
+  colour by a share drawn per object from [lo, hi]: the body becomes weak, unreliable evidence of the class,
   as the body of a photographed object is next to its most telling part (a from-ImageNet
   classifier's CAM is then strong on the part and weak, not zero, over the body).
 * Optionally (`empty_fraction` > 0) some training images hold no object at all (label all 0):
@@ -41,7 +41,7 @@ object_scale (lo, hi): object radii as fractions of the short side (default 0.12
 part_fraction (lo, hi): the part's share of its object's area (default 0.05-0.15), and
 distractors: at most this many partless bodies per image (default 0), empty_fraction: the
 share of training images without any object (default 0; val images always have one), and
-body_cue: the largest share of the class's part colour in a body's colour (default 0).
+body_cue (lo, hi): the share of the class's part colour in a body's colour (default (0, 0)).
 Named configs: `default` (128x128, 5 classes, 600 / 120 images, ~10 s to generate on 2 cores)
 and `tiny` (64x64, 3 classes, 16 / 8 images, for tests).
 Example i of a split depends only on (seed, split, i), so growing a split keeps its first images.
@@ -85,8 +85,8 @@ class SyntheticConfig(tfds.core.BuilderConfig):
   distractors: int = 0
   # Share of training images with no object at all (val images always have one).
   empty_fraction: float = 0.0
-  # At most this share of each body's colour is its class's part colour (drawn per object).
-  body_cue: float = 0.0
+  # The share (lo, hi) of each body's colour that is its class's part colour (drawn per object).
+  body_cue: tuple[float, float] = (0.0, 0.0)
 
   def validate(self) -> None:
     if not 1 <= self.num_classes <= len(_COLOUR_NAMES):
@@ -104,8 +104,10 @@ class SyntheticConfig(tfds.core.BuilderConfig):
     if not 0.0 <= self.empty_fraction < 1.0:
       raise UserError("synthetic_wsss: empty_fraction must be in [0, 1), "
                       f"got {self.empty_fraction}")
-    if not 0.0 <= self.body_cue <= 1.0:
-      raise UserError(f"synthetic_wsss: body_cue must be in [0, 1], got {self.body_cue}")
+    lo, hi = self.body_cue
+    if not 0.0 <= lo <= hi <= 1.0:
+      raise UserError("synthetic_wsss: body_cue must be (lo, hi) with 0 <= lo <= hi <= 1, "
+                      f"got {self.body_cue}")
     if self.distractors < 0:
       raise UserError(f"synthetic_wsss: distractors must be >= 0, got {self.distractors}")
     if self.boundary_width < 0:
@@ -218,8 +220,8 @@ def generate_example(config: SyntheticConfig, split: str, index: int, *,
       continue
     cls = int(rng.integers(config.num_classes))
     body = _body_texture(rng, yy, xx)[obj]
-    if config.body_cue:
-      share = cue.uniform(0.0, config.body_cue)
+    if config.body_cue[1] > 0:
+      share = cue.uniform(*config.body_cue)
       body = (1.0 - share) * body + share * colours[cls]
     image[obj] = body
     part = _part(rng, obj, config.part_fraction)
