@@ -2,9 +2,10 @@
 stages scaled down like configs/synthetic.py (the same data, canvas and evaluation), so that
 IRN's pipeline runs on a 2-core CPU and can be set beside PSA's demo (experiments/RESULTS.md).
 
-A narrow ResNet-50 (`width` multiplier) trained from scratch: no ImageNet weights here, so
-the departures of configs/synthetic.py apply (Adam, a trained stem, BatchNorm statistics
-calibrated on a training batch, the relation network starting from the CAM network's backbone).
+A narrow ResNet-50 (`width` multiplier) trained from scratch: no pretrained ResNet-50 exists
+for this world (PSA's demo has its ResNet-38, affinity_jax/pretrained), so this departs from
+IRN's recipe: Adam, a trained stem, BatchNorm statistics calibrated on a training batch, the
+relation network starting from the CAM network's backbone.
 
 Variants: `configs/synthetic_irn.py:tiny` (a few images and steps; what the tests run).
 """

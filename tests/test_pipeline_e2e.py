@@ -481,3 +481,39 @@ def test_predict_with_nothing_readable_fails_and_leaves_no_stale_report(run_dir,
   err = capsys.readouterr().err
   assert "no image could be labelled" in err and "broken.jpg" in json.loads(
       (out / "predict.json").read_text())["skipped_files"].__str__()
+
+
+def test_the_demo_path_from_the_pretrained_backbone(tmp_path):
+  """The demo's own init and optimisers (configs/synthetic.py without :tiny: the shipped
+  backbone, frozen stem and BatchNorm, SGD with the original's groups) at the tiny size: the
+  trained CAM network and AffinityNet keep the backbone's stem and statistics and move the rest."""
+  from affinity_jax import checkpoint, config  # pylint: disable=g-import-not-at-top
+  demo = config.load_config(os.path.join(REPO, "configs", "synthetic.py"))
+  assert demo.init.backbone and demo.init.freeze_stem and not demo.init.from_cam_net
+  assert demo.cam.optimizer == demo.aff.optimizer == "sgd"
+  workdir = tmp_path / "w"
+  argv = ["run", "--config", TINY, "--workdir", str(workdir),
+          f"--config.data.data_dir={tmp_path / 'tfds'}",
+          f"--config.init.backbone={demo.init.backbone}", "--config.init.freeze_stem=True",
+          "--config.init.from_cam_net=False"]
+  for net in ("cam", "aff"):
+    argv += [f"--config.{net}.optimizer={demo[net].optimizer}", f"--config.{net}.lr={demo[net].lr}"]
+  assert cli.main(argv + ["--stages", "train_cam,infer_cam,aff_labels,train_aff"]) == 0
+  backbone, _ = checkpoint.load_variables(demo.init.backbone)
+  for net in ("cam_net", "aff_net"):
+    trained, _ = checkpoint.load_variables(str(workdir / net / "final"))
+    for name in ("conv1a", "b2", "b2_1", "b2_2"):  # the frozen stem
+      for a, b in zip(jax_leaves(backbone["params"][name]), jax_leaves(trained["params"][name])):
+        np.testing.assert_array_equal(a, b)
+    for name in backbone["batch_stats"]:  # frozen BatchNorm
+      for a, b in zip(jax_leaves(backbone["batch_stats"][name]),
+                      jax_leaves(trained["batch_stats"][name])):
+        np.testing.assert_array_equal(a, b)
+    moved = [not np.array_equal(a, b) for a, b in zip(jax_leaves(backbone["params"]["b3"]),
+                                                     jax_leaves(trained["params"]["b3"]))]
+    assert any(moved), net
+
+
+def jax_leaves(tree):
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.tree.leaves(tree)

@@ -5,8 +5,8 @@ synthetic world's stand-in for the ImageNet weights the original starts from. It
 on a separate synthetic world (shapes of 12 hues and neutral ones on cluttered backgrounds, no
 image of the WSSS dataset) by `SYNTHETIC_RESNET38_COMMAND`, and is a checkpoint folder in the
 format `affinity-jax convert mxnet` writes, so `init.backbone` loads it as it loads ImageNet
-weights (`--config.init.backbone=...`; `configs/synthetic.py` does not use it yet, see
-experiments/RESULTS.md, "A pretrained backbone for the synthetic world").
+weights: `configs/synthetic.py` (the demo) starts every network from it (experiments/RESULTS.md,
+"A pretrained backbone for the synthetic world" and "The demo on the original's recipe").
 `SYNTHETIC_RESNET38_SHA256` is `folder_digest` of the folder as shipped.
 """
 
