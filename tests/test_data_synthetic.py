@@ -43,7 +43,7 @@ def test_builder_features_and_splits(tiny):
   assert tiny.info.splits["train"].num_examples == 16
   assert tiny.info.splits["val"].num_examples == 8
   assert data.num_classes(tiny) == 3
-  assert data.class_names(tiny) == ("red", "orange", "yellow")
+  assert data.class_names(tiny) == ("red", "green", "blue")
   assert tiny.info.metadata["class_names"] == list(data.class_names(tiny))
   names = set()
   for ex in tfds.as_numpy(tiny.as_dataset(split="train")):
@@ -227,3 +227,18 @@ def test_body_cue_tints_each_body_towards_its_class_colour_by_a_drawn_share():
   assert max(shares) - min(shares) > 0.15
   with pytest.raises(UserError, match="body_cue"):
     synthetic.SyntheticConfig(name="x", body_cue=(0.5, 0.2)).validate()
+
+
+@pytest.mark.parametrize("num_classes", [1, 2, 3, 5, 7, 11, 12, 20])
+def test_class_names_name_the_hue_of_the_parts(num_classes):
+  names = synthetic.class_names_for(num_classes)
+  assert len(set(names)) == num_classes
+  # The twelve named hues 30 degrees apart, as colorsys reads them.
+  wheel = {n: k * 30.0 for k, n in enumerate(("red", "orange", "yellow", "lime", "green", "spring",
+                                               "cyan", "azure", "blue", "violet", "magenta",
+                                               "rose"))}
+  if num_classes <= 12:
+    for name, rgb in zip(names, synthetic.part_colours(num_classes) / 255.0):
+      hue = colorsys.rgb_to_hsv(*rgb)[0] * 360.0
+      gap = abs((hue - wheel[name] + 180.0) % 360.0 - 180.0)
+      assert gap <= 15.0 + 1e-3, (name, hue)

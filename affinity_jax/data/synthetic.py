@@ -60,10 +60,12 @@ from affinity_jax.constants import IGNORE_LABEL as IGNORE
 from affinity_jax.data.base import LocalBuilder
 from affinity_jax.errors import UserError
 
+# The first twelve name the hues 0, 30, ..., 330 degrees; the rest only tell classes apart.
 _COLOUR_NAMES = (
     "red", "orange", "yellow", "lime", "green", "spring", "cyan", "azure", "blue", "violet",
     "magenta", "rose", "amber", "chartreuse", "jade", "teal", "cobalt", "indigo", "purple",
     "crimson")
+_WHEEL = 12
 _SPLIT_IDS = {"train": 1, "val": 2}
 
 
@@ -123,8 +125,13 @@ class SyntheticConfig(tfds.core.BuilderConfig):
 
 
 def class_names_for(num_classes: int) -> tuple[str, ...]:
-  """The class named after its part's colour."""
-  return tuple(_COLOUR_NAMES[:num_classes])
+  """Each class named after its part's hue (part_colours: class c at c / num_classes of the
+  wheel): the nearest of twelve named hues 30 degrees apart, distinct for up to 12 classes;
+  with more, the first num_classes names."""
+  if num_classes > _WHEEL:
+    return tuple(_COLOUR_NAMES[:num_classes])
+  return tuple(_COLOUR_NAMES[round(c * _WHEEL / num_classes) % _WHEEL]
+               for c in range(num_classes))
 
 
 class SyntheticWsss(LocalBuilder):
@@ -133,7 +140,8 @@ class SyntheticWsss(LocalBuilder):
   VERSION = tfds.core.Version("1.2.0")
   RELEASE_NOTES = {"1.0.0": "First release.",
                    "1.1.0": "Knobs distractors and empty_fraction; images without them unchanged.",
-                   "1.2.0": "Knob body_cue; images without it unchanged."}
+                   "1.2.0": "Knob body_cue (images without it unchanged); class names follow "
+                            "the parts' hues."}
   BUILDER_CONFIGS = [
       SyntheticConfig(name="default", description="128x128, 5 classes, 600 train / 120 val."),
       SyntheticConfig(name="tiny", image_size=(64, 64), num_classes=3, num_train=16,
