@@ -132,22 +132,31 @@ def test_object_scale_and_part_fraction_knobs():
   assert np.mean(fractions) > 0.17
 
 
+# The demo's shapes (configs/synthetic.py).
+_DEMO_SHAPE = dict(image_size=(96, 96), max_objects=2, object_scale=(0.2, 0.4),
+                   part_fraction=(0.15, 0.3))
+
+
+def _with_and_without(config, base, index):
+  """(image, mask, label, parts) of one training example under `config`, and the image under
+  `base`, after checking that mask, label and parts are the same under both."""
+  image, mask, label, parts = synthetic.generate_example(config, "train", index, with_parts=True)
+  b_image, b_mask, b_label, b_parts = synthetic.generate_example(base, "train", index,
+                                                                 with_parts=True)
+  np.testing.assert_array_equal(mask, b_mask)
+  np.testing.assert_array_equal(label, b_label)
+  np.testing.assert_array_equal(parts, b_parts)
+  return image, mask, label, parts, b_image
+
+
 def test_distractors_are_partless_bodies_labelled_background():
   """distractors > 0 adds bright bodies without a part, background in the mask, and leaves the
   rest of the image as it is without them."""
-  base = synthetic.SyntheticConfig(name="b", image_size=(96, 96), max_objects=2,
-                                   object_scale=(0.2, 0.4), part_fraction=(0.15, 0.3))
-  with_d = synthetic.SyntheticConfig(name="d", image_size=(96, 96), max_objects=2,
-                                     object_scale=(0.2, 0.4), part_fraction=(0.15, 0.3),
-                                     distractors=2)
+  base = synthetic.SyntheticConfig(name="b", **_DEMO_SHAPE)
+  with_d = synthetic.SyntheticConfig(name="d", distractors=2, **_DEMO_SHAPE)
   added, lift = 0, []
   for i in range(20):
-    image, mask, label, parts = synthetic.generate_example(with_d, "train", i, with_parts=True)
-    b_image, b_mask, b_label, b_parts = synthetic.generate_example(base, "train", i,
-                                                                   with_parts=True)
-    np.testing.assert_array_equal(mask, b_mask)
-    np.testing.assert_array_equal(label, b_label)
-    np.testing.assert_array_equal(parts, b_parts)
+    image, mask, _, _, b_image = _with_and_without(with_d, base, i)
     changed = (image != b_image).any(-1)
     # Only background changes, never within an object's gap, and it turns into a bright body.
     assert not (changed & ndimage.binary_dilation(mask > 0, iterations=3)).any()
@@ -201,19 +210,12 @@ def test_unknown_dataset(tmp_path):
 def test_body_cue_tints_each_body_towards_its_class_colour_by_a_drawn_share():
   """body_cue (lo, hi) moves a body's colour towards its class's part colour by a share in
   [lo, hi] drawn per object; masks, labels, parts and every other pixel stay as without it."""
-  shape = dict(image_size=(96, 96), max_objects=2, object_scale=(0.2, 0.4),
-               part_fraction=(0.15, 0.3))
-  base = synthetic.SyntheticConfig(name="b", **shape)
-  cued = synthetic.SyntheticConfig(name="c", body_cue=(0.2, 0.6), **shape)
+  base = synthetic.SyntheticConfig(name="b", **_DEMO_SHAPE)
+  cued = synthetic.SyntheticConfig(name="c", body_cue=(0.2, 0.6), **_DEMO_SHAPE)
   colours = synthetic.part_colours(base.num_classes)
   shares = []
   for i in range(12):
-    image, mask, label, parts = synthetic.generate_example(cued, "train", i, with_parts=True)
-    b_image, b_mask, b_label, b_parts = synthetic.generate_example(base, "train", i,
-                                                                   with_parts=True)
-    np.testing.assert_array_equal(mask, b_mask)
-    np.testing.assert_array_equal(label, b_label)
-    np.testing.assert_array_equal(parts, b_parts)
+    image, mask, _, parts, b_image = _with_and_without(cued, base, i)
     bodies = (mask >= 1) & (mask <= base.num_classes) & ~parts
     assert not ((image != b_image).any(-1) & ~bodies).any()
     for cls, obj in _objects(mask):
