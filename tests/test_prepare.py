@@ -72,3 +72,25 @@ def test_an_unknown_config_name_lists_the_shipped_ones(capsys):
   assert status == 2
   assert "unknown config 'synthetc'" in err
   assert "synthetic, synthetic_irn, voc_irn_resnet50, voc_resnet38, voc_vgg16" in err
+
+
+def test_runs_started_side_by_side_build_a_missing_dataset_once(tmp_path):
+  # Two processes (two seeds or workdirs started together) on a dataset not yet built: the
+  # second waits for the first's build and reads it, instead of stopping on tfds's rename.
+  import subprocess
+  import sys
+  code = ("import sys; from affinity_jax import data; "
+          "b = data.get_builder('synthetic_wsss', sys.argv[1], config='tiny', num_train=200); "
+          "print(b.info.splits['train'].num_examples)")
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+  procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for _ in range(2)]
+  results = [p.communicate(timeout=300) + (p.returncode,) for p in procs]
+  for out, err, code_ in results:
+    assert code_ == 0, err[-2000:]
+    assert out.strip().splitlines()[-1] == "200"
+  built = [c for c in os.listdir(tmp_path / "synthetic_wsss") if c.startswith("tiny_")]
+  assert len(built) == 2  # the config's folder and its lock
+  config_dir = tmp_path / "synthetic_wsss" / sorted(built)[0]
+  assert os.listdir(config_dir) == ["1.2.0"]  # no half-built copy left beside it

@@ -6,7 +6,9 @@ Both yield the same features (image, name, label, mask, has_mask), so stages tre
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -41,7 +43,7 @@ def get_builder(name: str, data_dir: str | os.PathLike | None = None, *,
     raise UserError(f"dataset {name}: unknown config {base_name!r}; known: {sorted(named)}")
   data_dir = os.fspath(data_dir) if data_dir is not None else None
   if not options:
-    return _prepared(cls(config=base_name, data_dir=data_dir), manual_dir, prepare)
+    return _prepared(lambda: cls(config=base_name, data_dir=data_dir), manual_dir, prepare)
   fields = {f.name for f in dataclasses.fields(config_cls)} - {
       "name", "version", "release_notes", "supported_versions", "description", "tags"}
   unknown = sorted(set(options) - fields)
@@ -54,10 +56,27 @@ def get_builder(name: str, data_dir: str | os.PathLike | None = None, *,
   digest = hashlib.sha1(json.dumps(knobs, sort_keys=True, default=str).encode()).hexdigest()[:10]
   custom = config_cls(name=f"{base_name}_{digest}", description=f"{base_name} with {options}",
                       **knobs)
-  return _prepared(cls(config=custom, data_dir=data_dir), manual_dir, prepare)
+  return _prepared(lambda: cls(config=custom, data_dir=data_dir), manual_dir, prepare)
 
 
-def _prepared(builder, manual_dir, prepare: bool):
+@contextlib.contextmanager
+def _preparing(builder):
+  """Holds, blocking, the lock of one dataset config's preparation: runs started side by side
+  (other workdirs, other seeds) on a dataset not yet built build it once; without the lock
+  the second one's tfds stopped on the rename of its finished copy ("already exists")."""
+  # data_dir is {root}/{name}/{config}/{version}; the lock sits next to the config's folder.
+  config_dir = os.path.dirname(builder.data_dir)
+  os.makedirs(os.path.dirname(config_dir), exist_ok=True)
+  fd = os.open(config_dir + ".prepare.lock", os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX)  # released by the kernel however the holder ends
+    yield
+  finally:
+    os.close(fd)
+
+
+def _prepared(make_builder, manual_dir, prepare: bool):
+  builder = make_builder()
   if not prepare or builder.is_prepared():
     return builder
   if getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None) and not manual_dir:
@@ -69,8 +88,11 @@ def _prepared(builder, manual_dir, prepare: bool):
   if manual_dir and not os.listdir(manual_dir):  # tfds would stop with an AssertionError
     raise UserError(f"dataset {builder.name}: data.manual_dir {manual_dir} is empty; it must "
                     "hold VOCdevkit/ (and benchmark_RELEASE/)")
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=os.fspath(manual_dir) if manual_dir else None))
+  with _preparing(builder):
+    builder = make_builder()  # another process may have built it while this one waited
+    if not builder.is_prepared():
+      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+          manual_dir=os.fspath(manual_dir) if manual_dir else None))
   return builder
 
 
