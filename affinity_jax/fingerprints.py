@@ -129,8 +129,12 @@ def make_record(cfg, stage: str, reads: Sequence[str], consumes: Sequence[str],
   if version != 1:  # Records written before versions existed are version 1.
     inputs["version"] = version
   if "init.backbone" in inputs["config"] and cfg.init.backbone:
-    # The pretrained weights count by their files, not their path (a file replaced in place).
-    inputs["backbone"] = network_identity(cfg.init.backbone)
+    # The pretrained weights count by their files alone: a file replaced in place is a change,
+    # the same files elsewhere (a moved checkout, the shipped backbone of another clone) are not.
+    identity = network_identity(cfg.init.backbone)
+    if identity is not None:
+      del inputs["config"]["init.backbone"]
+    inputs["backbone"] = identity
   return {"stage": stage, "fingerprint": digest(inputs), "inputs": inputs, "complete": False}
 
 

@@ -67,6 +67,13 @@ def test_pretrained_backbone_counts_by_its_files(cfg, tmp_path):
   (backbone / "weights").write_bytes(b"two")  # replaced in place, same path
   with pytest.raises(UserError, match="the files of --config.init.backbone: '[0-9a-f]+' -> "):
     fingerprints.prepare(cfg, "train_cam", _record(cfg), outputs_exist=True)
+  # The same files in another folder (a moved checkout) are the same backbone.
+  moved = tmp_path / "moved" / "imagenet"
+  moved.mkdir(parents=True)
+  (moved / "weights").write_bytes(b"two")
+  there = _record(cfg)["fingerprint"]
+  cfg.init.backbone = str(moved)
+  assert _record(cfg)["fingerprint"] == there
 
 
 def test_outputs_of_an_older_stage_code_are_not_current(cfg):
