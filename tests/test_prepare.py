@@ -94,3 +94,19 @@ def test_runs_started_side_by_side_build_a_missing_dataset_once(tmp_path):
   assert len(built) == 2  # the config's folder and its lock
   config_dir = tmp_path / "synthetic_wsss" / sorted(built)[0]
   assert os.listdir(config_dir) == ["1.2.0"]  # no half-built copy left beside it
+
+
+def test_a_data_dir_in_a_bucket_takes_no_local_lock(tmp_path, monkeypatch):
+  # flock needs a local file: for gs://... the preparation runs unlocked, and no folder named
+  # "gs:" appears in the working directory.
+  import types
+  from affinity_jax import data
+  monkeypatch.chdir(tmp_path)
+  bucket = types.SimpleNamespace(data_dir="gs://bucket/tfds/synthetic_wsss/tiny/1.2.0")
+  with data._preparing(bucket):
+    pass
+  assert os.listdir(tmp_path) == []
+  local = types.SimpleNamespace(data_dir=str(tmp_path / "tfds/synthetic_wsss/tiny/1.2.0"))
+  with data._preparing(local):
+    pass
+  assert os.listdir(tmp_path / "tfds" / "synthetic_wsss") == ["tiny.prepare.lock"]

@@ -66,6 +66,9 @@ def _preparing(builder):
   the second one's tfds stopped on the rename of its finished copy ("already exists")."""
   # data_dir is {root}/{name}/{config}/{version}; the lock sits next to the config's folder.
   config_dir = os.path.dirname(builder.data_dir)
+  if "://" in config_dir:  # a bucket (gs://...) has no flock: prepare it from one process first
+    yield
+    return
   os.makedirs(os.path.dirname(config_dir), exist_ok=True)
   fd = os.open(config_dir + ".prepare.lock", os.O_RDWR | os.O_CREAT, 0o644)
   try:
