@@ -8,8 +8,9 @@ the CAMs of the image's own classes; this file gives them for one image, in thre
    0.05) smoothed by the label dCRF (crf.crf_label_inference), are combined: the first map's
    foreground is kept, a pixel that is background in both is background (0), and a pixel that
    is background only at 0.30 is unsure (255).
-2. `reduce_label` (voc12/dataloader.py VOC12AffinityDataset): the label of the training crop
-   taken to the stride-4 grid by PIL's nearest-neighbour resize, size round(H / 4).
+2. transforms.reduce_label_tf (voc12/dataloader.py VOC12AffinityDataset), in the training
+   pipeline: the label of the training crop taken to the stride-4 grid as PIL's
+   nearest-neighbour resize does it, size round(H / 4).
 3. `relation_pair_labels` (GetAffinityLabelFromIndices with misc/indexing.py PathIndex at
    radius 10): every pair within the radius whose ends are both confident is a positive of the
    background ("bg_pos") or of the foreground ("fg_pos") when its ends agree, a negative ("neg")
@@ -25,7 +26,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from affinity_jax import crf, geometry
-from affinity_jax.constants import IGNORE_LABEL, IRN_STRIDE
+from affinity_jax.constants import IGNORE_LABEL
 
 # run_sample.py --conf_fg_thres / --conf_bg_thres: CAM scores (each CAM divided by its maximum)
 # above which a pixel may be foreground, with the dCRF's say.
@@ -112,43 +113,6 @@ def relation_labels(image: np.ndarray, cams: np.ndarray, *,
   return label.astype(np.uint8)
 
 
-def reduce_label(label: np.ndarray, stride: int = IRN_STRIDE) -> np.ndarray:
-  """A label map on the stride grid, as IRN's training loader reduces its crop's label.
-
-  imutils.pil_rescale(label, 1 / stride, order=0): PIL's nearest-neighbour resize of the uint8
-  map to (round(H / stride), round(W / stride)), rounded half to even (np.round; 26 / 4 -> 6,
-  30 / 4 -> 8). Output cell i takes the label of row floor((i + 0.5) * H / h) (PIL's pixel
-  centres): at H = 4h, rows 2, 6, 10, ...; likewise for columns.
-
-  Args:
-    label: [H, W] integer labels in 0..255 (relation_labels' output; IRN pads crops with 255).
-    stride: the grid's stride (IRN: 4).
-
-  Returns:
-    [round(H / stride), round(W / stride)] uint8.
-  """
-  from PIL import Image  # Only label preparation needs PIL.
-
-  label = np.asarray(label)
-  if isinstance(stride, bool) or int(stride) != stride or stride < 1:
-    raise ValueError(f"reduce_label: stride must be a positive integer (got {stride!r}).")
-  if label.ndim != 2:
-    raise ValueError(f"reduce_label: label must be [H, W] (got shape {label.shape}).")
-  if not np.issubdtype(label.dtype, np.integer):
-    raise ValueError(f"reduce_label: label must be integers (got dtype {label.dtype}).")
-  if label.size and (label.min() < 0 or label.max() > 255):
-    raise ValueError(f"reduce_label: label values must lie in 0..255 "
-                     f"(got {label.min()}..{label.max()}).")
-  scale = 1.0 / int(stride)
-  size = (int(np.round(label.shape[0] * scale)), int(np.round(label.shape[1] * scale)))
-  if min(size) < 1:
-    raise ValueError(f"reduce_label: a {label.shape[0]}x{label.shape[1]} label has no cell at "
-                     f"stride {stride} (reduced size {size[0]}x{size[1]}).")
-  reduced = Image.fromarray(np.ascontiguousarray(label, np.uint8)).resize(
-      size[::-1], Image.Resampling.NEAREST)
-  return np.asarray(reduced, np.uint8)
-
-
 def relation_pair_labels(reduced_label: np.ndarray, radius: int = RELATION_RADIUS, *,
                          scheme: str = "psa") -> dict[str, np.ndarray]:
   """IRN's pair labels for training the relation network (GetAffinityLabelFromIndices).
@@ -159,7 +123,8 @@ def relation_pair_labels(reduced_label: np.ndarray, radius: int = RELATION_RADIU
   when it is not 255: the same on VOC labels and on channel labels (relation_labels).
 
   Args:
-    reduced_label: [h, w] integer labels on the stride-4 grid (`reduce_label`); 255 = unsure.
+    reduced_label: [h, w] integer labels on the stride-4 grid (transforms.reduce_label_tf);
+      255 = unsure.
     radius: pairs within this radius (IRN: 10).
     scheme: "psa" is IRN's pair set: from positions rows 0..h-r and columns r-1..w-r (its
       PathIndex crop, r' = ceil(radius) - 1 = r - 1 cells below and on either side), so every

@@ -14,7 +14,6 @@ import types
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from affinity_jax import crf, geometry
 from affinity_jax import relation_labels as rl
@@ -222,46 +221,6 @@ def test_relation_labels_bad_inputs_raise():
 
 
 # ---------------------------------------------------------------------------------------------
-# reduce_label
-
-
-@pytest.mark.parametrize("h,w,expected", [
-    (24, 32, (6, 8)), (512, 512, (128, 128)),
-    (26, 30, (6, 8)),   # 6.5 -> 6 and 7.5 -> 8: half to even, as np.round
-    (25, 31, (6, 8)), (27, 29, (7, 7)), (3, 9, (1, 2))])
-def test_reduce_label_is_pils_nearest(h, w, expected):
-  rng = np.random.default_rng(h * w)
-  label = rng.integers(0, 21, (h, w)).astype(np.uint8)
-  label[rng.random((h, w)) < 0.2] = 255
-  reduced = rl.reduce_label(label)
-  assert reduced.shape == expected and reduced.dtype == np.uint8
-  pil = np.asarray(Image.fromarray(label).resize(expected[::-1], Image.Resampling.NEAREST))
-  np.testing.assert_array_equal(reduced, pil)
-  np.testing.assert_array_equal(rl.reduce_label(label.astype(np.int64)), pil)
-
-
-def test_reduce_label_by_hand():
-  label = (np.arange(24 * 32).reshape(24, 32) % 256).astype(np.uint8)
-  np.testing.assert_array_equal(rl.reduce_label(label), label[2::4, 2::4])
-  np.testing.assert_array_equal(rl.reduce_label(label, stride=2), label[1::2, 1::2])
-  np.testing.assert_array_equal(rl.reduce_label(label, stride=1), label)
-
-
-def test_reduce_label_bad_inputs_raise():
-  label = np.zeros((24, 32), np.uint8)
-  with pytest.raises(ValueError, match=r"label must be \[H, W\]"):
-    rl.reduce_label(label[None])
-  with pytest.raises(ValueError, match="label must be integers"):
-    rl.reduce_label(label.astype(np.float32))
-  with pytest.raises(ValueError, match=r"label values must lie in 0\.\.255 \(got 0\.\.256\)"):
-    rl.reduce_label(np.where(np.arange(32) < 16, 256, 0)[None].repeat(24, 0))
-  with pytest.raises(ValueError, match="stride must be a positive integer"):
-    rl.reduce_label(label, stride=0)
-  with pytest.raises(ValueError, match="a 1x32 label has no cell at stride 4"):
-    rl.reduce_label(label[:1])
-
-
-# ---------------------------------------------------------------------------------------------
 # relation_pair_labels
 
 
@@ -429,6 +388,12 @@ def _irn_conf(imutils, image, cams, classes):
   return np.select([high > 0, low > 0], [high, 255], default=0).astype(np.uint8)
 
 
+def _reduce_label(label):
+  """The training pipeline's reduction of a crop's label to the stride-4 grid."""
+  from affinity_jax.data import transforms
+  return transforms.reduce_label_tf(label, 4).numpy()
+
+
 IRN_CASES = [(47, 61, 1, (14,)), (64, 80, 2, (8, 11)), (96, 128, 3, (2, 4, 15))]
 
 
@@ -440,10 +405,10 @@ def test_relation_labels_equal_irns(irn_imutils, h, w, c, classes):
   assert {0, 255} <= set(np.unique(theirs)) and len(np.unique(theirs)) >= 3
   np.testing.assert_array_equal(ours, theirs)
   # The loader's reduction, on the label and on a crop-sized one padded with 255.
-  np.testing.assert_array_equal(rl.reduce_label(ours), irn_imutils.pil_rescale(theirs, 0.25, 0))
+  np.testing.assert_array_equal(_reduce_label(ours), irn_imutils.pil_rescale(theirs, 0.25, 0))
   padded = np.full((128, 136), 255, np.uint8)
   padded[:h, :w] = theirs
-  np.testing.assert_array_equal(rl.reduce_label(padded), irn_imutils.pil_rescale(padded, 0.25, 0))
+  np.testing.assert_array_equal(_reduce_label(padded), irn_imutils.pil_rescale(padded, 0.25, 0))
 
 
 def test_pair_enumeration_is_irns(irn_pairs):
@@ -460,7 +425,7 @@ def test_pair_enumeration_is_irns(irn_pairs):
 def test_pair_labels_equal_irns(irn_pairs, source):
   if source == "synthetic":
     image, cams = _synthetic(96, 128, 3, seed=96)
-    label = rl.reduce_label(rl.relation_labels(image, cams, classes=(2, 4, 15)))
+    label = _reduce_label(rl.relation_labels(image, cams, classes=(2, 4, 15)))
   else:
     label = _label_with_unsure(24, 30, seed=1)
   for radius in (10, 5):

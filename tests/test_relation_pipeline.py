@@ -11,9 +11,10 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from affinity_jax import constants, data, relation_labels
+from affinity_jax import constants, data
 from affinity_jax.data import pipelines, transforms
 from affinity_jax.errors import UserError
+from tests import reference_relation_labels
 
 ONE_HOST = dict(process_index=0, process_count=1)
 VALUES = (0, 5, 9)  # what the label files hold (no 255: there 255 means padding)
@@ -40,7 +41,7 @@ def test_reduce_label_tf_is_reduce_label(height, width):
   # 26 / 4 = 6.5 -> 6, 30 / 4 = 7.5 -> 8, 50 / 4 -> 12, 510 / 4 -> 128 (half to even).
   label = np.random.default_rng(height * 1000 + width).integers(0, 256, (height, width),
                                                                 dtype=np.uint8)
-  want = relation_labels.reduce_label(label)
+  want = reference_relation_labels.reduce_label(label)
   assert want.shape == (round(height / 4), round(width / 4))
   for got in _both_ways(lambda t: transforms.reduce_label_tf(t, 4), label):
     assert got.dtype == np.uint8
@@ -48,6 +49,14 @@ def test_reduce_label_tf_is_reduce_label(height, width):
   # Trailing axes ride along: [H, W, 1] gives [h, w, 1].
   with_channel = transforms.reduce_label_tf(label[..., None], 4).numpy()
   np.testing.assert_array_equal(with_channel[..., 0], want)
+
+
+def test_reduce_label_tf_by_hand():
+  # At a multiple of the stride, cell i takes the row of its centre's lower neighbour: 2, 6, ...
+  label = (np.arange(24 * 32).reshape(24, 32) % 256).astype(np.uint8)
+  np.testing.assert_array_equal(transforms.reduce_label_tf(label, 4).numpy(), label[2::4, 2::4])
+  np.testing.assert_array_equal(transforms.reduce_label_tf(label, 2).numpy(), label[1::2, 1::2])
+  np.testing.assert_array_equal(transforms.reduce_label_tf(label, 1).numpy(), label)
 
 
 def test_reduce_label_tf_static_shape():
@@ -155,7 +164,7 @@ def test_batches_are_irns_rescale_flip_crop_and_reduction(varied, tmp_path, scal
   """With a fixed scale and a crop larger than every scaled image, each example is rebuilt
   from its files as IRN builds it: PIL bicubic (image) and nearest (label) to round(h * s),
   maybe flipped, normalised, placed in the crop (fill 0 and 255), the label reduced by
-  relation_labels.reduce_label. Exact, pixel for pixel."""
+  PIL (tests/reference_relation_labels.py). Exact, pixel for pixel."""
   labels = _write_labels(varied, tmp_path)
   stored = _stored(varied)
   crop = 96  # 60 * 1.5 = 90 fits
@@ -183,7 +192,7 @@ def test_batches_are_irns_rescale_flip_crop_and_reduction(varied, tmp_path, scal
       seen.add((name, flip))
       full = np.full((crop, crop), 255, np.uint8)
       full[top:top + h, left:left + w] = label
-      np.testing.assert_array_equal(reduced, relation_labels.reduce_label(full))
+      np.testing.assert_array_equal(reduced, reference_relation_labels.reduce_label(full))
   assert len({name for name, _ in seen}) >= 3 and {flip for _, flip in seen} == {False, True}
 
 

@@ -326,7 +326,7 @@ def relation_train(builder, split: str, label_dir: str | None, *, batch_size: in
     random place in the crop for a shorter one, filled with 0 (the mean colour: the crop
     follows normalising) in the image and 255 in the label;
   - the label reduced to the stride grid, round(S / stride) a side (transforms.reduce_label_tf,
-    equal to relation_labels.reduce_label, IRN's pil_rescale(label, 0.25, 0)).
+    IRN's pil_rescale(label, 0.25, 0); tests/reference_relation_labels.py is PIL's own).
   IRN has no colour jitter; `color_jitter` (brightness, contrast, saturation, hue; before
   normalising) is off by default. The pair labels (IRN's aff_bg_pos_label, aff_fg_pos_label,
   aff_neg_label: relation_labels.relation_pair_labels) are for the consumer to make from

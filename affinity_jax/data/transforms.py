@@ -181,9 +181,9 @@ def resize_label(label: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
 def reduce_label_tf(label: tf.Tensor, stride: int) -> tf.Tensor:
   """[H, W, ...] label map -> [round(H / stride), round(W / stride), ...] on the stride grid.
 
-  relation_labels.reduce_label (IRN's reduction of its training crop's label by PIL's nearest
-  neighbour) in TF: sizes rounded half to even, and output row i takes input row
-  floor((i + 1/2) * H / h), computed exactly in integers; likewise for columns. PIL steps
+  IRN's reduction of its training crop's label by PIL's nearest neighbour
+  (tests/reference_relation_labels.py) in TF: sizes rounded half to even, and output row i
+  takes input row floor((i + 1/2) * H / h), computed exactly in integers; likewise for columns. PIL steps
   through the same positions in doubles, so the two could part only where (2i + 1) * H / (2h)
   is an integer. When H is a multiple of the stride the ratio is exact in doubles and they
   agree. At stride 4 the other ties need H = 4h +- 2 with h odd, which rounding half to even
