@@ -211,12 +211,14 @@ def load_strided_cam(path: str, image_hw, stride: int, num_classes: int
   """(strided [ceil(H / stride), ceil(W / stride), P] float32, class_ids [P]) of an IRN CAM file
   of an H x W image, checked; (None, why) when the file was made for an image of another size
   (the caller skips and reports the image, as cam_size_mismatch's callers do)."""
-  z = _load_npz(path, "infer_cam")
-  if "strided" not in z or "cam" not in z or "class_ids" not in z:
-    raise UserError(f"{path}: a CAM file without IRN's stride-{stride} CAMs (keys {sorted(z)}; "
-                    "written with method psa?); delete it and rerun infer_cam")
+  require(path, "infer_cam")
+  shapes = io.npz_shapes(path)  # the full-resolution CAM's size, without reading it
+  if "strided" not in shapes or "cam" not in shapes or "class_ids" not in shapes:
+    raise UserError(f"{path}: a CAM file without IRN's stride-{stride} CAMs (keys "
+                    f"{sorted(shapes)}; written with method psa?); delete it and rerun infer_cam")
+  z = io.load_npz(path, keys=("strided", "class_ids"))
   strided, ids = z["strided"], z["class_ids"]
-  mismatch = cam_size_mismatch(path, z["cam"].shape[:2], image_hw)
+  mismatch = cam_size_mismatch(path, shapes["cam"][:2], image_hw)
   if mismatch:
     return None, mismatch
   grid = tuple(-(-int(s) // stride) for s in image_hw)

@@ -20,7 +20,8 @@ import json
 import os
 import re
 import tempfile
-from typing import Any, Iterator, Mapping
+import zipfile
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -138,14 +139,38 @@ def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
   atomic_write(path, buf.getvalue())
 
 
-def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """Reads a .npz written by `save_npz`, with an error naming the file if it is unreadable."""
+def load_npz(path: str | os.PathLike,
+             keys: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+  """Reads a .npz written by `save_npz` (only the arrays named in `keys` that it holds, when
+  given), with an error naming the file if it is unreadable."""
   try:
     with np.load(os.fspath(path), allow_pickle=False) as z:
-      return {k: z[k] for k in z.files}
+      wanted = z.files if keys is None else [k for k in keys if k in z.files]
+      return {k: z[k] for k in wanted}
   except FileNotFoundError:
     raise
   except Exception as e:  # zipfile / pickle / value errors all mean the same to a user.
+    raise UserError(f"{os.fspath(path)}: not a readable .npz file ({e}); delete it and rerun "
+                    "the stage that writes it") from e
+
+
+def npz_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+  """{name: shape} of every array of a .npz, from the arrays' headers alone (nothing is
+  decompressed past them), with an error naming the file if it is unreadable."""
+  try:
+    with zipfile.ZipFile(os.fspath(path)) as archive:
+      shapes = {}
+      for member in archive.namelist():
+        with archive.open(member) as f:
+          version = np.lib.format.read_magic(f)
+          read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                  else np.lib.format.read_array_header_2_0)
+          shape, _, _ = read(f)
+        shapes[member[:-len(".npy")] if member.endswith(".npy") else member] = tuple(shape)
+      return shapes
+  except FileNotFoundError:
+    raise
+  except Exception as e:
     raise UserError(f"{os.fspath(path)}: not a readable .npz file ({e}); delete it and rerun "
                     "the stage that writes it") from e
 

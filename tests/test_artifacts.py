@@ -164,3 +164,24 @@ def test_written_files_get_the_mode_open_would_give(tmp_path):
   assert mode == 0o666 & ~io._UMASK
   if io._UMASK & 0o044 == 0:  # the usual umasks (022, 002): readable by all
     assert mode & 0o044 == 0o044
+
+
+def test_strided_cam_is_read_without_the_full_resolution_cam(tmp_path):
+  rng = np.random.default_rng(0)
+  cam, strided = rng.random((37, 50, 2), np.float32), rng.random((10, 13, 2), np.float32)
+  path = str(tmp_path / "a.npz")
+  artifacts.save_cam(path, cam, np.array([3, 7]), strided=strided)
+  assert io.npz_shapes(path) == {"cam": (37, 50, 2), "class_ids": (2,), "strided": (10, 13, 2)}
+  got, ids = artifacts.load_strided_cam(path, (37, 50), 4, num_classes=20)
+  np.testing.assert_array_equal(got, strided)
+  np.testing.assert_array_equal(ids, [3, 7])
+  assert set(io.load_npz(path, keys=("strided", "nothing"))) == {"strided"}
+  missing, why = artifacts.load_strided_cam(path, (38, 50), 4, num_classes=20)
+  assert missing is None and "CAM is 37x50 but the image is 38x50" in why
+  artifacts.save_cam(path, cam, np.array([3, 7]))  # method psa's file: no strided CAMs
+  with pytest.raises(UserError, match=r"a\.npz: a CAM file without IRN's stride-4 CAMs"):
+    artifacts.load_strided_cam(path, (37, 50), 4, num_classes=20)
+  with open(path, "wb") as f:
+    f.write(b"PK\x03\x04 not a zip")
+  with pytest.raises(UserError, match=r"a\.npz: not a readable \.npz file"):
+    io.npz_shapes(path)
