@@ -47,7 +47,6 @@ constants, to resolve configs and write files).
 from __future__ import annotations
 
 import argparse
-import ast
 import collections
 import dataclasses
 import hashlib
@@ -66,7 +65,6 @@ sys.path.insert(0, REPO)
 
 from affinity_jax import config as config_lib  # noqa: E402
 from affinity_jax import io  # noqa: E402
-from affinity_jax.constants import VOC_CLASSES  # noqa: E402
 from affinity_jax.errors import ConfigError  # noqa: E402
 
 RECORD = "demo_seeds.json"   # in each run's workdir
@@ -338,38 +336,13 @@ def walk_iou(results: Mapping) -> list[float]:
   return [float("nan") if x is None else float(x) for x in splits[split]["rw"]["iou"]]
 
 
-def class_names(workdir: str, count: int) -> list[str]:
-  """Names of label values 0 .. count - 1 of a run's dataset (from its config.json); "class
-  i" where they cannot be told without importing the dataset code."""
-  config = _load_json(os.path.join(workdir, RUN_CONFIG)) or {}
-  dataset = (config.get("data") or {}).get("name")
-  names = None
-  if dataset == "voc2012_aug":
-    names = list(VOC_CLASSES)
-  elif dataset == "synthetic_wsss":
-    names = _synthetic_class_names()
-  if not names or len(names) < count - 1:
-    return [f"class {i}" for i in range(count)]
-  return ["background"] + names[:count - 1]
-
-
-def _synthetic_class_names() -> list[str] | None:
-  """synthetic_wsss' class names (data/synthetic.py `_COLOUR_NAMES`), read from the source:
-  importing the module would import TensorFlow."""
-  path = os.path.join(REPO, "affinity_jax", "data", "synthetic.py")
-  try:
-    with open(path) as f:
-      tree = ast.parse(f.read())
-  except (OSError, SyntaxError):
-    return None
-  for node in tree.body:
-    if (isinstance(node, ast.Assign) and len(node.targets) == 1
-        and getattr(node.targets[0], "id", None) == "_COLOUR_NAMES"):
-      try:
-        return list(ast.literal_eval(node.value))
-      except ValueError:
-        return None
-  return None
+def class_names(results: Mapping, count: int) -> list[str]:
+  """Names of label values 0 .. count - 1: the evaluate stage's record of them (results.json
+  `class_names`), or "class i" where a results.json made before that record has none."""
+  names = results.get("class_names")
+  if isinstance(names, list) and len(names) == count:
+    return [str(n) for n in names]
+  return [f"class {i}" for i in range(count)]
 
 
 def run_row(name: str, record: Mapping, results: Mapping, names: Sequence[str]) -> dict:
@@ -565,7 +538,7 @@ def main(argv: Sequence[str] | None = None, runner: Runner = subprocess_runner) 
       continue
     workdir = os.path.join(root, spec.name)
     results = _load_json(os.path.join(workdir, RESULTS))
-    names = class_names(workdir, len(walk_iou(results)))
+    names = class_names(results, len(walk_iou(results)))
     rows.append(run_row(spec.name, record, results, names))
 
   command = " ".join(["python experiments/demo_seeds.py", "--config", args.config,

@@ -20,7 +20,7 @@ demo_seeds = importlib.util.module_from_spec(_spec)
 sys.modules["demo_seeds"] = demo_seeds  # dataclasses look their module up there
 _spec.loader.exec_module(demo_seeds)
 
-NAMES = ["background", "red", "orange", "yellow"]
+NAMES = ["background", "red", "spring", "azure"]
 
 
 def _results(cam, rw, seg, rw_iou, tag="a"):
@@ -31,6 +31,7 @@ def _results(cam, rw, seg, rw_iou, tag="a"):
                          "rw": {"miou": rw, "iou": list(rw_iou)},
                          "seg": {"miou": seg, "iou": [seg] * 4}}},
       "fingerprints": {"evaluate": f"eval-{tag}", "train_cam": f"cam-{tag}"},
+      "class_names": NAMES,
   }
 
 
@@ -48,7 +49,7 @@ RUN1 = _results(0.42, 0.51, 0.50, [0.88, 0.35, 0.50, 0.55], "1")
 def test_row_mean_range_and_smallest_class():
   rows = [_row(0, RUN0), _row(1, RUN1)]
   assert rows[0]["lift"] == pytest.approx(15.0) and rows[0]["seg_minus_rw"] == pytest.approx(3.0)
-  assert (rows[0]["worst_class"], rows[0]["worst_iou"]) == ("orange", pytest.approx(45.0))
+  assert (rows[0]["worst_class"], rows[0]["worst_iou"]) == ("spring", pytest.approx(45.0))
   assert (rows[1]["worst_class"], rows[1]["worst_iou"]) == ("red", pytest.approx(35.0))
   mean, spread = demo_seeds.summary(rows)
   assert mean["cam"] == pytest.approx(41.0) and mean["rw"] == pytest.approx(53.0)
@@ -58,7 +59,7 @@ def test_row_mean_range_and_smallest_class():
   assert spread["seg"] == pytest.approx(8.0) and spread["worst_iou"] == pytest.approx(10.0)
   by_class = {name: (m, lo, run) for name, m, lo, run in demo_seeds.per_class(rows)}
   assert by_class["red"] == (pytest.approx(42.5), pytest.approx(35.0), "seed1-native")
-  assert by_class["orange"] == (pytest.approx(47.5), pytest.approx(45.0), "seed0-native")
+  assert by_class["spring"] == (pytest.approx(47.5), pytest.approx(45.0), "seed0-native")
 
 
 def test_targets_met_and_missed_with_their_numbers():
@@ -73,7 +74,7 @@ def test_targets_met_and_missed_with_their_numbers():
   alone = demo_seeds.checks([_row(0, RUN0)])
   assert all(c.met for c in alone), [c.line() for c in alone]
   assert alone[3].line() == ("- [met] no class under 40 IoU after the walk: "
-                             "min 45.0: orange in seed0-native")
+                             "min 45.0: spring in seed0-native")
 
 
 def test_render_has_a_row_per_run_mean_range_classes_and_targets():
@@ -81,7 +82,7 @@ def test_render_has_a_row_per_run_mean_range_classes_and_targets():
                            failed=["seed2-AVX2"])
   lines = text.splitlines()
   assert "| seed0-native | 0 | native | AVX512 | 100 | 70 | 40.0 | 55.0 | 58.0 | 15.0 | 3.0 " \
-         "| 45.0 | orange |" in lines
+         "| 45.0 | spring |" in lines
   assert "| mean |  |  |  | 100 | 71 | 41.0 | 53.0 | 54.0 | 12.0 | 1.0 | 40.0 |  |" in lines
   assert "| range |  |  |  | 1 | 2 | 2.0 | 4.0 | 8.0 | 6.0 | 4.0 | 10.0 |  |" in lines
   assert "| red | 42.5 | 35.0 | seed1-native |" in lines
@@ -194,7 +195,15 @@ def test_main_runs_each_seed_and_isa_then_writes_the_table(tmp_path, capsys):
   table = (tmp_path / "demo_seeds.md").read_text()
   assert table in capsys.readouterr().out
   assert "| seed3-SSE4_2 | 3 | SSE4_2 |" in table and "| range |" in table
+  assert "| spring |" in table  # the class names evaluate recorded in results.json
   assert demo_seeds.main(args, runner=runner) == 0 and len(runner.calls) == 2  # all reused
+
+
+def test_class_names_come_from_the_results_or_are_numbered():
+  assert demo_seeds.class_names(RUN0, 4) == NAMES
+  older = {k: v for k, v in RUN0.items() if k != "class_names"}  # evaluate before the record
+  assert demo_seeds.class_names(older, 4) == ["class 0", "class 1", "class 2", "class 3"]
+  assert demo_seeds.class_names(RUN0, 5)[-1] == "class 4"  # a list that does not fit
 
 
 def test_bad_arguments_are_usage_errors(tmp_path):

@@ -74,6 +74,9 @@ def test_results_json_and_table(run_dir):
   for key in ("cam_miou", "rw_miou", "seg_miou"):
     assert 0.0 <= results[key] <= 1.0
   assert results["seconds"] > 0
+  # The tiny dataset's three classes are named after their parts' hues: 0, 120, 240 degrees.
+  assert results["class_names"] == ["background", "red", "green", "blue"]
+  assert len(results["splits"]["val"]["rw"]["iou"]) == len(results["class_names"])
   table = (workdir / "results.md").read_text()
   assert "CAM + RW" in table and "Segmentation" in table
 

@@ -3,7 +3,8 @@
 Confusion matrices are accumulated over whole splits (255 ignored, docs/method.md §9) by
 evaluation.Scores, which `affinity-jax evaluate` scores any folder of masks with.
 Writes (artifacts.save_results) `{workdir}/results.json` (`cam_miou`, `rw_miou`, `seg_miou`
-as fractions of the first configured split, plus per-split and per-class details),
+as fractions of the first configured split, plus per-split and per-class details and the
+`class_names` of the IoU lists, background first),
 `{workdir}/results.md` (the table) and PNG panels `{workdir}/panels/{name}.png`: image |
 CAM heat map | random-walk heat map | pseudo label | ground truth; and two charts:
 `results_iou.png` (IoU per class, a bar per row of the table) and `results_confusion.png`
@@ -119,6 +120,7 @@ def run(cfg) -> dict:
     plan.setdefault(split, {})["seg"] = workdir.path(artifacts.SEG_PRED)
   for split, kinds in plan.items():
     conf = _score(cfg, split, kinds, report)
+    results["class_names"] = list(evaluation.dataset_class_names(data.from_config(cfg)))
     results["splits"][split] = {}
     for kind, c in conf.items():
       miou = c.miou()
