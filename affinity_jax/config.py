@@ -196,6 +196,8 @@ def validate(cfg) -> None:
            net.optimizer)
     _check(int(net.batch_size) > 0, f"{section}.batch_size", "> 0", net.batch_size)
     _check(float(net.lr) > 0, f"{section}.lr", "> 0", net.lr)
+    _check(float(net.pretrained_lr_mult) >= 0, f"{section}.pretrained_lr_mult", ">= 0",
+           net.pretrained_lr_mult)
     jitter = net.get("color_jitter")
     _check(not jitter or len(jitter) == 4, f"{section}.color_jitter",
            "4 numbers (brightness, contrast, saturation, hue) or empty", jitter)

@@ -67,6 +67,9 @@ class OptimConfig:
   # no ImageNet initialisation, and SGD with frozen BatchNorm learns it very slowly); the
   # groups' multipliers and decoupled decay on weights apply to it the same way.
   optimizer: str = "sgd"
+  # Scales the pretrained groups' multipliers (x1 weights, x2 biases); the new layers' keep
+  # x10 / x20. 1 is the original's.
+  pretrained_lr_mult: float = 1.0
 
   @property
   def effective_momentum(self) -> float:
@@ -92,6 +95,8 @@ def make_optimizer(cfg: OptimConfig, labels: PyTree) -> optax.GradientTransforma
   momentum = cfg.effective_momentum or None
   transforms = {}
   for label, (mult, decay) in GROUP_MULTIPLIERS.items():
+    if label.startswith("pretrained"):
+      mult *= cfg.pretrained_lr_mult
     schedule = poly_schedule(cfg.lr * mult, cfg.total_steps, cfg.poly_power)
     if cfg.optimizer == "adam":
       transforms[label] = optax.adamw(schedule, weight_decay=cfg.weight_decay if decay else 0.0)

@@ -66,7 +66,7 @@ def get_config(arg=None):
   # pair set, "psa" here (geometry.py). PolyOptimizer as above.
   c.aff = ml_collections.ConfigDict(dict(
       batch_size=32, epochs=3, lr=0.1, weight_decay=1e-4, poly_power=0.9,
-      momentum_quirk=True, momentum=0.9, optimizer="sgd", crop_size=512,
+      momentum_quirk=True, momentum=0.9, optimizer="sgd", pretrained_lr_mult=1.0, crop_size=512,
       scale_range=(0.5, 1.5), color_jitter=(), radius=10, scheme="psa",
       image_scale=1.0,  # PSA's key; IRN's walk runs on the image as it is.
       checkpoint_every=500, log_every=20, steps=-1,

@@ -68,6 +68,9 @@ def get_config(arg=None):
       momentum_quirk=True,  # the original runs SGD with momentum = weight decay (5e-4).
       momentum=0.9,         # used only with momentum_quirk=False.
       optimizer="sgd",      # the original's; "adam" only for from-scratch runs.
+      # The pretrained layers' learning rates are lr x (1 weights, 2 biases) x this; the new
+      # layer's lr x (10, 20). 1 is the original's.
+      pretrained_lr_mult=1.0,
       crop_size=448, resize_long=(256, 512),
       color_jitter=(0.3, 0.3, 0.3, 0.1),  # brightness, contrast, saturation, hue.
       checkpoint_every=500, log_every=20, steps=-1,  # steps > 0 overrides epochs.
@@ -86,7 +89,7 @@ def get_config(arg=None):
       # 0.1 in train_aff.py, the VGG-16 value by the same answer (psa #8, see cam.lr above);
       # a ResNet-38 reproduction of AffinityNet used 0.01 and reached 59.1 val (psa #18).
       lr=0.01, weight_decay=5e-4, poly_power=0.9,
-      momentum_quirk=True, momentum=0.9, optimizer="sgd", crop_size=448,
+      momentum_quirk=True, momentum=0.9, optimizer="sgd", pretrained_lr_mult=1.0, crop_size=448,
       color_jitter=(0.3, 0.3, 0.3, 0.1), radius=5,
       scheme="psa",   # the original's pair set at 448/8 = 56; "full" adds the border pairs.
       # Images are resized by this factor for AffinityNet, in training and in the random walk
@@ -111,7 +114,8 @@ def get_config(arg=None):
   # Segmentation network (the paper's; not in the original repository).
   c.seg = ml_collections.ConfigDict(dict(
       batch_size=16, epochs=30, lr=0.01, weight_decay=5e-4, poly_power=0.9,
-      momentum_quirk=False, momentum=0.9, optimizer="sgd", crop_size=448,
+      momentum_quirk=False, momentum=0.9, optimizer="sgd", pretrained_lr_mult=1.0,
+      crop_size=448,
       scale_range=(0.7, 1.3),
       checkpoint_every=500, log_every=20, steps=-1,
   ))

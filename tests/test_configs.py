@@ -32,6 +32,16 @@ def test_voc_reports_follow_the_papers_protocol():
   assert cfg.random_walk.crf  # the paper's dCRF on the walked maps (not infer_aff.py)
 
 
+def test_voc_configs_train_the_pretrained_layers_at_the_originals_rates():
+  for name in ("voc_resnet38.py", "voc_vgg16.py", "voc_irn_resnet50.py"):
+    cfg = _load(name)
+    assert [cfg[net].pretrained_lr_mult for net in ("cam", "aff", "seg")] == [1.0] * 3, name
+  cfg = _load("voc_resnet38.py")
+  cfg.aff.pretrained_lr_mult = -0.5
+  with pytest.raises(ConfigError, match="config key aff.pretrained_lr_mult must be >= 0"):
+    config.validate(cfg)
+
+
 def test_irn_config_names_irn_values():
   """configs/voc_irn_resnet50.py: IRN's run_sample.py values where they differ from PSA's."""
   cfg = _load("voc_irn_resnet50.py")

@@ -4,6 +4,7 @@ A small real Flax model stands in for ResNet-38 so these tests isolate the train
 stages' tests run the loop with the real networks.
 """
 
+import dataclasses
 import json
 import os
 import signal
@@ -95,6 +96,13 @@ def test_optimizer_groups_multipliers_and_decay():
   updates, _ = tx.update(grads, tx.init(params), params)
   assert float(updates["w"][0]) == pytest.approx(-0.1 * 1 * (1 + 0.5 * 2))
   assert float(updates["b"][0]) == pytest.approx(-0.1 * 2 * 1)
+  assert float(updates["nw"][0]) == pytest.approx(-0.1 * 10 * (1 + 0.5 * 2))
+  assert float(updates["nb"][0]) == pytest.approx(-0.1 * 20 * 1)
+  # pretrained_lr_mult scales the pretrained groups only.
+  tx = train.make_optimizer(dataclasses.replace(cfg, pretrained_lr_mult=0.1), labels)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  assert float(updates["w"][0]) == pytest.approx(-0.1 * 0.1 * (1 + 0.5 * 2))
+  assert float(updates["b"][0]) == pytest.approx(-0.1 * 0.2 * 1)
   assert float(updates["nw"][0]) == pytest.approx(-0.1 * 10 * (1 + 0.5 * 2))
   assert float(updates["nb"][0]) == pytest.approx(-0.1 * 20 * 1)
 

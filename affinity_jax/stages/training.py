@@ -114,7 +114,8 @@ def run_training(cfg, spec: TrainingSpec) -> dict:
     labels = jax.tree.map(lambda l: "pretrained_weight" if l == "frozen" else l, labels)
   optim = train.OptimConfig(lr=net_cfg.lr, total_steps=steps, weight_decay=net_cfg.weight_decay,
                             poly_power=net_cfg.poly_power, momentum_quirk=net_cfg.momentum_quirk,
-                            momentum=net_cfg.momentum, optimizer=net_cfg.optimizer)
+                            momentum=net_cfg.momentum, optimizer=net_cfg.optimizer,
+                            pretrained_lr_mult=net_cfg.pretrained_lr_mult)
   print(f"[{net.folder}] {steps} steps, global batch {net_cfg.batch_size}, {num_examples} "
         f"images in {cfg.data.train_split}, {jax.device_count()} device(s)", flush=True)
   model = models.from_config(cfg, net.arch)
