@@ -500,7 +500,8 @@ def test_the_demo_path_from_the_pretrained_backbone(tmp_path):
           f"--config.init.backbone={demo.init.backbone}", "--config.init.freeze_stem=True",
           "--config.init.from_cam_net=False"]
   for net in ("cam", "aff"):
-    argv += [f"--config.{net}.optimizer={demo[net].optimizer}", f"--config.{net}.lr={demo[net].lr}"]
+    argv += [f"--config.{net}.optimizer={demo[net].optimizer}", f"--config.{net}.lr={demo[net].lr}",
+             f"--config.{net}.pretrained_lr_mult={demo[net].pretrained_lr_mult}"]
   assert cli.main(argv + ["--stages", "train_cam,infer_cam,aff_labels,train_aff"]) == 0
   backbone, _ = checkpoint.load_variables(demo.init.backbone)
   for net in ("cam_net", "aff_net"):
