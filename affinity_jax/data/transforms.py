@@ -183,13 +183,13 @@ def reduce_label_tf(label: tf.Tensor, stride: int) -> tf.Tensor:
 
   IRN's reduction of its training crop's label by PIL's nearest neighbour
   (tests/reference_relation_labels.py) in TF: sizes rounded half to even, and output row i
-  takes input row floor((i + 1/2) * H / h), computed exactly in integers; likewise for columns. PIL steps
-  through the same positions in doubles, so the two could part only where (2i + 1) * H / (2h)
-  is an integer. When H is a multiple of the stride the ratio is exact in doubles and they
-  agree. At stride 4 the other ties need H = 4h +- 2 with h odd, which rounding half to even
-  rules out (4h +- 2 rounds to the even neighbour), so they agree for every H
-  (tests/test_relation_pipeline.py checks H up to 2048); at other strides they may part at
-  sizes that are not multiples of it (stride 8: H = 52, 84, ...), never at relation_train's.
+  takes input row floor((i + 1/2) * H / h), computed exactly in integers; likewise for
+  columns. PIL steps through the same positions in doubles, so the two could part only where
+  (2i + 1) * H / (2h) is an integer. When H is a multiple of the stride the ratio is exact in
+  doubles and they agree. At stride 4 the other ties need H = 4h +- 2 with h odd, which
+  rounding half to even rules out (4h +- 2 rounds to the even neighbour), so they agree for
+  every H (tests/test_relation_pipeline.py checks H up to 2048); at other strides they may part
+  at sizes that are not multiples of it (stride 8: H = 52, 84, ...), never at relation_train's.
 
   Args:
     label: [H, W, ...] labels of any dtype (uint8 in the pipeline).

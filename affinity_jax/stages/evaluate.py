@@ -120,9 +120,9 @@ def run(cfg) -> dict:
     plan.setdefault(split, {})["seg"] = workdir.path(artifacts.SEG_PRED)
   for split, kinds in plan.items():
     conf = _score(cfg, split, kinds, report)
-    results["class_names"] = list(evaluation.dataset_class_names(data.from_config(cfg)))
     results["splits"][split] = {}
     for kind, c in conf.items():
+      results["class_names"] = list(c.class_names)  # the dataset's, the same for every row
       miou = c.miou()
       results["splits"][split][kind] = {"miou": miou, "iou": c.iou().tolist()}
       key = f"{kind}_miou"
