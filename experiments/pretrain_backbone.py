@@ -1,9 +1,10 @@
-"""Pretrains the synthetic demo's small ResNet-38 on a separate synthetic world (issue 16).
+"""Pretrains the synthetic demos' small backbones on a separate synthetic world (issues 16, 21).
 
 ImageNet's part for the synthetic dataset: the original never trains its networks from scratch;
 it starts from an ImageNet backbone with frozen BatchNorm statistics. This script makes the same
-kind of starting point for `configs/synthetic.py`'s narrow ResNet-38 (width 1/16) from a world
-of its own, loadable through `init.backbone`:
+kind of starting point for `configs/synthetic.py`'s narrow ResNet-38 (width 1/16) and for
+`configs/synthetic_irn.py`'s narrow ResNet-50 (`--backbone resnet50`, IRN's strides) from a
+world of its own, loadable through `init.backbone`:
 
 * 96x96 images holding 1-3 objects of random hues and 0-2 neutral ones (grey, white or black)
   on a cluttered background, later objects on top. An object is a triangle, star, cross, ring,
@@ -13,7 +14,8 @@ of its own, loadable through `init.backbone`:
   coloured gradients, unsaturated noise at random scales or a muted checker. No image of the
   WSSS dataset is used.
 * The task: the hue class (or none) of every stride-8 cell, the most common class of its pixels,
-  by a 1x1 classifier on the CAM network's conv6 features; softmax cross-entropy with hue cells
+  by a 1x1 classifier on the CAM network's conv6 features (ResNet-38) or on the last stage at
+  stride 16, its logits resized bilinearly to the stride-8 cells (ResNet-50); softmax cross-entropy with hue cells
   weighted x5. An image-level loss (the CAM network's own, 24 hues multi-label, and 12 hues
   single-label) stayed at chance for 2000 and 1200 steps from scratch (experiments/RESULTS.md);
   the dense one reaches 91% per-hue cell accuracy in 1200 steps.
@@ -21,12 +23,13 @@ of its own, loadable through `init.backbone`:
   trains here; Adam, learning rate 1e-3 with the poly schedule, batch 32.
 
 The backbone (everything but the cell classifier) is written as a checkpoint folder in the
-format `affinity-jax convert mxnet` writes. The shipped one (affinity_jax/pretrained) was made
-by `pretrained.SYNTHETIC_RESNET38_COMMAND` on a 2-core CPU in about 5 minutes; the run is
-deterministic on one machine (the same command wrote equal arrays twice).
+format `affinity-jax convert mxnet` (ResNet-38) or `convert torchvision` (ResNet-50) writes. The
+shipped ones (affinity_jax/pretrained) were made by `pretrained.SYNTHETIC_RESNET38_COMMAND` and
+`pretrained.SYNTHETIC_RESNET50_COMMAND` on a 2-core CPU in about 5 minutes each; the run is
+deterministic on one machine (each command wrote equal arrays twice).
 
-Usage: python experiments/pretrain_backbone.py --out DIR [--steps 1200] [--batch-size 32]
-           [--lr 1e-3] [--seed 0] [--width 0.0625]
+Usage: python experiments/pretrain_backbone.py --out DIR [--backbone resnet38|resnet50]
+           [--steps 1200] [--batch-size 32] [--lr 1e-3] [--seed 0] [--width 0.0625]
 It prints the loss every 100 steps, the held-out cell accuracy (512 images of another seed
 stream) and a last JSON line with the folder's sha256 (pretrained.folder_digest).
 """
@@ -156,21 +159,31 @@ def batches(seed: int, start: int, batch_size: int, normalise):
     yield out.get()
 
 
-def _cell_classifier():
+def _cell_classifier(backbone: str):
   import flax.linen as nn
-  from affinity_jax.models.resnet38 import conv, resnet38_taps
+  import jax
+  from affinity_jax.models import resnet38, resnet50
 
   class CellClassifier(nn.Module):
-    """The CAM network's ResNet-38 with a 1x1 classifier of every stride-8 cell (dense labels
-    teach the from-scratch backbone in a few hundred steps; an image-level loss did not move
-    in 2000)."""
+    """The backbone with a 1x1 classifier of every stride-8 cell (dense labels teach the
+    from-scratch backbone in a few hundred steps; an image-level loss did not move in 2000).
+    ResNet-38 classifies its conv6 features (stride 8); ResNet-50 its last stage at IRN's
+    strides (stride 16), the logits resized bilinearly to the stride-8 cells."""
     num_classes: int
     width: float
 
     @nn.compact
     def __call__(self, images, train: bool = False):
-      conv6 = resnet38_taps(images, self.width, "float32", train, None)["conv6"]
-      return conv(self.num_classes, 1, name="cell_classifier", dtype="float32")(conv6)
+      if backbone == "resnet38":
+        features = resnet38.resnet38_taps(images, self.width, "float32", train, None)["conv6"]
+      else:
+        features = resnet50.resnet50_taps(images, self.width, "float32")["stage4"]
+      logits = resnet38.conv(self.num_classes, 1, name="cell_classifier",
+                             dtype="float32")(features)
+      if logits.shape[1] != CELLS:
+        logits = jax.image.resize(logits, (logits.shape[0], CELLS, CELLS, logits.shape[-1]),
+                                  "bilinear")
+      return logits
 
   return CellClassifier
 
@@ -183,6 +196,9 @@ def main(argv=None):
   parser.add_argument("--lr", type=float, default=1e-3)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--width", type=float, default=0.0625)
+  parser.add_argument("--backbone", choices=("resnet38", "resnet50"), default="resnet38",
+                      help="resnet38: the PSA demo's (configs/synthetic.py); resnet50: the IRN "
+                           "demo's (configs/synthetic_irn.py), IRN's strides")
   args = parser.parse_args(argv)
   if os.path.exists(args.out) and not (
       os.path.isdir(args.out) and (not os.listdir(args.out) or set(os.listdir(args.out)) == {
@@ -193,7 +209,7 @@ def main(argv=None):
   import jax
   import optax
   from affinity_jax import checkpoint, models, pretrained, train
-  CellClassifier = _cell_classifier()
+  CellClassifier = _cell_classifier(args.backbone)
 
   def cell_loss(logits, batch):
     # Hue cells are ~7% of all: weighted x5 so that "no hue everywhere" is not a resting place.
@@ -240,7 +256,7 @@ def main(argv=None):
   if os.path.exists(args.out):
     shutil.rmtree(args.out)
   checkpoint.save_variables(args.out, jax.device_get(backbone), metadata=dict(
-      arch="backbone", backbone="resnet38", width=args.width, num_classes=None,
+      arch="backbone", backbone=args.backbone, width=args.width, num_classes=None,
       source="experiments/pretrain_backbone.py " + " ".join(sys.argv[1:] if argv is None
                                                             else argv),
       pretrain={"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,

@@ -5,6 +5,7 @@ network on ResNet-50, evaluate."""
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -73,12 +74,13 @@ def test_results_and_a_rerun_that_does_nothing(run_dir, capsys):
 def test_a_changed_irn_key_is_named_not_reused(run_dir, capsys):
   """random_walk.bg_threshold is a key of IRN's configs only (IRN_READS): its change is caught."""
   workdir, argv = run_dir
+  before = config.load_config(TINY).random_walk.bg_threshold
   assert cli.main(argv + ["--stages", "random_walk",
-                          "--config.random_walk.bg_threshold=0.4"]) == 2
+                          f"--config.random_walk.bg_threshold={before + 0.1}"]) == 2
   err = capsys.readouterr().err
-  assert "random_walk.bg_threshold: 0.25 -> 0.4" in err and "Traceback" not in err
+  assert f"random_walk.bg_threshold: {before} -> {before + 0.1}" in err and "Traceback" not in err
   record = json.loads((workdir / "fingerprints" / "random_walk.json").read_text())
-  assert record["inputs"]["config"]["random_walk.bg_threshold"] == 0.25
+  assert record["inputs"]["config"]["random_walk.bg_threshold"] == before
 
 
 def test_method_and_backbone_must_agree():
@@ -129,3 +131,35 @@ def test_voc_tiny_on_a_generated_tree_of_many_sizes(tmp_path):
     assert io.load_png(workdir / "pseudo_labels" / f"{name}.png").shape == (h, w)
   results = json.loads((workdir / "results.json").read_text())
   assert 0.0 <= results["rw_miou"] <= 1.0 and 0.0 <= results["seg_miou"] <= 1.0
+
+
+def test_the_synthetic_irn_path_from_the_pretrained_backbone(tmp_path):
+  """configs/synthetic_irn.py's own init and optimisers (the shipped ResNet-50, IRN's frozen
+  conv1 / layer1 / layer2 and BatchNorm, SGD with IRN's groups) at the tiny size: the CAM
+  network moves layer3 on and keeps the rest; the relation network keeps the whole backbone."""
+  full = config.load_config(os.path.join(REPO, "configs", "synthetic_irn.py"))
+  assert full.init.backbone and full.init.freeze_stem and not full.init.from_cam_net
+  assert full.cam.optimizer == full.aff.optimizer == "sgd"
+  workdir = tmp_path / "w"
+  argv = ["run", "--config", TINY, "--workdir", str(workdir),
+          f"--config.data.data_dir={tmp_path / 'tfds'}",
+          f"--config.init.backbone={full.init.backbone}", "--config.init.freeze_stem=True",
+          "--config.init.from_cam_net=False", "--stages", "train_cam,infer_cam,aff_labels,train_aff"]
+  for net in ("cam", "aff"):
+    argv += [f"--config.{net}.optimizer={full[net].optimizer}", f"--config.{net}.lr={full[net].lr}"]
+  assert cli.main(argv) == 0
+  backbone, _ = checkpoint.load_variables(full.init.backbone)
+
+  def same(trained, collection, name):
+    pairs = zip(jax.tree.leaves(backbone[collection][name]),
+                jax.tree.leaves(trained[collection][name]))
+    return all(np.array_equal(a, b) for a, b in pairs)
+
+  cam_net, _ = checkpoint.load_variables(str(workdir / "cam_net" / "final"))
+  rel_net, _ = checkpoint.load_variables(str(workdir / "aff_net" / "final"))
+  frozen = ("conv1", "bn1", "layer1_0", "layer2_3")
+  assert all(same(cam_net, "params", name) for name in frozen)
+  assert not same(cam_net, "params", "layer3_0") and not same(cam_net, "params", "layer4_2")
+  assert all(same(rel_net, "params", name) for name in backbone["params"])
+  for net in (cam_net, rel_net):
+    assert all(same(net, "batch_stats", name) for name in backbone["batch_stats"])

@@ -1,13 +1,14 @@
-"""Weights shipped with the package.
+"""Weights shipped with the package: the synthetic world's stand-ins for ImageNet.
 
-`SYNTHETIC_RESNET38`: the backbone of the synthetic demo's narrow ResNet-38 (width 1/16), the
-synthetic world's stand-in for the ImageNet weights the original starts from. It was pretrained
-on a separate synthetic world (shapes of 12 hues and neutral ones on cluttered backgrounds, no
-image of the WSSS dataset) by `SYNTHETIC_RESNET38_COMMAND`, and is a checkpoint folder in the
-format `affinity-jax convert mxnet` writes, so `init.backbone` loads it as it loads ImageNet
-weights: `configs/synthetic.py` (the demo) starts every network from it (experiments/RESULTS.md,
-"A pretrained backbone for the synthetic world" and "The demo on the original's recipe").
-`SYNTHETIC_RESNET38_SHA256` is `folder_digest` of the folder as shipped.
+`SYNTHETIC_RESNET38`: the backbone of the synthetic demo's narrow ResNet-38 (width 1/16);
+`SYNTHETIC_RESNET50`: the backbone of the synthetic IRN demo's narrow ResNet-50 (width 1/16,
+IRN's strides). Both were pretrained on a separate synthetic world (shapes of 12 hues and neutral
+ones on cluttered backgrounds, no image of the WSSS dataset) by their `*_COMMAND`, and are
+checkpoint folders in the format `affinity-jax convert mxnet` / `convert torchvision` write, so
+`init.backbone` loads them as it loads ImageNet weights: `configs/synthetic.py` (the demo) and
+`configs/synthetic_irn.py` start every network from them (experiments/RESULTS.md, "A pretrained
+backbone for the synthetic world", "The demo on the original's recipe" and "IRN's pipeline on
+the synthetic data"). `*_SHA256` is `folder_digest` of each folder as shipped.
 """
 
 from __future__ import annotations
@@ -21,6 +22,11 @@ SYNTHETIC_RESNET38 = os.path.join(_HERE, "synthetic_resnet38")
 SYNTHETIC_RESNET38_COMMAND = ("python experiments/pretrain_backbone.py "
                               "--out affinity_jax/pretrained/synthetic_resnet38 --steps 1200")
 SYNTHETIC_RESNET38_SHA256 = "954a625b0f276fd6594529c20eae4df693b64df28d8d0614c578969c80c39502"
+
+SYNTHETIC_RESNET50 = os.path.join(_HERE, "synthetic_resnet50")
+SYNTHETIC_RESNET50_COMMAND = ("python experiments/pretrain_backbone.py --backbone resnet50 "
+                              "--out affinity_jax/pretrained/synthetic_resnet50 --steps 2400")
+SYNTHETIC_RESNET50_SHA256 = "3b19b3c31567f9e79bbae8e254bcfaffa469361cebb191cbc31d8d0f146388d7"
 
 
 def folder_digest(path: str) -> str:
