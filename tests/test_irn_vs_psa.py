@@ -1,0 +1,43 @@
+"""experiments/irn_vs_psa.py on the tiny configs: IRN's run, then PSA's stages on its CAM files."""
+
+import json
+import os
+import sys
+
+from affinity_jax import io
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "experiments"))
+import irn_vs_psa  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def test_psa_walks_the_cams_irn_made_and_the_table_compares_them(tmp_path, capsys):
+  root = tmp_path / "root"
+  assert irn_vs_psa.main([
+      "--workdir-root", str(root), "--irn-config", "synthetic_irn:tiny",
+      "--psa-config", "synthetic:tiny", "--set", f"data.data_dir={tmp_path / 'tfds'}"]) == 0
+  table = capsys.readouterr().out.strip().splitlines()[-4:]
+  assert table == (root / "irn_vs_psa.md").read_text().strip().splitlines()
+
+  irn_cams = sorted(os.listdir(root / "irn" / "cams"))
+  assert irn_cams and irn_cams == sorted(os.listdir(root / "psa" / "cams"))
+  for name in irn_cams:  # PSA's stages read IRN's files, not CAMs of their own
+    assert (root / "irn" / "cams" / name).read_bytes() == (root / "psa" / "cams" / name).read_bytes()
+  for run in ("psa", "psa_nocrf"):
+    assert sorted(os.listdir(root / run / "pseudo_labels")) == sorted(
+        os.listdir(root / "irn" / "pseudo_labels"))
+    assert not os.path.exists(root / run / "cam_net")  # no CAM network of its own
+  walk = json.loads((root / "psa_nocrf" / "fingerprints" / "random_walk.json").read_text())
+  assert walk["inputs"]["config"]["random_walk.crf"] is False
+
+  results = {run: json.loads((root / run / "results.json").read_text())
+             for run in ("irn", "psa", "psa_nocrf")}
+  for split, line in zip(("train", "val"), table[2:]):
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[0] == split
+    cam = 100 * results["irn"]["splits"][split]["cam"]["miou"]
+    walks = [100 * results[r]["splits"][split]["rw"]["miou"] for r in ("irn", "psa", "psa_nocrf")]
+    assert [float(c) for c in cells[1:]] == [
+        round(v, 1) for v in (cam, 100 * results["psa"]["splits"][split]["cam"]["miou"], *walks,
+                              *(w - cam for w in walks))]
+  assert io.load_png(next((root / "psa" / "pseudo_labels").iterdir())).ndim == 2
