@@ -109,9 +109,10 @@ def run(cfg) -> dict:
   report = artifacts.SkipReport(workdir, "evaluate", gather=False)
   rows = []
   scored = []  # (chart label, kind, Scores) per row
-  # With random_walk.crf the pseudo labels are the paper's "CAM + RW + dCRF", not infer_aff.py's.
+  # With random_walk.crf the pseudo labels are the paper's "CAM + RW + dCRF", not infer_aff.py's;
+  # likewise the segmentation network's predictions with seg_infer.crf.
   labels = {"cam": "CAM", "rw": "CAM + RW + dCRF" if cfg.random_walk.crf else "CAM + RW",
-            "seg": "Segmentation"}
+            "seg": "Segmentation + dCRF" if cfg.seg_infer.crf else "Segmentation"}
   plan = {}
   for split in cfg.eval.cam_splits:
     plan.setdefault(split, {})["cam"] = workdir.path(artifacts.CAMS)
