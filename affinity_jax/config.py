@@ -210,6 +210,8 @@ def validate(cfg) -> None:
   logt = cfg.random_walk.logt
   _check(int(logt) == logt and logt >= 0, "random_walk.logt", "an integer >= 0", logt)
   _check(float(cfg.model.width) > 0, "model.width", "> 0", cfg.model.width)
+  head_width = cfg.aff.get("head_width", 0.0)
+  _check(float(head_width) >= 0, "aff.head_width", ">= 0 (0: model.width)", head_width)
   # PSA's stages run ResNet-38 or VGG-16; IRN's run ResNet-50 (docs/method.md §11).
   backbone = cfg.model.get("backbone", "resnet38")
   if method(cfg) == "irn":

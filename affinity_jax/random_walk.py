@@ -406,6 +406,19 @@ def crf_label(image: np.ndarray, share: np.ndarray, channels: np.ndarray,
 # image's classes, the walk, and IRN's labels (boundary_walk_labels).
 
 
+def make_boundary_fn(model):
+  """(variables, images [B, Hc, Wc, 3], flip [B, Wc], grid_flip [B, ceil(Wc / 4)]) -> [B,
+  ceil(Hc / 4), ceil(Wc / 4)] float32, jitted: IRN's flip-averaged boundary map of the relation
+  network `model` (make_boundary_walk_fn's first half)."""
+  @jax.jit
+  def boundary(variables, images, flip, grid_flip):
+    edges, _ = model.apply(variables, images)
+    flipped, _ = model.apply(variables, cam_lib.flip_within(images, flip))
+    back = cam_lib.flip_within(flipped[..., None], grid_flip)[..., 0]
+    return jax.nn.sigmoid(edges / 2 + back / 2)
+  return boundary
+
+
 def make_boundary_walk_fn(model, cfg):
   """(variables, images [B, Hc, Wc, 3], flip [B, Wc], grid_flip [B, ceil(Wc / 4)], cams
   [B, h, w, K], valid [B, h, w]) -> walked [B, h, w, K] float32: IRN's walk of the CAMs over the
@@ -421,13 +434,7 @@ def make_boundary_walk_fn(model, cfg):
   radius = int(cfg.random_walk.radius)
   t, beta = 2 ** int(cfg.random_walk.logt), float(cfg.random_walk.beta)
   tol = float(cfg.random_walk.tol) if cfg.random_walk.tol > 0 else None
-
-  @jax.jit
-  def boundary(variables, images, flip, grid_flip):
-    edges, _ = model.apply(variables, images)
-    flipped, _ = model.apply(variables, cam_lib.flip_within(images, flip))
-    back = cam_lib.flip_within(flipped[..., None], grid_flip)[..., 0]
-    return jax.nn.sigmoid(edges / 2 + back / 2)
+  boundary = make_boundary_fn(model)
 
   @jax.jit
   def walk_scores(edge, cams, valid):

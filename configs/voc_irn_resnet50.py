@@ -69,6 +69,9 @@ def get_config(arg=None):
       momentum_quirk=True, momentum=0.9, optimizer="sgd", pretrained_lr_mult=1.0, crop_size=512,
       scale_range=(0.5, 1.5), color_jitter=(), radius=10, scheme="psa",
       image_scale=1.0,  # PSA's key; IRN's walk runs on the image as it is.
+      # The relation network's heads' width multiplier, apart from the backbone's
+      # (model.width); 0: model.width (IRN: both 1.0).
+      head_width=0.0,
       checkpoint_every=500, log_every=20, steps=-1,
       # Not IRN's: every N steps TensorBoard ({workdir}/aff_net/logs) gets the boundary map of
       # 4 fixed training images; 0: none.

@@ -1,4 +1,5 @@
-"""experiments/irn_vs_psa.py on the tiny configs: IRN's run, then PSA's stages on its CAM files."""
+"""experiments/irn_vs_psa.py on the tiny configs: IRN's run, then PSA's stages on its CAM files;
+experiments/irn_walk_grid.py on that IRN run."""
 
 import json
 import os
@@ -9,6 +10,7 @@ from affinity_jax import io
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "experiments"))
 import irn_vs_psa  # pylint: disable=g-import-not-at-top,wrong-import-position
+import irn_walk_grid  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def test_psa_walks_the_cams_irn_made_and_the_table_compares_them(tmp_path, capsys):
@@ -41,3 +43,16 @@ def test_psa_walks_the_cams_irn_made_and_the_table_compares_them(tmp_path, capsy
         round(v, 1) for v in (cam, 100 * results["psa"]["splits"][split]["cam"]["miou"], *walks,
                               *(w - cam for w in walks))]
   assert io.load_png(next((root / "psa" / "pseudo_labels").iterdir())).ndim == 2
+
+  # The grid at the run's own walk values scores the train split as the evaluate stage did (a
+  # row per beta), and so does the run's own network named as another run's.
+  cfg = json.loads((root / "irn" / "config.json").read_text())["random_walk"]
+  own = (f"{cfg['beta']:g} | {cfg['logt']} | {cfg['bg_threshold']:g} | "
+         f"{100 * results['irn']['splits']['train']['rw']['miou']:.1f} | ")
+  for extra in ([], ["--relation-workdir", str(root / "irn")]):
+    assert irn_walk_grid.main(["--workdir", str(root / "irn"), "--betas", f"{cfg['beta']},1",
+                               "--logts", str(cfg["logt"]),
+                               "--bg-thresholds", str(cfg["bg_threshold"]), *extra]) == 0
+    rows = [r for r in capsys.readouterr().out.splitlines() if " | " in r][1:]
+    assert len(rows) == 2 and rows[0].startswith(own), (rows, own)
+    assert rows[1].startswith(f"1 | {cfg['logt']} | ")

@@ -22,8 +22,10 @@ import pytest
 from flax import traverse_util
 
 from affinity_jax import checkpoint, cli, convert, models
+from affinity_jax import config as config_lib
 from affinity_jax.constants import ARCHS, ORIGINAL_ARCHS
 from affinity_jax.convert import ConversionError
+from affinity_jax.errors import ConfigError
 from affinity_jax.models import relation_net
 from tests import reference_resnet50 as ref
 from tests.test_models import _close
@@ -179,6 +181,31 @@ def test_group_counts_and_irns_widths():
   v = models.init_variables(tiny, jax.random.key(0), (1, 32, 32, 3))
   edge, dp = jax.jit(tiny.apply)(v, _images(4, (1, 36, 44, 3)))
   assert edge.shape == (1, 9, 11) and np.isfinite(np.asarray(dp)).all()
+
+
+def test_head_width_widens_the_heads_alone():
+  """aff.head_width: IRN's heads (32 channels per boundary head) on a 1/16 backbone, which
+  is what configs/synthetic_irn.py runs; 0 keeps the heads at model.width."""
+  cfg = config_lib.load_config("synthetic_irn:tiny")
+  assert cfg.aff.head_width == 1.0
+  cfg.aff.head_width = 0.0
+  narrow = jax.eval_shape(models.from_config(cfg, "relation").init, jax.random.key(0),
+                          jnp.zeros((1, 32, 32, 3)))["params"]
+  cfg.aff.head_width = 1.0
+  wide = jax.eval_shape(models.from_config(cfg, "relation").init, jax.random.key(0),
+                        jnp.zeros((1, 32, 32, 3)))["params"]
+  assert wide["fc_edge5"]["conv"]["kernel"].shape == (1, 1, 128, 32)  # 2048 / 16 in
+  assert narrow["fc_edge5"]["conv"]["kernel"].shape == (1, 1, 128, 2)
+  assert wide["fc_edge6"]["kernel"].shape == (1, 1, 160, 1)
+  assert wide["fc_dp7"]["out"]["kernel"].shape == (1, 1, 256, 2)
+  backbone = lambda p: {k: v for k, v in p.items() if not k.startswith("fc_")}  # noqa: E731
+  assert jax.tree.map(np.shape, backbone(wide)) == jax.tree.map(np.shape, backbone(narrow))
+  assert relation_net.head_channels(1 / 16, 1.0)["fc_edge1"] == (4, 32, 4)
+  cfg.aff.head_width = -1.0
+  with pytest.raises(ConfigError, match="aff.head_width"):
+    models.from_config(cfg, "relation")
+  with pytest.raises(ConfigError, match="aff.head_width"):
+    config_lib.validate(cfg)
 
 
 def test_full_width_heads_are_irns():

@@ -113,12 +113,13 @@ def denormalize_images(images: Any, convention: str = "imagenet") -> np.ndarray:
 
 
 def build(arch: str, num_classes: int = 20, width: float = 1.0, dtype: Any = jnp.float32,
-          backbone: str = DEFAULT_BACKBONE):
+          backbone: str = DEFAULT_BACKBONE, head_width: float | None = None):
   """A network by name: "backbone" (ResNet38 / VGG16 / ResNet50), "cam" (CAMNet / VGG16CAMNet /
   ResNet50CAMNet), "affinity" (AffinityNet / VGG16AffinityNet), "seg" (SegNet / VGG16SegNet /
   ResNet50SegNet), "relation" (RelationNet, IRN's), on `backbone` ("resnet38", "vgg16" or
   "resnet50": no affinity; relation only). num_classes is ignored by the networks without classes
-  (backbone, affinity, relation)."""
+  (backbone, affinity, relation); head_width (None: width) is the relation network's heads'
+  width, ignored by the others."""
   if not width > 0:
     raise ValueError(f"model width must be positive, got {width!r}")
   if backbone not in _NETWORKS:
@@ -129,7 +130,9 @@ def build(arch: str, num_classes: int = 20, width: float = 1.0, dtype: Any = jnp
     raise ValueError(f"no {arch!r} network on {backbone} yet: {backbone} has only "
                      f"{', '.join(_NETWORKS[backbone])}")
   network = _NETWORKS[backbone][arch]
-  if arch in ("backbone", "affinity", "relation"):
+  if arch == "relation":
+    return network(width=width, dtype=dtype, head_width=head_width)
+  if arch in ("backbone", "affinity"):
     return network(width=width, dtype=dtype)
   return network(num_classes=num_classes, width=width, dtype=dtype)
 
@@ -161,8 +164,14 @@ def from_config(cfg, arch: str):
   if arch not in _NETWORKS[backbone]:
     raise ConfigError(f"config key model.backbone: there is no {arch!r} network on {backbone} "
                       f"yet (it has {', '.join(_NETWORKS[backbone])})")
+  # The relation network's heads (IRN's configs only; train_aff's key, so that a change
+  # retrains no CAM network).
+  head_width = float(cfg.aff.get("head_width", 0.0)) if "aff" in cfg else 0.0
+  if not head_width >= 0:
+    raise ConfigError(f"config key aff.head_width must be >= 0 (0: model.width), got "
+                      f"{cfg.aff.head_width!r}")
   return build(arch, num_classes=cfg.model.num_classes, width=cfg.model.width, dtype=dtype,
-               backbone=backbone)
+               backbone=backbone, head_width=head_width or None)
 
 
 def param_labels(params: Any) -> Any:

@@ -33,6 +33,8 @@ slices `[..., :h, :w]`.
 
 Widths: every channel count above (the backbone's too) is scaled by `width` (resnet38.scaled;
 1.0 = IRN's, which loads its weights); the two output channel counts (1 and 2) never are.
+`head_width`, when given, scales the heads' channels instead (the backbone's stay at `width`):
+a narrow backbone with IRN's heads (head_width 1.0: 32 channels per boundary head).
 GroupNorm needs its group count to divide the channels, which a scaled count may not: each
 GroupNorm takes the largest divisor of its channel count that does not exceed IRN's group
 count (`group_count`), IRN's count itself at width 1.0 (e.g. width 1/16: fc_edge* 2 channels
@@ -115,14 +117,19 @@ def level_channels(width: float = 1.0) -> dict[str, int]:
              for i, layer in enumerate(LAYERS)}}
 
 
-def head_channels(width: float = 1.0) -> dict[str, tuple[int, int, int]]:
-  """(input channels, output channels, GroupNorm groups) of each head at `width`, in IRN's
-  order (fc_edge1..5, fc_dp1..7), then fc_edge6 as (input, output, 0): (160, 1, 0) at 1.0.
-  fc_dp7's "out" convolution maps its output channels to DISPLACEMENT_CHANNELS."""
+def head_channels(width: float = 1.0, head_width: float | None = None
+                  ) -> dict[str, tuple[int, int, int]]:
+  """(input channels, output channels, GroupNorm groups) of each head on a backbone at `width`
+  with heads at `head_width` (None: `width`), in IRN's order (fc_edge1..5, fc_dp1..7), then
+  fc_edge6 as (input, output, 0): (160, 1, 0) at 1.0. fc_dp7's "out" convolution maps its
+  output channels to DISPLACEMENT_CHANNELS."""
   levels = level_channels(width)
+  head_width = width if head_width is None else head_width
+  if not head_width > 0:
+    raise ValueError(f"head_width must be positive, got {head_width!r}")
   out = {}
   for head in BOUNDARY_HEADS + DISPLACEMENT_HEADS:
-    features = scaled(head.features, width)
+    features = scaled(head.features, head_width)
     cin = (levels[head.level] if head.level else
            sum(out[name][1] for name in DISPLACEMENT_INPUTS[head.name]))
     out[head.name] = (cin, features, group_count(features, head.groups))
@@ -182,7 +189,8 @@ class RelationNet(nn.Module):
   """IRN's inter-pixel relation network (module docstring): class boundaries and displacement
   field on the stride-4 grid of a frozen ResNet-50.
 
-  width scales every channel count (1.0 = IRN's); dtype is the compute dtype (parameters and
+  width scales every channel count (1.0 = IRN's), head_width (None: width) the heads' alone;
+  dtype is the compute dtype (parameters and
   statistics stay float32, outputs are float32); strides as ResNet50's (IRN's (2, 2, 2, 1)).
   Upsampling factors are the ratios of the levels' strides (IRN's x2 and x4 with its
   strides; a coarser level's stride is always a multiple of a finer one's).
@@ -196,6 +204,7 @@ class RelationNet(nn.Module):
   width: float = 1.0
   dtype: Dtype = jnp.float32
   strides: tuple[int, ...] = IRN_STRIDES
+  head_width: float | None = None
 
   @property
   def stride(self) -> int:
@@ -211,7 +220,7 @@ class RelationNet(nn.Module):
     levels = {name: jax.lax.stop_gradient(x) for name, x in levels.items()}  # IRN's .detach()
     tap_stride = output_strides(self.strides)
     stride = dict(tap_stride, pool=tap_stride["conv1"] * POOL_STRIDE)
-    channels = head_channels(self.width)
+    channels = head_channels(self.width, self.head_width)
 
     def head(spec: HeadSpec, x: jax.Array, grid: str, target: str,
              out_features: int | None = None) -> jax.Array:
