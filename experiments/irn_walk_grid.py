@@ -11,8 +11,8 @@ OTHER_RUN's relation network when given: IRN's backbone is frozen, so any run's 
 reads any run's images), then walked (random_walk.boundary_walk, radius from the config) for
 every beta and number of steps 2^logt, and labelled (random_walk.boundary_walk_labels) at
 every background threshold. Printed: the labels' mIoU % and per-class IoU against the split's
-masks, scored as the evaluate stage scores the random_walk row (images without a positive class,
-which the walk skips, left out). Writes nothing.
+masks, scored as the evaluate stage scores the random_walk row (images without a mask, and
+those without a positive class, which the walk skips, left out). Writes nothing.
 """
 
 from __future__ import annotations
@@ -85,7 +85,8 @@ def main(argv=None) -> int:
   items, class_names = _maps(cfg, net_cfg, args.split)
   masks = dict((name, mask) for name, mask, _ in evaluation.dataset_ground_truth(
       data.from_config(cfg), args.split).read({name for name, *_ in items}))
-  print(f"{len(items)} images of {args.split} with a class; relation network of "
+  items = [item for item in items if item[0] in masks]  # as evaluate: images with a mask
+  print(f"{len(items)} images of {args.split} with a class and a mask; relation network of "
         f"{args.relation_workdir or args.workdir}")
   print("beta | logt | background | mIoU | " + " | ".join(class_names))
   radius = int(cfg.random_walk.radius)

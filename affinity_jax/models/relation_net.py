@@ -190,8 +190,8 @@ class RelationNet(nn.Module):
   field on the stride-4 grid of a frozen ResNet-50.
 
   width scales every channel count (1.0 = IRN's), head_width (None: width) the heads' alone;
-  dtype is the compute dtype (parameters and
-  statistics stay float32, outputs are float32); strides as ResNet50's (IRN's (2, 2, 2, 1)).
+  dtype is the compute dtype (parameters and statistics stay float32, outputs are float32);
+  strides as ResNet50's (IRN's (2, 2, 2, 1)).
   Upsampling factors are the ratios of the levels' strides (IRN's x2 and x4 with its
   strides; a coarser level's stride is always a multiple of a finer one's).
 
