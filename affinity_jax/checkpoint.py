@@ -26,6 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from affinity_jax import artifacts, io, models
+from affinity_jax.models import relation_net
 from affinity_jax.errors import UserError
 from affinity_jax.constants import ARCHS
 
@@ -137,13 +138,14 @@ def load_variables(path: str) -> tuple[dict, dict]:
 
 def check_compatible(metadata: Mapping[str, Any], *, arch: str, width: float | None = None,
                      num_classes: int | None = None, path: str = "checkpoint",
-                     backbone: str | None = None) -> None:
+                     backbone: str | None = None, head_width: float | None = None) -> None:
   """Raises CheckpointError unless the checkpoint fits the model about to use it.
 
   arch: the architecture wanted ("backbone", "cam", "affinity", "seg"), matched exactly.
   width / num_classes are checked when given (num_classes only where both sides have classes).
   backbone ("resnet38", "vgg16", "resnet50") is checked when given; checkpoints that record
-  none predate VGG-16 and hold ResNet-38.
+  none predate VGG-16 and hold ResNet-38. head_width (a relation network's heads, with width)
+  is checked by the channels it gives; checkpoints that record none have heads at their width.
   """
   have = metadata.get("arch")
   if have != arch:
@@ -159,6 +161,12 @@ def check_compatible(metadata: Mapping[str, Any], *, arch: str, width: float | N
   if width is not None and not np.isclose(float(metadata.get("width", np.nan)), float(width)):
     raise CheckpointError(f"{path}: was saved at model width {metadata.get('width')}, but the "
                           f"model has width {width} (set model.width to match)")
+  if arch == "relation" and width is not None and head_width is not None:
+    have = float(metadata.get("head_width", metadata.get("width")))
+    if (relation_net.head_channels(width, have)
+        != relation_net.head_channels(width, head_width)):
+      raise CheckpointError(f"{path}: has its relation heads at width {have:g}, but the "
+                            f"config's give {head_width:g} (set aff.head_width to {have:g})")
   have_classes = metadata.get("num_classes")
   if (num_classes is not None and have_classes is not None and arch in ("cam", "seg")
       and int(have_classes) != int(num_classes)):
@@ -197,7 +205,7 @@ def load_network(cfg, net: artifacts.Network, path: str | None = None) -> tuple[
   variables, meta = load_variables(path)
   check_compatible(meta, arch=net.arch, width=cfg.model.width,
                    num_classes=cfg.model.num_classes, path=path,
-                   backbone=models.backbone_name(cfg))
+                   backbone=models.backbone_name(cfg), head_width=models.head_width(cfg))
   return models.from_config(cfg, net.arch), variables
 
 
@@ -205,4 +213,5 @@ def save_network(cfg, net: artifacts.Network, variables: dict) -> None:
   """Writes the trained `net` into the config's workdir."""
   save_variables(artifacts.Workdir(cfg.workdir).network(net), variables, metadata=dict(
       arch=net.arch, backbone=models.backbone_name(cfg), width=cfg.model.width,
-      num_classes=cfg.model.num_classes, source=f"affinity_jax {net.folder}"))
+      num_classes=cfg.model.num_classes, source=f"affinity_jax {net.folder}",
+      **({"head_width": models.head_width(cfg)} if net.arch == "relation" else {})))

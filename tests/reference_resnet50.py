@@ -130,11 +130,15 @@ def groups_at(channels: int, groups: int) -> int:
   return next(g for g in range(min(groups, channels), 0, -1) if channels % g == 0)
 
 
-def relation_manifest(width: float = 1.0) -> list[tuple[str, tuple]]:
+def relation_manifest(width: float = 1.0, head_width: float | None = None
+                      ) -> list[tuple[str, tuple]]:
   """[(name, shape)] of the heads of IRN's relation Net (its state-dict order, without the
-  aliases and the backbone), channels scaled by `width`."""
-  c = lambda n: max(1, int(round(n * width)))  # noqa: E731
-  levels = (c(64), c(256), c(512), c(1024), c(2048))  # max pool, layer1 .. layer4
+  aliases and the backbone), the backbone's channels scaled by `width`, the heads' by
+  `head_width` (None: `width`)."""
+  b = lambda n: max(1, int(round(n * width)))  # noqa: E731
+  hw = width if head_width is None else head_width
+  c = lambda n: max(1, int(round(n * hw)))  # noqa: E731
+  levels = (b(64), b(256), b(512), b(1024), b(2048))  # max pool, layer1 .. layer4
   out = [("mean_shift.running_mean", (2,))]
 
   def head(name, cin, cout):
@@ -152,13 +156,14 @@ def relation_manifest(width: float = 1.0) -> list[tuple[str, tuple]]:
   return out
 
 
-def random_relation_state_dict(width: float, seed: int = 0) -> dict[str, np.ndarray]:
+def random_relation_state_dict(width: float, seed: int = 0, head_width: float | None = None
+                               ) -> dict[str, np.ndarray]:
   """float32 weights of IRN's relation Net in its canonical names: the backbone's as
-  `random_state_dict` (no fc), the heads' He-scaled, GroupNorm weight around 1 and bias, a
-  non-zero fc_edge6 bias and mean shift."""
+  `random_state_dict` (no fc), the heads' (at `head_width`, None: `width`) He-scaled, GroupNorm
+  weight around 1 and bias, a non-zero fc_edge6 bias and mean shift."""
   sd = random_state_dict(width, seed)
   rng = np.random.default_rng(seed + 1000)
-  for name, shape in relation_manifest(width):
+  for name, shape in relation_manifest(width, head_width):
     if len(shape) == 4:
       value = rng.normal(0.0, np.sqrt(2.0 / shape[1]), shape)
     elif name.endswith(".1.weight"):

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from affinity_jax import checkpoint, cli, convert, models
+from affinity_jax import artifacts, checkpoint, cli, convert, models
 from affinity_jax import config as config_lib
 from affinity_jax.constants import ARCHS, ORIGINAL_ARCHS
 from affinity_jax.convert import ConversionError
@@ -364,6 +364,57 @@ def test_convert_relation_npz_without_torch(tmp_path, monkeypatch, relation):
   assert meta["dropped"] == ["disp_target", "path_indices0", "path_indices1"]
   jax.tree.map(np.testing.assert_array_equal, loaded, variables)
   checkpoint.check_compatible(meta, arch="relation", width=W, backbone="resnet50")
+
+
+def test_heads_wider_than_the_backbone_convert_and_are_checked_on_load(tmp_path):
+  """A relation network with heads at 1/4 on a 3/32 backbone (aff.head_width) converts with
+  its heads' width recorded; a config with other heads is refused by name before any shape
+  fails, and checkpoints that record no head width have heads at their width."""
+  sd = ref.random_relation_state_dict(W, seed=6, head_width=0.25)
+  assert sd["fc_edge1.0.weight"].shape == (8, 6, 1, 1)
+  path = tmp_path / "wide.npz"
+  np.savez(path, **_irn_layout(sd))
+  out = str(tmp_path / "wide")
+  assert cli.main(["convert", "torchvision", str(path), out, "--arch", "relation"]) == 0
+  loaded, meta = checkpoint.load_variables(out)
+  assert np.isclose(meta["width"], W) and meta["head_width"] == 0.25
+  model = models.build("relation", width=W, backbone="resnet50", head_width=0.25)
+  fresh = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  assert jax.tree.map(np.shape, loaded) == jax.tree.map(np.shape, fresh)
+  np.testing.assert_array_equal(loaded["params"]["fc_dp7"]["conv"]["kernel"],
+                                sd["fc_dp7.0.weight"].transpose(2, 3, 1, 0))
+  checkpoint.check_compatible(meta, arch="relation", width=W, head_width=0.25)
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r"wide: has its relation heads at width 0\.25, but the config's give "
+                           r"0\.09375 \(set aff\.head_width to 0\.25\)"):
+    checkpoint.check_compatible(meta, arch="relation", width=W, head_width=W, path="wide")
+  old = {k: v for k, v in meta.items() if k != "head_width"}
+  checkpoint.check_compatible(old, arch="relation", width=W, head_width=W)
+  with pytest.raises(checkpoint.CheckpointError, match="aff.head_width"):
+    checkpoint.check_compatible(old, arch="relation", width=W, head_width=0.25)
+  # A head tensor of another width is named with both widths.
+  kernel = np.zeros((5, 24, 1, 1), np.float32)
+  irn = dict(_irn_layout(sd), **{"fc_dp2.0.weight": kernel, "dp_layers.1.0.weight": kernel})
+  with pytest.raises(ConversionError, match=r"fc_dp2\.0\.weight has shape \(5, 24, 1, 1\), "
+                                            r"expected \(32, 24, 1, 1\) at width 0\.09375, "
+                                            r"heads at 0\.25"):
+    convert.torchvision_to_variables(irn, "relation")
+
+
+def test_a_workdirs_relation_network_records_its_heads(tmp_path):
+  """save_network writes the config's head width; load_network with other heads names the key."""
+  cfg = config_lib.load_config("synthetic_irn:tiny")
+  cfg.workdir = str(tmp_path)
+  model = models.from_config(cfg, "relation")
+  variables = models.init_variables(model, jax.random.key(0), (1, 32, 32, 3))
+  checkpoint.save_network(cfg, artifacts.RELATION_NET, variables)
+  _, meta = checkpoint.load_variables(artifacts.Workdir(str(tmp_path)).network(
+      artifacts.RELATION_NET))
+  assert meta["head_width"] == 1.0
+  checkpoint.load_network(cfg, artifacts.RELATION_NET)
+  cfg.aff.head_width = 0.0
+  with pytest.raises(checkpoint.CheckpointError, match=r"set aff\.head_width to 1\b"):
+    checkpoint.load_network(cfg, artifacts.RELATION_NET)
 
 
 def test_convert_relation_pth(tmp_path, relation):

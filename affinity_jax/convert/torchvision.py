@@ -77,9 +77,10 @@ def _check_arch(arch: str) -> None:
                           f"{', '.join(CONVERTIBLE_ARCHS)}")
 
 
-def _layout(arch: str, width: float, num_classes: int
+def _layout(arch: str, width: float, num_classes: int, head_width: float | None = None
             ) -> list[tuple[str, tuple[int, ...], str, tuple[str, ...]]]:
-  """(torchvision name, shape, collection, our path) of every tensor, in torchvision's order."""
+  """(torchvision name, shape, collection, our path) of every tensor, in torchvision's order;
+  a relation network's heads at `head_width` (None: `width`)."""
   _check_arch(arch)
   c = lambda n: scaled(n, width)  # noqa: E731
   out = []
@@ -115,7 +116,7 @@ def _layout(arch: str, width: float, num_classes: int
   if arch == "relation":  # in IRN's order: mean_shift, fc_edge1..6, fc_dp1..7
     out.append((MEAN_SHIFT, (relation_net.DISPLACEMENT_CHANNELS,), "batch_stats",
                 (relation_net.MEAN_SHIFT, "mean")))
-    channels = relation_net.head_channels(width)
+    channels = relation_net.head_channels(width, head_width)
     for name in ([h.name for h in relation_net.BOUNDARY_HEADS] + [relation_net.BOUNDARY_OUT]
                  + [h.name for h in relation_net.DISPLACEMENT_HEADS]):
       cin, cout, _ = channels[name]
@@ -134,13 +135,14 @@ def _layout(arch: str, width: float, num_classes: int
 
 
 def torchvision_state_dict_shapes(arch: str = "backbone", width: float = 1.0,
-                                  num_classes: int = 20) -> dict[str, tuple[int, ...]]:
+                                  num_classes: int = 20, head_width: float | None = None
+                                  ) -> dict[str, tuple[int, ...]]:
   """torchvision's ResNet-50 state-dict names and shapes (OIHW) without fc and
   num_batches_tracked, in its order; arch "cam" adds IRN's `classifier.weight`, arch
   "relation" IRN's relation heads (mean_shift.running_mean, fc_edge1..6, fc_dp1..7, in IRN's
-  order, without its aliases). Other widths scale every channel count as the models do (names
-  unchanged), for tests."""
-  return {name: shape for name, shape, _, _ in _layout(arch, width, num_classes)}
+  order, without its aliases, its heads at `head_width`, None: `width`). Other widths scale
+  every channel count as the models do (names unchanged), for tests."""
+  return {name: shape for name, shape, _, _ in _layout(arch, width, num_classes, head_width)}
 
 
 def _is_relation(names) -> bool:
@@ -225,6 +227,20 @@ def infer_width(state_dict: Mapping[str, Any], source: str = "state dict") -> fl
                         "torchvision's ResNet-50 nor one of IRN's networks")
 
 
+def infer_head_width(state_dict: Mapping[str, Any], source: str = "state dict") -> float:
+  """A relation network's heads' width: fc_edge1's output channels / 32 (1.0 for IRN's file;
+  our relation networks may have heads wider than their backbone, `aff.head_width`)."""
+  first = relation_net.BOUNDARY_HEADS[0]
+  for name in (f"{first.name}.0.weight", f"{MODULE_PREFIX}{first.name}.0.weight"):
+    if name in state_dict:
+      shape = np.shape(state_dict[name])
+      if len(shape) != 4 or shape[0] < 1:
+        raise ConversionError(f"{source}: {name} has shape {tuple(shape)}, not a convolution "
+                              f"kernel [{first.features}, C, 1, 1]")
+      return shape[0] / first.features
+  raise ConversionError(f"{source}: no {first.name}.0.weight, IRN's relation network")
+
+
 def torchvision_to_variables(state_dict: Mapping[str, Any], arch: str = "backbone", *,
                              width: float | None = None, source: str = "state dict"
                              ) -> tuple[dict[str, dict], list[str]]:
@@ -261,15 +277,19 @@ def torchvision_to_variables(state_dict: Mapping[str, Any], arch: str = "backbon
             if layout == "torchvision" else "")
     raise ConversionError(f"{source}: no {CLASSIFIER}, IRN's CAM classifier{hint}")
   classifier_shape = np.shape(tensors[CLASSIFIER]) if arch == "cam" else (0,)
-  layout_rows = _layout(arch, width, int(classifier_shape[0]) if classifier_shape else 0)
+  head_width = infer_head_width(tensors, source) if arch == "relation" else None
+  layout_rows = _layout(arch, width, int(classifier_shape[0]) if classifier_shape else 0,
+                        head_width)
   expected = {name: shape for name, shape, _, _ in layout_rows}
   kind = {"cam": "IRN's CAM network", "relation": "IRN's relation network"}.get(
       arch, "torchvision's ResNet-50")
+  at = f"width {width:g}" + (f", heads at {head_width:g}" if head_width not in (None, width)
+                             else "")
 
   missing = [n for n in expected if n not in tensors]
   if missing:
     more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-    raise ConversionError(f"{source}: missing {missing[0]}{more}: not {kind} at width {width:g} "
+    raise ConversionError(f"{source}: missing {missing[0]}{more}: not {kind} at {at} "
                           f"({layout} layout)")
   unexpected = sorted(n for n in tensors if n not in expected and n not in dropped)
   if unexpected:
@@ -281,8 +301,7 @@ def torchvision_to_variables(state_dict: Mapping[str, Any], arch: str = "backbon
   if wrong:
     (name, want, got), more = wrong[0], (f" (and {len(wrong) - 1} more)" if len(wrong) > 1
                                          else "")
-    raise ConversionError(f"{source}: {name} has shape {got}, expected {want} at width "
-                          f"{width:g}{more}")
+    raise ConversionError(f"{source}: {name} has shape {got}, expected {want} at {at}{more}")
 
   variables: dict[str, dict] = {"params": {}, "batch_stats": {}}
   for name, _, collection, path in layout_rows:
@@ -314,11 +333,14 @@ def convert_torchvision(in_path: str, out_dir: str, arch: str = "backbone") -> d
   state_dict = read_state_dict(in_path)
   variables, dropped = torchvision_to_variables(state_dict, arch, source=in_path)
   width = infer_width(state_dict, in_path)
+  # Heads wider than the backbone (aff.head_width) are recorded so that a config with other
+  # heads is refused by name (checkpoint.check_compatible).
+  extra = {"head_width": infer_head_width(state_dict, in_path)} if arch == "relation" else {}
   num_classes = (int(variables["params"]["classifier"]["kernel"].shape[-1]) if arch == "cam"
                  else None)
   layout = "irn" if any(n.endswith(IRN_PREFIX + "conv1.weight") for n in state_dict) else (
       "torchvision")
   metadata = dict(arch=arch, backbone="resnet50", width=width, num_classes=num_classes,
-                  source=f"{layout} {os.path.basename(in_path)}", dropped=dropped)
+                  source=f"{layout} {os.path.basename(in_path)}", dropped=dropped, **extra)
   checkpoint.save_variables(out_dir, variables, metadata=metadata)
   return metadata

@@ -164,14 +164,18 @@ def from_config(cfg, arch: str):
   if arch not in _NETWORKS[backbone]:
     raise ConfigError(f"config key model.backbone: there is no {arch!r} network on {backbone} "
                       f"yet (it has {', '.join(_NETWORKS[backbone])})")
-  # The relation network's heads (IRN's configs only; train_aff's key, so that a change
-  # retrains no CAM network).
-  head_width = float(cfg.aff.get("head_width", 0.0)) if "aff" in cfg else 0.0
-  if not head_width >= 0:
+  return build(arch, num_classes=cfg.model.num_classes, width=cfg.model.width, dtype=dtype,
+               backbone=backbone, head_width=head_width(cfg))
+
+
+def head_width(cfg) -> float:
+  """The width of the relation network's heads: `aff.head_width`, or model.width where it is 0
+  or absent (IRN's configs only; train_aff's key, so that a change retrains no CAM network)."""
+  value = float(cfg.aff.get("head_width", 0.0)) if "aff" in cfg else 0.0
+  if not value >= 0:
     raise ConfigError(f"config key aff.head_width must be >= 0 (0: model.width), got "
                       f"{cfg.aff.head_width!r}")
-  return build(arch, num_classes=cfg.model.num_classes, width=cfg.model.width, dtype=dtype,
-               backbone=backbone, head_width=head_width or None)
+  return value or float(cfg.model.width)
 
 
 def param_labels(params: Any) -> Any:
