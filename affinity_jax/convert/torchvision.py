@@ -213,32 +213,41 @@ def _canonical(state_dict: Mapping[str, Any], source: str) -> tuple[dict[str, An
   return out, "irn"
 
 
+def _out_channels(state_dict: Mapping[str, Any], names: tuple[str, ...], kernel: str,
+                  source: str) -> int | None:
+  """The output channels of the first convolution kernel of `names` in `state_dict` (None if
+  none is there); a tensor that is no kernel is an error naming it (`kernel`: its expected
+  shape, for the message)."""
+  for name in names:
+    if name in state_dict:
+      shape = np.shape(state_dict[name])
+      if len(shape) != 4 or shape[0] < 1:
+        raise ConversionError(f"{source}: {name} has shape {tuple(shape)}, not a convolution "
+                              f"kernel {kernel}")
+      return shape[0]
+  return None
+
+
 def infer_width(state_dict: Mapping[str, Any], source: str = "state dict") -> float:
   """conv1's output channels / 64 (1.0 for torchvision's and IRN's files), in either layout."""
-  for prefix in ("", MODULE_PREFIX):
-    for name in (f"{prefix}conv1.weight", f"{prefix}{IRN_PREFIX}conv1.weight"):
-      if name in state_dict:
-        shape = np.shape(state_dict[name])
-        if len(shape) != 4 or shape[0] < 1:
-          raise ConversionError(f"{source}: {name} has shape {tuple(shape)}, not a convolution "
-                                f"kernel [64, 3, 7, 7]")
-        return shape[0] / STEM_CHANNELS
-  raise ConversionError(f"{source}: no conv1.weight (nor resnet50.conv1.weight): not "
-                        "torchvision's ResNet-50 nor one of IRN's networks")
+  names = tuple(f"{prefix}{irn}conv1.weight" for prefix in ("", MODULE_PREFIX)
+                for irn in ("", IRN_PREFIX))
+  channels = _out_channels(state_dict, names, "[64, 3, 7, 7]", source)
+  if channels is None:
+    raise ConversionError(f"{source}: no conv1.weight (nor resnet50.conv1.weight): not "
+                          "torchvision's ResNet-50 nor one of IRN's networks")
+  return channels / STEM_CHANNELS
 
 
 def infer_head_width(state_dict: Mapping[str, Any], source: str = "state dict") -> float:
   """A relation network's heads' width: fc_edge1's output channels / 32 (1.0 for IRN's file;
   our relation networks may have heads wider than their backbone, `aff.head_width`)."""
   first = relation_net.BOUNDARY_HEADS[0]
-  for name in (f"{first.name}.0.weight", f"{MODULE_PREFIX}{first.name}.0.weight"):
-    if name in state_dict:
-      shape = np.shape(state_dict[name])
-      if len(shape) != 4 or shape[0] < 1:
-        raise ConversionError(f"{source}: {name} has shape {tuple(shape)}, not a convolution "
-                              f"kernel [{first.features}, C, 1, 1]")
-      return shape[0] / first.features
-  raise ConversionError(f"{source}: no {first.name}.0.weight, IRN's relation network")
+  names = (f"{first.name}.0.weight", f"{MODULE_PREFIX}{first.name}.0.weight")
+  channels = _out_channels(state_dict, names, f"[{first.features}, C, 1, 1]", source)
+  if channels is None:
+    raise ConversionError(f"{source}: no {first.name}.0.weight, IRN's relation network")
+  return channels / first.features
 
 
 def torchvision_to_variables(state_dict: Mapping[str, Any], arch: str = "backbone", *,
