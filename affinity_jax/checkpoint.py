@@ -2,7 +2,8 @@
 
 Layout of a checkpoint folder `path/`:
   path/variables/      orbax (StandardCheckpointer) tree {"params": ..., "batch_stats": ...}
-  path/metadata.json   {"arch", "backbone" (absent: resnet38), "width", "num_classes", ...}
+  path/metadata.json   {"arch", "backbone" (absent: resnet38), "width", "num_classes", ...;
+                        a relation network's "head_width" (absent: its width)}
 
 `save_variables` writes everything into a temporary sibling folder and renames it into place,
 so a crash never leaves a half-written checkpoint under `path`. The metadata lets a loader
