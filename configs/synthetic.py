@@ -67,9 +67,10 @@ def get_config(arg=None):
   # CAM 86.2 / 88.1 / 87.6 and CAM + RW 95.3 / 96.2 / 96.1, no class under 91 (RESULTS.md,
   # "What makes a seed fail").
   # 600 steps (16 epochs), down from the from-scratch classifier's 2000: from the pretrained
-  # backbone they gave CAM 90.3 / 90.3 / 90.2, CAM + RW 95.4 / 96.0 / 96.0 and segmentation
-  # 97.6 / 97.8 / 96.9 over seeds 0 / 1 / 2 (2000 steps: 86.2 / 88.1 / 87.6, 95.3 / 96.2 / 96.1,
-  # 96.9 / 96.8 / 96.5) in less than a third of the stage's time (RESULTS.md, "Fewer steps").
+  # backbone, with the segmentation network's 400 below, they gave CAM 90.3 / 90.3 / 90.2,
+  # CAM + RW 95.4 / 96.0 / 96.0 and segmentation 97.6 / 97.8 / 96.9 over seeds 0 / 1 / 2
+  # (2000 and 800 steps: 86.2 / 88.1 / 87.6, 95.3 / 96.2 / 96.1, 96.9-97.1 / 96.8 / 96.5), the
+  # stage in 0.37x the time (RESULTS.md, "Fewer steps").
   c.cam.update(dict(batch_size=16, epochs=-1, steps=600, pretrained_lr_mult=0.1,
                     crop_size=96, resize_long=(80, 96), color_jitter=no_hue,
                     checkpoint_every=300, log_every=50))
@@ -96,7 +97,8 @@ def get_config(arg=None):
   # Its pretrained layers at a tenth of the rate, as the CAM network's: on the same pseudo
   # labels of seeds 1 and 2 segmentation + dCRF went from 95.8 / 95.7 (x1, under CAM + RW's
   # 96.2 / 96.1) to 96.8 / 96.5 (RESULTS.md, "The segmentation network's pretrained layers").
-  # 400 steps, down from 800, with the CAM network's 600 (figures above).
+  # 400 steps, down from 800, with the CAM network's 600 (figures above; 400 segmentation steps
+  # after 2000 CAM steps were not run).
   c.seg.update(dict(optimizer="adam", lr=3e-4, batch_size=8, epochs=-1, steps=400,
                     pretrained_lr_mult=0.1, crop_size=128, scale_range=(1.5, 2.5),
                     checkpoint_every=250, log_every=50))
