@@ -45,33 +45,55 @@ def grid_size(size: int) -> int:
   return -(-int(size) // STRIDE)
 
 
-def interp_matrix(out_size: int, in_size: int, out_pad: int, in_pad: int) -> np.ndarray:
-  """[out_pad, in_pad] bilinear weights (align_corners=False) from in_size cells to out_size.
+def bilinear_taps(out_size: int, in_size: int
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """The two source cells and weights of each output cell of a bilinear resize (align_corners
+  =False): (i0, i1, w0, w1), each [out_size], output y = w0[y] * x[i0[y]] + w1[y] * x[i1[y]].
 
-  Row y < out_size holds the weights PyTorch's bilinear upsampling gives source cells for output
-  y (source coordinate (y + 0.5) * in / out - 0.5, clamped at 0, upper neighbour clamped to the
-  last cell); other rows and columns >= in_size are zero.
+  PyTorch's rule: source coordinate (y + 0.5) * in / out - 0.5, clamped at 0, the upper
+  neighbour clamped to the last cell. Where both neighbours are the last cell, w0 holds their
+  summed weight and w1 is 0, so that each (row, cell) of `interp_matrix` is one weight.
   """
-  m = np.zeros((out_pad, in_pad), np.float32)
-  if out_size <= 0 or in_size <= 0:
-    return m
   src = (np.arange(out_size) + 0.5) * (in_size / out_size) - 0.5
   src = np.maximum(src, 0.0)
   i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
   i1 = np.minimum(i0 + 1, in_size - 1)
   frac = (src - i0).astype(np.float32)
+  same = i0 == i1
+  w0 = np.where(same, (1.0 - frac) + frac, 1.0 - frac).astype(np.float32)
+  w1 = np.where(same, np.float32(0.0), frac).astype(np.float32)
+  return i0, i1, w0, w1
+
+
+def interp_matrix(out_size: int, in_size: int, out_pad: int, in_pad: int) -> np.ndarray:
+  """[out_pad, in_pad] bilinear weights (align_corners=False) from in_size cells to out_size.
+
+  Row y < out_size holds `bilinear_taps`' weights of output y at its source cells; other rows
+  and columns >= in_size are zero.
+  """
+  m = np.zeros((out_pad, in_pad), np.float32)
+  if out_size <= 0 or in_size <= 0:
+    return m
+  i0, i1, w0, w1 = bilinear_taps(out_size, in_size)
   rows = np.arange(out_size)
-  np.add.at(m, (rows, i0), 1.0 - frac)
-  np.add.at(m, (rows, i1), frac)
+  m[rows, i0] = w0
+  m[rows, i1] += w1
   return m
 
 
 def resize_bilinear(maps: np.ndarray, size) -> np.ndarray:
-  """[H, W, C] -> [size[0], size[1], C], bilinear with half-pixel centres (align_corners=False)."""
-  ry = interp_matrix(int(size[0]), maps.shape[0], int(size[0]), maps.shape[0])
-  rx = interp_matrix(int(size[1]), maps.shape[1], int(size[1]), maps.shape[1])
-  rows = np.einsum("yh,hwc->ywc", ry, maps.astype(np.float32))  # Two passes: O(HW(H'+W')).
-  return np.einsum("ywc,xw->yxc", rows, rx)
+  """[H, W, C] -> [size[0], size[1], C], bilinear with half-pixel centres (align_corners=False).
+
+  Two passes of two taps each (rows, then columns): the same float32 products and sums as the
+  product with `interp_matrix` on either side, without its zero terms.
+  """
+  maps = np.asarray(maps, np.float32)
+  if not (maps.shape[0] and maps.shape[1]):
+    return np.zeros((int(size[0]), int(size[1]), maps.shape[2]), np.float32)
+  i0, i1, w0, w1 = bilinear_taps(int(size[0]), maps.shape[0])
+  rows = maps[i0] * w0[:, None, None] + maps[i1] * w1[:, None, None]
+  i0, i1, w0, w1 = bilinear_taps(int(size[1]), maps.shape[1])
+  return rows[:, i0] * w0[None, :, None] + rows[:, i1] * w1[None, :, None]
 
 
 def flip_index(widths: np.ndarray, canvas_w: int) -> np.ndarray:

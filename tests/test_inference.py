@@ -26,6 +26,21 @@ def test_interp_matrix_hand_example():
   np.testing.assert_allclose(m @ np.array([1.0, 2.0]), [1.0, 1.25, 1.75, 2.0])
 
 
+@pytest.mark.parametrize("in_hw,out_hw", [((24, 24), (192, 192)), ((13, 17), (100, 133)),
+                                          ((7, 7), (3, 5)), ((1, 4), (6, 1))])
+def test_resize_bilinear_is_the_interpolation_matrices_on_both_sides(in_hw, out_hw):
+  rng = np.random.default_rng(2)
+  maps = (rng.standard_normal((*in_hw, 3)) * 100).astype(np.float32)
+  ry = cam.interp_matrix(out_hw[0], in_hw[0], out_hw[0], in_hw[0]).astype(np.float64)
+  rx = cam.interp_matrix(out_hw[1], in_hw[1], out_hw[1], in_hw[1]).astype(np.float64)
+  want = np.einsum("yh,hwc,xw->yxc", ry, maps.astype(np.float64), rx)
+  got = cam.resize_bilinear(maps, out_hw)
+  assert got.dtype == np.float32 and got.shape == (*out_hw, 3)
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-4)
+  want_torch = np.asarray(cam_lib.upsample_cam(jnp.asarray(maps), out_hw))
+  np.testing.assert_allclose(got, want_torch, rtol=1e-5, atol=1e-3)
+
+
 def test_canvas_pass_equals_per_image_upsample_with_flip():
   rng = np.random.default_rng(1)
   sizes = np.array([[20, 27], [13, 9]])       # rescaled sizes of two images
