@@ -183,6 +183,14 @@ def _check(ok: bool, key: str, want: str, value) -> None:
     raise ConfigError(f"config key {key} must be {want}, got {value!r}")
 
 
+def head_width(cfg) -> float:
+  """The width of the relation network's heads: `aff.head_width`, or model.width where it is 0
+  or absent (IRN's configs only; train_aff's key, so that a change retrains no CAM network)."""
+  value = cfg.aff.get("head_width", 0.0) if "aff" in cfg else 0.0
+  _check(float(value) >= 0, "aff.head_width", ">= 0 (0: model.width)", value)
+  return float(value) or float(cfg.model.width)
+
+
 def validate(cfg) -> None:
   """Checks the keys the library would otherwise reject deep inside a stage (as a bug would:
   with a traceback), so that a bad value is one message naming its key, before any work."""
@@ -210,8 +218,7 @@ def validate(cfg) -> None:
   logt = cfg.random_walk.logt
   _check(int(logt) == logt and logt >= 0, "random_walk.logt", "an integer >= 0", logt)
   _check(float(cfg.model.width) > 0, "model.width", "> 0", cfg.model.width)
-  head_width = cfg.aff.get("head_width", 0.0)
-  _check(float(head_width) >= 0, "aff.head_width", ">= 0 (0: model.width)", head_width)
+  head_width(cfg)
   # PSA's stages run ResNet-38 or VGG-16; IRN's run ResNet-50 (docs/method.md §11).
   backbone = cfg.model.get("backbone", "resnet38")
   if method(cfg) == "irn":

@@ -26,6 +26,7 @@ from flax import traverse_util
 
 from affinity_jax.constants import (ARCHS, BACKBONES, CAFFE_MEAN_RGB, IMAGENET_MEAN,
                                     IMAGENET_STD, INPUT_CONVENTIONS)
+from affinity_jax import config
 from affinity_jax.errors import ConfigError
 from affinity_jax.models import relation_net, resnet38, resnet50
 from affinity_jax.models.heads import AffinityNet, CAMNet, SegNet
@@ -165,17 +166,7 @@ def from_config(cfg, arch: str):
     raise ConfigError(f"config key model.backbone: there is no {arch!r} network on {backbone} "
                       f"yet (it has {', '.join(_NETWORKS[backbone])})")
   return build(arch, num_classes=cfg.model.num_classes, width=cfg.model.width, dtype=dtype,
-               backbone=backbone, head_width=head_width(cfg))
-
-
-def head_width(cfg) -> float:
-  """The width of the relation network's heads: `aff.head_width`, or model.width where it is 0
-  or absent (IRN's configs only; train_aff's key, so that a change retrains no CAM network)."""
-  value = float(cfg.aff.get("head_width", 0.0)) if "aff" in cfg else 0.0
-  if not value >= 0:
-    raise ConfigError(f"config key aff.head_width must be >= 0 (0: model.width), got "
-                      f"{cfg.aff.head_width!r}")
-  return value or float(cfg.model.width)
+               backbone=backbone, head_width=config.head_width(cfg))
 
 
 def param_labels(params: Any) -> Any:
