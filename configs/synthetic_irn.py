@@ -70,7 +70,7 @@ def get_config(arg=None):
   # irn_walk_grid.py; experiments/RESULTS.md).
   c.random_walk.update(dict(beta=20.0, bg_threshold=0.4, batch_size=8))
   c.seg = synthetic.seg
-  # The synthetic default's segmentation network trains 400 steps after its 600-step CAM
+  # The synthetic default's segmentation network trains 300 steps after its 400-step CAM
   # network; on IRN's pseudo labels only 800 were run, so this config keeps them.
   c.seg.steps = 800
   c.seg_infer = synthetic.seg_infer
