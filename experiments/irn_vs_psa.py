@@ -2,6 +2,7 @@
 
   python experiments/irn_vs_psa.py [--workdir-root runs/irn_vs_psa] [--irn-config synthetic_irn]
                                    [--psa-config synthetic] [--set KEY=VALUE ...]
+                                   [--psa-set KEY=VALUE ...]
 
 Three workdirs under ROOT, each an `affinity-jax run` subprocess:
 
@@ -19,7 +20,9 @@ Printed and written to ROOT/irn_vs_psa.md: per split, the CAM row (each method's
 background: IRN's 0.15, PSA's 0.2, on the same CAMs), the walked labels' mIoU and the lift of
 each walk over the CAM row scored with IRN's background, so that every lift is over one
 number. Each --set KEY=VALUE goes to every run as --config.KEY=VALUE (the tests pass the tiny
-configs and a data_dir). A run whose results.json exists is not made again (delete its folder to
+configs and a data_dir), each --psa-set KEY=VALUE to the two PSA runs only (experiments/RESULTS.md
+records its figures with `--psa-set aff.crop_size=192`, the synthetic config's AffinityNet crop
+when they were made). A run whose results.json exists is not made again (delete its folder to
 redo it).
 """
 
@@ -65,6 +68,7 @@ def main(argv=None) -> int:
   parser.add_argument("--irn-config", default="synthetic_irn")
   parser.add_argument("--psa-config", default="synthetic")
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+  parser.add_argument("--psa-set", action="append", default=[], metavar="KEY=VALUE")
   args = parser.parse_args(argv)
   root = args.workdir_root
   irn_dir, psa_dir, nocrf_dir = (os.path.join(root, n) for n in ("irn", "psa", "psa_nocrf"))
@@ -75,10 +79,11 @@ def main(argv=None) -> int:
                 "--config.on_change=keep", "--config.eval.seg_splits=()",
                 "--config.init.from_cam_net=False")
   _copy(irn_dir, psa_dir, ("cams",), ("train_cam", "infer_cam"))
-  psa = _run(args.psa_config, psa_dir, args.set, *after_cams)
+  psa_sets = args.set + args.psa_set
+  psa = _run(args.psa_config, psa_dir, psa_sets, *after_cams)
   _copy(psa_dir, nocrf_dir, ("cams", "aff_labels", "aff_net"),
         ("train_cam", "infer_cam", "aff_labels", "train_aff"))
-  nocrf = _run(args.psa_config, nocrf_dir, args.set, "--stages", "random_walk,evaluate",
+  nocrf = _run(args.psa_config, nocrf_dir, psa_sets, "--stages", "random_walk,evaluate",
                *after_cams[2:], "--config.random_walk.crf=False")
 
   lines = ["| split | CAM (IRN's background 0.15) | CAM (PSA's 0.2) | IRN walk | PSA walk + dCRF "

@@ -17,7 +17,8 @@ def test_psa_walks_the_cams_irn_made_and_the_table_compares_them(tmp_path, capsy
   root = tmp_path / "root"
   assert irn_vs_psa.main([
       "--workdir-root", str(root), "--irn-config", "synthetic_irn:tiny",
-      "--psa-config", "synthetic:tiny", "--set", f"data.data_dir={tmp_path / 'tfds'}"]) == 0
+      "--psa-config", "synthetic:tiny", "--set", f"data.data_dir={tmp_path / 'tfds'}",
+      "--psa-set", "aff.crop_size=40"]) == 0
   table = capsys.readouterr().out.strip().splitlines()[-4:]
   assert table == (root / "irn_vs_psa.md").read_text().strip().splitlines()
 
@@ -29,6 +30,9 @@ def test_psa_walks_the_cams_irn_made_and_the_table_compares_them(tmp_path, capsy
     assert sorted(os.listdir(root / run / "pseudo_labels")) == sorted(
         os.listdir(root / "irn" / "pseudo_labels"))
     assert not os.path.exists(root / run / "cam_net")  # no CAM network of its own
+  for run in ("psa", "psa_nocrf"):  # --psa-set reaches the PSA runs only
+    assert json.loads((root / run / "config.json").read_text())["aff"]["crop_size"] == 40
+  assert json.loads((root / "irn" / "config.json").read_text())["aff"]["crop_size"] != 40
   walk = json.loads((root / "psa_nocrf" / "fingerprints" / "random_walk.json").read_text())
   assert walk["inputs"]["config"]["random_walk.crf"] is False
 
