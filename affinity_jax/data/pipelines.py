@@ -85,7 +85,15 @@ def _shuffle_seed(seed: int, epoch: tf.Tensor) -> tf.Tensor:
 
 def _finish_train(ds: tf.data.Dataset, batch_size: int) -> Iterator[Batch]:
   ds = ds.batch(batch_size, drop_remainder=True).prefetch(AUTOTUNE)
-  return records.numpy_batches(ds)
+  # No autotuning model for the endless training streams: when the trainer drops its iterator,
+  # tf.data (2.21) waits in the iterator's destructor for the model's optimisation thread to
+  # end its current wait, which grows to a minute over a long run; the demo's training stages
+  # sat idle 27-40 s each there (experiments/RESULTS.md, "Shorter still"). AUTOTUNE then takes
+  # tf.data's fixed defaults (benchmark_input.py: the same images/s on 2 cores, within its
+  # noise); the batches are the same.
+  options = tf.data.Options()
+  options.autotune.enabled = False
+  return records.numpy_batches(ds.with_options(options))
 
 
 def _check_crop(crop_size: int) -> None:
@@ -458,4 +466,12 @@ def inference(builder, split: str, *, scales: Sequence[float] = (1.0, 0.5, 1.5, 
   missing = padded_count - real
   ds = ds.concatenate(tf.data.Dataset.from_tensors(dummy).repeat(missing))
   ds = ds.batch(batch_size, drop_remainder=True).prefetch(AUTOTUNE)
-  return records.numpy_batches(ds)
+  # No autotuning model for the endless training streams: when the trainer drops its iterator,
+  # tf.data (2.21) waits in the iterator's destructor for the model's optimisation thread to
+  # end its current wait, which grows to a minute over a long run; the demo's training stages
+  # sat idle 27-40 s each there (experiments/RESULTS.md, "Shorter still"). AUTOTUNE then takes
+  # tf.data's fixed defaults (benchmark_input.py: the same images/s on 2 cores, within its
+  # noise); the batches are the same.
+  options = tf.data.Options()
+  options.autotune.enabled = False
+  return records.numpy_batches(ds.with_options(options))
