@@ -26,7 +26,6 @@ from flax import traverse_util
 
 from affinity_jax.constants import (ARCHS, BACKBONES, CAFFE_MEAN_RGB, IMAGENET_MEAN,
                                     IMAGENET_STD, INPUT_CONVENTIONS)
-from affinity_jax import config
 from affinity_jax.errors import ConfigError
 from affinity_jax.models import relation_net, resnet38, resnet50
 from affinity_jax.models.heads import AffinityNet, CAMNet, SegNet
@@ -165,6 +164,9 @@ def from_config(cfg, arch: str):
   if arch not in _NETWORKS[backbone]:
     raise ConfigError(f"config key model.backbone: there is no {arch!r} network on {backbone} "
                       f"yet (it has {', '.join(_NETWORKS[backbone])})")
+  # Imported here: the networks run without ml_collections (benchmark_models.py on a GPU
+  # machine), which config.py needs.
+  from affinity_jax import config  # pylint: disable=g-import-not-at-top
   return build(arch, num_classes=cfg.model.num_classes, width=cfg.model.width, dtype=dtype,
                backbone=backbone, head_width=config.head_width(cfg))
 
