@@ -88,7 +88,9 @@ def resize_bilinear(maps: np.ndarray, size) -> np.ndarray:
   product with `interp_matrix` on either side, without its zero terms.
   """
   maps = np.asarray(maps, np.float32)
-  if not (maps.shape[0] and maps.shape[1]):
+  if maps.ndim != 3:
+    raise ValueError(f"resize_bilinear: maps must be [H, W, C] (got shape {maps.shape}).")
+  if not (maps.shape[0] and maps.shape[1] and int(size[0]) and int(size[1])):
     return np.zeros((int(size[0]), int(size[1]), maps.shape[2]), np.float32)
   i0, i1, w0, w1 = bilinear_taps(int(size[0]), maps.shape[0])
   rows = maps[i0] * w0[:, None, None] + maps[i1] * w1[:, None, None]

@@ -20,9 +20,9 @@ Printed and written to ROOT/irn_vs_psa.md: per split, the CAM row (each method's
 background: IRN's 0.15, PSA's 0.2, on the same CAMs), the walked labels' mIoU and the lift of
 each walk over the CAM row scored with IRN's background, so that every lift is over one
 number. Each --set KEY=VALUE goes to every run as --config.KEY=VALUE (the tests pass the tiny
-configs and a data_dir), each --psa-set KEY=VALUE to the two PSA runs only (experiments/RESULTS.md
-records its figures with `--psa-set aff.crop_size=192`, the synthetic config's AffinityNet crop
-when they were made). A run whose results.json exists is not made again (delete its folder to
+configs and a data_dir), each --psa-set KEY=VALUE to the two PSA runs only (the figures in
+experiments/RESULTS.md were made with AffinityNet's 192-px crops, the synthetic config's then:
+pass `--psa-set aff.crop_size=192` to repeat them). A run whose results.json exists is not made again (delete its folder to
 redo it).
 """
 

@@ -41,6 +41,11 @@ def test_resize_bilinear_is_the_interpolation_matrices_on_both_sides(in_hw, out_
   np.testing.assert_allclose(got, want_torch, rtol=1e-5, atol=1e-3)
 
 
+def test_resize_bilinear_of_nothing_is_empty():
+  assert cam.resize_bilinear(np.ones((4, 5, 2)), (0, 7)).shape == (0, 7, 2)
+  assert cam.resize_bilinear(np.ones((0, 5, 2)), (3, 7)).shape == (3, 7, 2)
+
+
 def test_canvas_pass_equals_per_image_upsample_with_flip():
   rng = np.random.default_rng(1)
   sizes = np.array([[20, 27], [13, 9]])       # rescaled sizes of two images

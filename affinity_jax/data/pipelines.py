@@ -83,17 +83,25 @@ def _shuffle_seed(seed: int, epoch: tf.Tensor) -> tf.Tensor:
   return tf.constant(seed, tf.int64) * 1_000_003 * 1_000_033 + epoch
 
 
-def _finish_train(ds: tf.data.Dataset, batch_size: int) -> Iterator[Batch]:
-  ds = ds.batch(batch_size, drop_remainder=True).prefetch(AUTOTUNE)
-  # No autotuning model for the endless training streams: when the trainer drops its iterator,
-  # tf.data (2.21) waits in the iterator's destructor for the model's optimisation thread to
-  # end its current wait, which grows to a minute over a long run; the demo's training stages
-  # sat idle 27-40 s each there (experiments/RESULTS.md, "Shorter still"). AUTOTUNE then takes
-  # tf.data's fixed defaults (benchmark_input.py: the same images/s on 2 cores, within its
-  # noise); the batches are the same.
+def _numpy_batches(ds: tf.data.Dataset) -> Iterator[Batch]:
+  """records.numpy_batches of `ds` without tf.data's autotuning model.
+
+  When a stage drops an iterator (the trainer after its last step, or a stage that stops
+  early), tf.data (2.21) waits in the iterator's destructor for the model's optimisation thread
+  to end its current wait, which grows to a minute over a long run: the demo's training stages
+  sat idle 27-49 s each there (experiments/RESULTS.md, "Shorter still"). AUTOTUNE then takes
+  tf.data's fixed defaults (benchmark_input.py on 2 cores: VOC-shaped images as fast, within its
+  noise; the 96-px synthetic ones 10-21 % slower to train on, far above what the steps take);
+  the batches are the same.
+  """
   options = tf.data.Options()
   options.autotune.enabled = False
   return records.numpy_batches(ds.with_options(options))
+
+
+def _finish_train(ds: tf.data.Dataset, batch_size: int) -> Iterator[Batch]:
+  ds = ds.batch(batch_size, drop_remainder=True).prefetch(AUTOTUNE)
+  return _numpy_batches(ds)
 
 
 def _check_crop(crop_size: int) -> None:
@@ -466,12 +474,4 @@ def inference(builder, split: str, *, scales: Sequence[float] = (1.0, 0.5, 1.5, 
   missing = padded_count - real
   ds = ds.concatenate(tf.data.Dataset.from_tensors(dummy).repeat(missing))
   ds = ds.batch(batch_size, drop_remainder=True).prefetch(AUTOTUNE)
-  # No autotuning model for the endless training streams: when the trainer drops its iterator,
-  # tf.data (2.21) waits in the iterator's destructor for the model's optimisation thread to
-  # end its current wait, which grows to a minute over a long run; the demo's training stages
-  # sat idle 27-40 s each there (experiments/RESULTS.md, "Shorter still"). AUTOTUNE then takes
-  # tf.data's fixed defaults (benchmark_input.py: the same images/s on 2 cores, within its
-  # noise); the batches are the same.
-  options = tf.data.Options()
-  options.autotune.enabled = False
-  return records.numpy_batches(ds.with_options(options))
+  return _numpy_batches(ds)
