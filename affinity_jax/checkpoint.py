@@ -26,7 +26,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from affinity_jax import artifacts, config, io, models
+from affinity_jax import artifacts, io, models
 from affinity_jax.models import relation_net
 from affinity_jax.errors import UserError
 from affinity_jax.constants import ARCHS
@@ -206,7 +206,7 @@ def load_network(cfg, net: artifacts.Network, path: str | None = None) -> tuple[
   variables, meta = load_variables(path)
   check_compatible(meta, arch=net.arch, width=cfg.model.width,
                    num_classes=cfg.model.num_classes, path=path,
-                   backbone=models.backbone_name(cfg), head_width=config.head_width(cfg))
+                   backbone=models.backbone_name(cfg), head_width=_head_width(cfg))
   return models.from_config(cfg, net.arch), variables
 
 
@@ -215,4 +215,10 @@ def save_network(cfg, net: artifacts.Network, variables: dict) -> None:
   save_variables(artifacts.Workdir(cfg.workdir).network(net), variables, metadata=dict(
       arch=net.arch, backbone=models.backbone_name(cfg), width=cfg.model.width,
       num_classes=cfg.model.num_classes, source=f"affinity_jax {net.folder}",
-      **({"head_width": config.head_width(cfg)} if net.arch == "relation" else {})))
+      **({"head_width": _head_width(cfg)} if net.arch == "relation" else {})))
+
+
+def _head_width(cfg) -> float:
+  # Imported here, as in models.from_config: this module loads without ml_collections.
+  from affinity_jax import config  # pylint: disable=g-import-not-at-top
+  return config.head_width(cfg)
