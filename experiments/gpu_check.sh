@@ -7,35 +7,76 @@
 #
 # PEAK_TFLOPS: the GPU's dense bfloat16 peak, for the FLOPs utilisation (H100/H200 SXM: 989).
 # PSA_ROOT: a checkout of github.com/jiwoon-ahn/psa inside the copied tree (e.g. `.psa`, carried
-# along as an ignored path); without it only our side runs.
-# Writes to $OUT: env.txt, models.{txt,json} (both networks' train steps and inference at the
-# original's settings, float32 and bfloat16, ours vs the original), walk.txt (the random walk
-# at stride 8 and stride 4), train200.{txt,json} (200 back-to-back CAM training steps at batch
-# 16, crop 448, bfloat16, ours vs the original's float32). Each part has its own time limit, so
-# a slow part cannot take the others down with it.
+# along as an ignored path); without it only our side runs. PYTHON: the interpreter (default
+# python3). The walk's stage measurement needs ml_collections; where it is missing, put its
+# wheel on PYTHONPATH first.
+#
+# Writes to $OUT, most important first, each part under its own time limit so that a slow part
+# cannot take the others down with it, and its output unbuffered so that a part stopped at its
+# limit still leaves what it printed:
+#   env.txt          the GPU, driver, versions, and each part's exit status
+#   cam_train.*      the CAM network's train step at the original's settings (batch 16, crop
+#                    448), float32 and bfloat16, ours vs the original (float32, as it ships)
+#   train200.*       200 back-to-back CAM training steps, batch 16, crop 448, bfloat16 vs the
+#                    original's float32
+#   models.*         AffinityNet's train step, CAM / AffinityNet / segmentation inference at the
+#                    original's settings, float32 and bfloat16
+#   walk.txt         the random-walk benchmark (stride 8 and stride 4, present classes, the
+#                    stage's per-batch work at ResNet-38's width: one compile per channel count)
+#   irn_walk.txt     IRN's walk at stride 4 (our sparse walk; its dense one is not run here)
+# GPU_CHECK_PARTS=cam_train,models runs only the parts named (default: all).
+# GPU_CHECK_SMALL=1 shrinks every size and count, to try the script on a CPU in a minute or two.
 set -u
 PEAK=${1:-989}
 OUT=${OUT:-/tmp/affinity_jax_gpu}
+PY=${PYTHON:-python3}
 mkdir -p "$OUT"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export TF_CPP_MIN_LOG_LEVEL=2 XLA_PYTHON_CLIENT_PREALLOCATE=false
+# jax 0.11.2 on an H200 aborted compiling the CAM train step at batch 16, crop 448 in XLA's
+# Triton GEMM fusion ("triton_tiling_propagation.cc:703 Check failed: subdim_size_accumulator
+# == dim_size (50176 vs. 448)"); without that fusion every part compiled (RESULTS.md, "GPU").
+case "${XLA_FLAGS:-}" in
+  *xla_gpu_enable_triton_gemm*) ;;
+  *) export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_enable_triton_gemm=false";;
+esac
 PSA=()
-if [ -n "${PSA_ROOT:-}" ] && [ -d "$PSA_ROOT/network" ]; then PSA=(--psa-root "$PSA_ROOT"); fi
+if [ -n "${PSA_ROOT:-}" ] && [ -d "$PSA_ROOT/network" ]; then  # absolute: the parts run in experiments/
+  PSA=(--psa-root "$(cd "$PSA_ROOT" && pwd)")
+fi
+SIZES=(--settings original)
+STEPS=200 REPEATS=5 WARMUP=2 WALK=() LIMIT=1
+if [ -n "${GPU_CHECK_SMALL:-}" ]; then
+  SIZES=(--settings small --cam-batch 2 --cam-crop 96 --aff-batch 2 --aff-crop 96
+         --infer-size 96x96)
+  STEPS=2 REPEATS=1 WARMUP=1 WALK=(--quick --stage-width 0.125) LIMIT=4
+fi
 
-{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv;
-  python -c "import jax, flax, optax; print('jax', jax.__version__, jax.devices(), 'flax', flax.__version__, 'optax', optax.__version__)";
-  python -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))"; } \
+{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm \
+    --format=csv 2>&1;
+  "$PY" -c "import sys, jax, flax, optax; print('python', sys.version.split()[0], 'jax', jax.__version__, jax.devices(), 'flax', flax.__version__, 'optax', optax.__version__)";
+  "$PY" -c "import torch; print('torch', torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name(0), 'cudnn', torch.backends.cudnn.version())";
+  "$PY" -c "import ml_collections; print('ml_collections', ml_collections.__version__)"; } \
   > "$OUT/env.txt" 2>&1
 
-cd experiments
-timeout 270 python benchmark_models.py "${PSA[@]}" --settings original \
-  --parts cam_train,aff_train,cam_infer,aff_infer,seg_infer --dtypes float32,bfloat16 \
-  --peak-tflops "$PEAK" --repeats 5 --warmup 2 --json "$OUT/models.json" > "$OUT/models.txt" 2>&1
-echo "models: exit $?" >> "$OUT/env.txt"
-timeout 90 python benchmark_random_walk.py > "$OUT/walk.txt" 2>&1
-echo "walk: exit $?" >> "$OUT/env.txt"
-timeout 120 python benchmark_models.py "${PSA[@]}" --settings original --parts cam_train \
-  --dtypes bfloat16 --steps 200 --repeats 1 --warmup 1 --peak-tflops "$PEAK" \
-  --json "$OUT/train200.json" > "$OUT/train200.txt" 2>&1
-echo "train200: exit $?" >> "$OUT/env.txt"
-tail -n 30 "$OUT"/models.txt "$OUT"/walk.txt "$OUT"/train200.txt
+part() {  # part NAME SECONDS COMMAND...: run COMMAND under a limit, output to $OUT/NAME.txt
+  local name=$1 limit=$(( $2 * LIMIT )) t0=$SECONDS
+  shift 2
+  case ",${GPU_CHECK_PARTS:-$name}," in *",$name,"*) ;; *) return;; esac
+  (cd experiments && timeout "$limit" "$PY" "$@") > "$OUT/$name.txt" 2>&1
+  echo "$name: exit $? after $(( SECONDS - t0 )) s (limit $limit s)" | tee -a "$OUT/env.txt"
+}
+
+part cam_train 150 benchmark_models.py "${PSA[@]}" "${SIZES[@]}" --parts cam_train \
+  --dtypes float32,bfloat16 --peak-tflops "$PEAK" --repeats "$REPEATS" --warmup "$WARMUP" \
+  --json "$OUT/cam_train.json"
+part train200 90 benchmark_models.py "${PSA[@]}" "${SIZES[@]}" --parts cam_train \
+  --dtypes bfloat16 --steps "$STEPS" --repeats 1 --warmup 1 --peak-tflops "$PEAK" \
+  --json "$OUT/train200.json"
+part models 200 benchmark_models.py "${PSA[@]}" "${SIZES[@]}" \
+  --parts aff_train,cam_infer,aff_infer,seg_infer --dtypes float32,bfloat16 \
+  --peak-tflops "$PEAK" --repeats "$REPEATS" --warmup "$WARMUP" --json "$OUT/models.json"
+part walk 150 benchmark_random_walk.py "${WALK[@]}"
+part irn_walk 40 benchmark_random_walk.py --irn
+for f in cam_train train200 models walk irn_walk; do [ -f "$OUT/$f.txt" ] && grep -h '^|' "$OUT/$f.txt"; done
+cat "$OUT/env.txt"

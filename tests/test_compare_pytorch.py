@@ -85,18 +85,10 @@ def test_speed_script_help_lists_the_flags():
 def test_speed_script_runs_without_tensorflow_or_the_original(tmp_path):
   """What a GPU machine without TensorFlow and tfds runs: ours only, figures in the JSON."""
   out = tmp_path / "speed.json"
-  code = ("import runpy, sys\n"
-          "for m in ('tensorflow', 'tensorflow_datasets', 'ml_collections'): sys.modules[m] = None\n"
-          f"sys.argv = [{SPEED_SCRIPT!r}, '--parts', 'cam_train,aff_infer', '--width', '0.03125', "
-          "'--cam-batch', '2', '--cam-crop', '72', '--infer-size', '72x80', '--repeats', '1', "
-          f"'--warmup', '0', '--peak-tflops', '1', '--json', {str(out)!r}]\n"
-          f"sys.path.insert(0, {os.path.dirname(SPEED_SCRIPT)!r})\n"
-          f"runpy.run_path({SPEED_SCRIPT!r}, run_name='__main__')\n")
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-  env.pop("PSA_ROOT", None)
-  res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
-                       env=env, cwd=ROOT)
-  assert res.returncode == 0, res.stderr[-3000:]
+  args = ["--parts", "cam_train,aff_infer", "--width", "0.03125", "--cam-batch", "2",
+          "--cam-crop", "72", "--infer-size", "72x80", "--repeats", "1", "--warmup", "0",
+          "--peak-tflops", "1"]
+  res = _run_speed_script(*args, "--json", str(out))
   results = json.loads(out.read_text())
   assert results["torch"] is None and results["settings"]["cam_batch"] == 2
   rows = {(r["part"], r["dtype"]): r for r in results["rows"]}
@@ -108,6 +100,30 @@ def test_speed_script_runs_without_tensorflow_or_the_original(tmp_path):
   f32, bf16 = rows[("cam_train", "float32")]["gflop"], rows[("cam_train", "bfloat16")]["gflop"]
   assert abs(f32 - bf16) / f32 < 0.1
   assert "| measurement | dtype |" in res.stdout
+  # --flops-only: the same counts, nothing timed.
+  counted = tmp_path / "flops.json"
+  _run_speed_script(*args, "--flops-only", "--json", str(counted))
+  count_rows = {(r["part"], r["dtype"]): r for r in json.loads(counted.read_text())["rows"]}
+  assert set(count_rows) == set(rows)
+  for key, row in count_rows.items():
+    assert row["jax_s"] is None and row["jax_mfu"] is None
+    assert row["gflop"] == pytest.approx(rows[key]["gflop"], rel=1e-6)
+
+
+def _run_speed_script(*args):
+  """The speed script in a child process where TensorFlow, tfds and ml_collections cannot be
+  imported, as on a GPU machine that has none of them."""
+  code = ("import runpy, sys\n"
+          "for m in ('tensorflow', 'tensorflow_datasets', 'ml_collections'): sys.modules[m] = None\n"
+          f"sys.argv = [{SPEED_SCRIPT!r}, *{list(args)!r}]\n"
+          f"sys.path.insert(0, {os.path.dirname(SPEED_SCRIPT)!r})\n"
+          f"runpy.run_path({SPEED_SCRIPT!r}, run_name='__main__')\n")
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+  env.pop("PSA_ROOT", None)
+  res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                       env=env, cwd=ROOT)
+  assert res.returncode == 0, res.stderr[-3000:]
+  return res
 
 
 def test_help_describes_the_comparison():
