@@ -19,7 +19,8 @@ What is timed (`--parts`, comma separated):
   trains DeepLab elsewhere).
 - rw: the random walk of one 56x56 grid (a 448x448 image) from its affinities: the original's
   dense procedure in torch (the HW x HW matrix, power beta, column normalisation, 8 squarings)
-  against `random_walk.propagate` (256 sparse stencil steps).
+  against `random_walk.propagate` (256 sparse stencil steps). Its FLOP figure is one step's:
+  XLA's cost analysis counts a loop's body once.
 
 Settings (`--settings`): `original` is the original's recipe: CAM training batch 16, crop 448;
 AffinityNet batch 8, crop 448; inference of a 448x448 image at scales 1, 0.5, 1.5, 2 with flips.
@@ -166,7 +167,7 @@ class Context:
     self.backend = jax.default_backend()
     self.device = "cuda" if self.backend == "gpu" else "cpu"
     self.orig = (po.load_original(args.psa_root, self.device, args.threads, args.backbone)
-                 if args.psa_root else None)
+                 if args.psa_root and not args.flops_only else None)
     self.rows: list[dict] = []
     self.results: dict = {}
 
@@ -191,7 +192,8 @@ def flops_of(jitted, *args) -> float | None:
 
   The program before the backend's passes, not the compiled one: on a GPU the compiled program
   calls cuDNN for each convolution, and the cost analysis counts none of their arithmetic (16 of
-  the CAM train step's ~30,000 GFLOP on an H200). On a CPU the two counts are equal.
+  the CAM train step's 34,289 GFLOP at the original's settings, on an H200). On a CPU the two
+  counts are equal.
   """
   try:
     cost = jitted.lower(*args).cost_analysis()
@@ -204,9 +206,9 @@ def flops_of(jitted, *args) -> float | None:
 
 
 def time_sides(ctx, fn_torch, fn_jax, warmup: int | None = None
-               ) -> tuple[float | None, float]:
+               ) -> tuple[float | None, float | None]:
   """Median seconds per call of each side (interleaved when the original runs), after `warmup`
-  (default --warmup) untimed calls of each."""
+  (default --warmup) untimed calls of each; (None, None) with --flops-only."""
   args = ctx.args
   if args.flops_only:
     return None, None

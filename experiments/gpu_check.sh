@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Every GPU measurement of the speed work in one run of at most ~8 minutes, for a machine that
-# has JAX with CUDA, flax, optax, orbax and torch but neither TensorFlow nor tfds nor a package
-# registry (the device machine this project borrows). From the repository root:
+# Every GPU measurement of the speed work in one run (about 6 minutes on an H200; the parts'
+# limits add up to 550 s), for a machine that has JAX with CUDA, flax, optax, orbax and torch but
+# neither TensorFlow nor tfds nor a package registry (the device machine this project borrows):
 #
 #   OUT=/some/folder PSA_ROOT=.psa bash experiments/gpu_check.sh PEAK_TFLOPS
 #
@@ -25,25 +25,37 @@
 #                    stage's per-batch work at ResNet-38's width: one compile per channel count)
 #   irn_walk.txt     IRN's walk at stride 4 (our sparse walk; its dense one is not run here)
 # GPU_CHECK_PARTS=cam_train,models runs only the parts named (default: all).
-# GPU_CHECK_SMALL=1 shrinks every size and count, to try the script on a CPU in a minute or two.
+# GPU_CHECK_SMALL=1 shrinks every size and count, to try the script on a CPU (3 minutes on 2
+# cores here, the networks still at full width).
 set -u
+PARTS="cam_train,train200,models,walk,irn_walk"
 PEAK=${1:-989}
 OUT=${OUT:-/tmp/affinity_jax_gpu}
 PY=${PYTHON:-python3}
+SELECTED=${GPU_CHECK_PARTS:-$PARTS}
+SELECTED=${SELECTED// /}
+for name in ${SELECTED//,/ }; do
+  case ",$PARTS," in *",$name,"*) ;; *)
+    echo "GPU_CHECK_PARTS: unknown part '$name' (parts: $PARTS)" >&2; exit 2;; esac
+done
 mkdir -p "$OUT"
+# Paths given relative to where the script starts: made absolute, the parts run in experiments/.
+OUT=$(cd "$OUT" && pwd)
+case "$PY" in */*) PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")";; esac
+PSA=()
+if [ -n "${PSA_ROOT:-}" ] && [ -d "$PSA_ROOT/network" ]; then
+  PSA=(--psa-root "$(cd "$PSA_ROOT" && pwd)")
+fi
+cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export TF_CPP_MIN_LOG_LEVEL=2 XLA_PYTHON_CLIENT_PREALLOCATE=false
-# jax 0.11.2 on an H200 aborted compiling the CAM train step at batch 16, crop 448 in XLA's
-# Triton GEMM fusion ("triton_tiling_propagation.cc:703 Check failed: subdim_size_accumulator
-# == dim_size (50176 vs. 448)"); without that fusion every part compiled (RESULTS.md, "GPU").
+# jax 0.11.2 on an H200 aborted compiling the training steps at crop 448 in XLA's Triton GEMM
+# fusion ("triton_tiling_propagation.cc:703 Check failed: subdim_size_accumulator == dim_size
+# (50176 vs. 448)"); without that fusion every part compiled (RESULTS.md, "On a GPU").
 case "${XLA_FLAGS:-}" in
   *xla_gpu_enable_triton_gemm*) ;;
   *) export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_enable_triton_gemm=false";;
 esac
-PSA=()
-if [ -n "${PSA_ROOT:-}" ] && [ -d "$PSA_ROOT/network" ]; then  # absolute: the parts run in experiments/
-  PSA=(--psa-root "$(cd "$PSA_ROOT" && pwd)")
-fi
 SIZES=(--settings original)
 STEPS=200 REPEATS=5 WARMUP=2 WALK=() LIMIT=1
 if [ -n "${GPU_CHECK_SMALL:-}" ]; then
@@ -62,21 +74,21 @@ fi
 part() {  # part NAME SECONDS COMMAND...: run COMMAND under a limit, output to $OUT/NAME.txt
   local name=$1 limit=$(( $2 * LIMIT )) t0=$SECONDS
   shift 2
-  case ",${GPU_CHECK_PARTS:-$name}," in *",$name,"*) ;; *) return;; esac
+  case ",$SELECTED," in *",$name,"*) ;; *) return;; esac
   (cd experiments && timeout "$limit" "$PY" "$@") > "$OUT/$name.txt" 2>&1
   echo "$name: exit $? after $(( SECONDS - t0 )) s (limit $limit s)" | tee -a "$OUT/env.txt"
 }
 
-part cam_train 150 benchmark_models.py "${PSA[@]}" "${SIZES[@]}" --parts cam_train \
+part cam_train 130 benchmark_models.py ${PSA[@]+"${PSA[@]}"} "${SIZES[@]}" --parts cam_train \
   --dtypes float32,bfloat16 --peak-tflops "$PEAK" --repeats "$REPEATS" --warmup "$WARMUP" \
   --json "$OUT/cam_train.json"
-part train200 90 benchmark_models.py "${PSA[@]}" "${SIZES[@]}" --parts cam_train \
+part train200 80 benchmark_models.py ${PSA[@]+"${PSA[@]}"} "${SIZES[@]}" --parts cam_train \
   --dtypes bfloat16 --steps "$STEPS" --repeats 1 --warmup 1 --peak-tflops "$PEAK" \
   --json "$OUT/train200.json"
-part models 200 benchmark_models.py "${PSA[@]}" "${SIZES[@]}" \
+part models 180 benchmark_models.py ${PSA[@]+"${PSA[@]}"} "${SIZES[@]}" \
   --parts aff_train,cam_infer,aff_infer,seg_infer --dtypes float32,bfloat16 \
   --peak-tflops "$PEAK" --repeats "$REPEATS" --warmup "$WARMUP" --json "$OUT/models.json"
-part walk 150 benchmark_random_walk.py "${WALK[@]}"
+part walk 120 benchmark_random_walk.py ${WALK[@]+"${WALK[@]}"}
 part irn_walk 40 benchmark_random_walk.py --irn
-for f in cam_train train200 models walk irn_walk; do [ -f "$OUT/$f.txt" ] && grep -h '^|' "$OUT/$f.txt"; done
+for f in ${SELECTED//,/ }; do [ -f "$OUT/$f.txt" ] && grep -h '^|' "$OUT/$f.txt"; done
 cat "$OUT/env.txt"

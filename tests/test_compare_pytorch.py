@@ -78,7 +78,7 @@ def test_speed_script_help_lists_the_flags():
   assert res.returncode == 0
   for flag in ("--psa-root", "--parts", "--settings", "--cam-batch", "--cam-crop", "--aff-batch",
                "--aff-crop", "--infer-size", "--dtypes", "--peak-tflops", "--steps", "--repeats",
-               "--warmup", "--threads", "--json"):
+               "--warmup", "--threads", "--json", "--flops-only"):
     assert flag in res.stdout
 
 
@@ -100,14 +100,17 @@ def test_speed_script_runs_without_tensorflow_or_the_original(tmp_path):
   f32, bf16 = rows[("cam_train", "float32")]["gflop"], rows[("cam_train", "bfloat16")]["gflop"]
   assert abs(f32 - bf16) / f32 < 0.1
   assert "| measurement | dtype |" in res.stdout
-  # --flops-only: the same counts, nothing timed.
+  # --flops-only: the same counts (3 training steps: 3 times one step's), nothing run.
   counted = tmp_path / "flops.json"
-  _run_speed_script(*args, "--flops-only", "--json", str(counted))
+  _run_speed_script(*args, "--steps", "3", "--flops-only", "--json", str(counted))
   count_rows = {(r["part"], r["dtype"]): r for r in json.loads(counted.read_text())["rows"]}
   assert set(count_rows) == set(rows)
   for key, row in count_rows.items():
     assert row["jax_s"] is None and row["jax_mfu"] is None
-    assert row["gflop"] == pytest.approx(rows[key]["gflop"], rel=1e-6)
+    steps = 3 if key[0] == "cam_train" else 1
+    assert row["gflop"] == pytest.approx(steps * rows[key]["gflop"], rel=1e-6)
+    if key[0] == "cam_train":
+      assert row["first_loss_jax"] is None and "3 steps" in row["name"]
 
 
 def _run_speed_script(*args):
