@@ -142,21 +142,38 @@ def make_example(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
 
 
 def batches(seed: int, start: int, batch_size: int, normalise):
-  """Batch i (i >= start) from its own seed, made in a background thread."""
+  """Batch i (i >= start) from its own seed, made in a background thread.
+
+  Closing the generator (or dropping it) stops the thread and waits for it: `normalise` runs JAX,
+  and a thread still inside XLA when the interpreter exits aborts the process ("terminate
+  called after throwing an instance of ''", seen once in CI).
+  """
   out: queue.Queue = queue.Queue(maxsize=4)
+  stop = threading.Event()
 
   def produce():
     i = start
-    while True:
+    while not stop.is_set():
       rng = np.random.default_rng([seed, i])
       examples = [make_example(rng) for _ in range(batch_size)]
-      out.put({"image": normalise(np.stack([e[0] for e in examples])),
-               "cells": np.stack([e[1] for e in examples])})
+      batch = {"image": normalise(np.stack([e[0] for e in examples])),
+               "cells": np.stack([e[1] for e in examples])}
+      while not stop.is_set():
+        try:
+          out.put(batch, timeout=0.1)
+          break
+        except queue.Full:
+          pass
       i += 1
 
-  threading.Thread(target=produce, daemon=True).start()
-  while True:
-    yield out.get()
+  thread = threading.Thread(target=produce, daemon=True)
+  thread.start()
+  try:
+    while True:
+      yield out.get()
+  finally:
+    stop.set()
+    thread.join()
 
 
 def _cell_classifier(backbone: str):
@@ -223,7 +240,9 @@ def main(argv=None):
 
   model = CellClassifier(num_classes=NUM_HUES + 1, width=args.width)
   variables = models.init_variables(model, jax.random.key(args.seed), (1, SIZE, SIZE, 3))
-  first = next(batches(args.seed, 0, args.batch_size, normalise))
+  stream = batches(args.seed, 0, args.batch_size, normalise)
+  first = next(stream)
+  stream.close()
   variables = models.calibrate_batch_norm(
       model, {"params": variables["params"], "batch_stats": variables["batch_stats"]},
       first["image"])
@@ -243,7 +262,9 @@ def main(argv=None):
   seconds = time.time() - t0
 
   # Held-out images (another seed stream): accuracy, and per hue.
-  held = next(batches(args.seed + 1_000_003, 0, 512, normalise))
+  stream = batches(args.seed + 1_000_003, 0, 512, normalise)
+  held = next(stream)
+  stream.close()
   logits = np.asarray(jax.jit(lambda v, x: model.apply(v, x))(trained, held["image"]))
   truth = held["cells"]
   right = logits.argmax(-1) == truth
