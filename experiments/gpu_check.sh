@@ -24,15 +24,20 @@
 #   walk.txt         the random-walk benchmark (stride 8 and stride 4, present classes, the
 #                    stage's per-batch work at ResNet-38's width: one compile per channel count)
 #   irn_walk.txt     IRN's walk at stride 4 (our sparse walk; its dense one is not run here)
-# GPU_CHECK_PARTS=cam_train,models runs only the parts named (default: all).
+#   vgg16.*          (only when named in GPU_CHECK_PARTS) VGG-16: AffinityNet's train step and
+#                    CAM inference at the original's settings, float32 and bfloat16, ours vs
+#                    the original; about a minute more
+# GPU_CHECK_PARTS=cam_train,models runs only the parts named (default: all but vgg16, so that
+# the default run fits in a 10-minute command).
 # GPU_CHECK_SMALL=1 shrinks every size and count, to try the script on a CPU (3 minutes on 2
 # cores here, the networks still at full width).
 set -u
-PARTS="cam_train,train200,models,walk,irn_walk"
+PARTS="cam_train,train200,models,vgg16,walk,irn_walk"
+DEFAULT_PARTS="cam_train,train200,models,walk,irn_walk"
 PEAK=${1:-989}
 OUT=${OUT:-/tmp/affinity_jax_gpu}
 PY=${PYTHON:-python3}
-SELECTED=${GPU_CHECK_PARTS:-$PARTS}
+SELECTED=${GPU_CHECK_PARTS:-$DEFAULT_PARTS}
 SELECTED=${SELECTED// /}
 for name in ${SELECTED//,/ }; do
   case ",$PARTS," in *",$name,"*) ;; *)
@@ -49,13 +54,6 @@ fi
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export TF_CPP_MIN_LOG_LEVEL=2 XLA_PYTHON_CLIENT_PREALLOCATE=false
-# jax 0.11.2 on an H200 aborted compiling the training steps at crop 448 in XLA's Triton GEMM
-# fusion ("triton_tiling_propagation.cc:703 Check failed: subdim_size_accumulator == dim_size
-# (50176 vs. 448)"); without that fusion every part compiled (RESULTS.md, "On a GPU").
-case "${XLA_FLAGS:-}" in
-  *xla_gpu_enable_triton_gemm*) ;;
-  *) export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_enable_triton_gemm=false";;
-esac
 SIZES=(--settings original)
 STEPS=200 REPEATS=5 WARMUP=2 WALK=() LIMIT=1
 if [ -n "${GPU_CHECK_SMALL:-}" ]; then
@@ -88,6 +86,9 @@ part train200 80 benchmark_models.py ${PSA[@]+"${PSA[@]}"} "${SIZES[@]}" --parts
 part models 180 benchmark_models.py ${PSA[@]+"${PSA[@]}"} "${SIZES[@]}" \
   --parts aff_train,cam_infer,aff_infer,seg_infer --dtypes float32,bfloat16 \
   --peak-tflops "$PEAK" --repeats "$REPEATS" --warmup "$WARMUP" --json "$OUT/models.json"
+part vgg16 90 benchmark_models.py ${PSA[@]+"${PSA[@]}"} "${SIZES[@]}" --backbone vgg16 \
+  --parts aff_train,cam_infer --dtypes float32,bfloat16 --peak-tflops "$PEAK" \
+  --repeats "$REPEATS" --warmup "$WARMUP" --json "$OUT/vgg16.json"
 part walk 120 benchmark_random_walk.py ${WALK[@]+"${WALK[@]}"}
 part irn_walk 40 benchmark_random_walk.py --irn
 for f in ${SELECTED//,/ }; do [ -f "$OUT/$f.txt" ] && grep -h '^|' "$OUT/$f.txt"; done

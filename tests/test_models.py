@@ -182,3 +182,19 @@ def test_init_variables_is_model_init():
   kernel = variables["params"]["seg_conv1"]["kernel"]
   fan_in = np.prod(kernel.shape[:3])
   assert 0.7 < np.std(kernel) * np.sqrt(fan_in / 2.0) < 1.3
+
+
+def test_strided_1x1_convolution_subsamples_behind_a_barrier():
+  # XLA:GPU (jax 0.11.2) aborted fusing the subsampled input of a stride-2 1x1 convolution into
+  # a Triton matrix product; the barrier keeps the slice out of the product, with the same
+  # numbers as the strided convolution.
+  from affinity_jax.models.resnet38 import Conv
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 7, 4))
+  for stride, barrier in ((2, True), (1, False)):
+    conv = Conv(3, 1, stride=stride)
+    variables = conv.init(jax.random.PRNGKey(1), x)
+    text = jax.jit(lambda v, x: conv.apply(v, x)).lower(variables, x).as_text()
+    assert ("optimization_barrier" in text) == barrier, stride
+    want = jax.lax.conv_general_dilated(x, variables["params"]["kernel"], (stride, stride),
+                                        "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    np.testing.assert_allclose(conv.apply(variables, x), want, rtol=1e-5, atol=1e-6)

@@ -71,7 +71,9 @@ def conv_shifted_grad(x: jax.Array, kernel: jax.Array, dilation: int) -> jax.Arr
   """`_conv`, whose kernel gradient is k * k matrix products of shifted inputs and the output
   gradient (each a sum over B, H, W). XLA:CPU differentiates a convolution's kernel into a
   convolution with an H x W window that runs off its fast path; the products are faster
-  (experiments/RESULTS.md, "VGG-16"). The input gradient is XLA's own."""
+  (experiments/RESULTS.md, "VGG-16"). On an H200 GPU they also beat cuDNN's kernel gradients:
+  AffinityNet's train step 1.29x (float32) and 1.51x (bfloat16) faster with them (RESULTS.md,
+  "On a GPU, second lease"). The input gradient is XLA's own."""
   return _conv(x, kernel, dilation)
 
 
