@@ -133,7 +133,7 @@ class Conv(nn.Module):
         # The subsampled input is made a value of its own: XLA:GPU (jax 0.11.2) aborted fusing
         # the strided slice into a Triton GEMM ("triton_tiling_propagation.cc:703 Check failed:
         # subdim_size_accumulator == dim_size (50176 vs. 448)", experiments/RESULTS.md,
-        # "On a GPU"). The numbers are the same.
+        # "On a GPU, second lease"). The numbers are the same.
         x = jax.lax.optimization_barrier(x[:, ::self.stride, ::self.stride])
       y = jnp.dot(x, kernel[0, 0])
     else:
