@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Every GPU measurement of the speed work in one run (about 6 minutes on an H200; the parts'
-# limits add up to 550 s), for a machine that has JAX with CUDA, flax, optax, orbax and torch but
-# neither TensorFlow nor tfds nor a package registry (the device machine this project borrows):
+# The GPU measurements of the speed work in one run (about 6 minutes on an H200; the default
+# parts' limits add up to 570 s), for a machine that has JAX with CUDA, flax, optax, orbax and
+# torch but neither TensorFlow nor tfds nor a package registry (the device machine this project
+# borrows):
 #
 #   OUT=/some/folder PSA_ROOT=.psa bash experiments/gpu_check.sh PEAK_TFLOPS
 #
@@ -26,7 +27,8 @@
 #   irn_walk.txt     IRN's walk at stride 4 (our sparse walk; its dense one is not run here)
 #   vgg16.*          (only when named in GPU_CHECK_PARTS) VGG-16: AffinityNet's train step and
 #                    CAM inference at the original's settings, float32 and bfloat16, ours vs
-#                    the original; about a minute more
+#                    the original; 1-2 minutes more, best run alone (GPU_CHECK_PARTS=vgg16):
+#                    with the default parts its limit would pass a 10-minute command
 # GPU_CHECK_PARTS=cam_train,models runs only the parts named (default: all but vgg16, so that
 # the default run fits in a 10-minute command).
 # GPU_CHECK_SMALL=1 shrinks every size and count, to try the script on a CPU (3 minutes on 2
@@ -83,13 +85,16 @@ part cam_train 130 benchmark_models.py ${PSA[@]+"${PSA[@]}"} "${SIZES[@]}" --par
 part train200 80 benchmark_models.py ${PSA[@]+"${PSA[@]}"} "${SIZES[@]}" --parts cam_train \
   --dtypes bfloat16 --steps "$STEPS" --repeats 1 --warmup 1 --peak-tflops "$PEAK" \
   --json "$OUT/train200.json"
-part models 180 benchmark_models.py ${PSA[@]+"${PSA[@]}"} "${SIZES[@]}" \
+part models 200 benchmark_models.py ${PSA[@]+"${PSA[@]}"} "${SIZES[@]}" \
   --parts aff_train,cam_infer,aff_infer,seg_infer --dtypes float32,bfloat16 \
   --peak-tflops "$PEAK" --repeats "$REPEATS" --warmup "$WARMUP" --json "$OUT/models.json"
-part vgg16 90 benchmark_models.py ${PSA[@]+"${PSA[@]}"} "${SIZES[@]}" --backbone vgg16 \
+part vgg16 150 benchmark_models.py ${PSA[@]+"${PSA[@]}"} "${SIZES[@]}" --backbone vgg16 \
   --parts aff_train,cam_infer --dtypes float32,bfloat16 --peak-tflops "$PEAK" \
   --repeats "$REPEATS" --warmup "$WARMUP" --json "$OUT/vgg16.json"
 part walk 120 benchmark_random_walk.py ${WALK[@]+"${WALK[@]}"}
 part irn_walk 40 benchmark_random_walk.py --irn
-for f in ${SELECTED//,/ }; do [ -f "$OUT/$f.txt" ] && grep -h '^|' "$OUT/$f.txt"; done
+# The tables, or for a part stopped at its limit the rows it printed as it went.
+for f in ${SELECTED//,/ }; do
+  [ -f "$OUT/$f.txt" ] && { grep -h '^|' "$OUT/$f.txt" || grep -h '\]: JAX ' "$OUT/$f.txt"; }
+done
 cat "$OUT/env.txt"

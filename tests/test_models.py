@@ -195,6 +195,8 @@ def test_strided_1x1_convolution_subsamples_behind_a_barrier():
     variables = conv.init(jax.random.PRNGKey(1), x)
     text = jax.jit(lambda v, x: conv.apply(v, x)).lower(variables, x).as_text()
     assert ("optimization_barrier" in text) == barrier, stride
+    grad = jax.grad(lambda v, x: jnp.sum(conv.apply(v, x) ** 2), argnums=(0, 1))
+    assert ("optimization_barrier" in jax.jit(grad).lower(variables, x).as_text()) == barrier
     want = jax.lax.conv_general_dilated(x, variables["params"]["kernel"], (stride, stride),
                                         "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
     np.testing.assert_allclose(conv.apply(variables, x), want, rtol=1e-5, atol=1e-6)

@@ -72,8 +72,8 @@ def conv_shifted_grad(x: jax.Array, kernel: jax.Array, dilation: int) -> jax.Arr
   gradient (each a sum over B, H, W). XLA:CPU differentiates a convolution's kernel into a
   convolution with an H x W window that runs off its fast path; the products are faster
   (experiments/RESULTS.md, "VGG-16"). On an H200 GPU they also beat cuDNN's kernel gradients:
-  AffinityNet's train step 1.29x (float32) and 1.51x (bfloat16) faster with them (RESULTS.md,
-  "On a GPU, second lease"). The input gradient is XLA's own."""
+  AffinityNet's train step 1.29x (float32) and 1.51x (bfloat16) faster with them, Triton's
+  matrix products off (RESULTS.md, "On a GPU, second lease"). The input gradient is XLA's own."""
   return _conv(x, kernel, dilation)
 
 
