@@ -194,7 +194,7 @@ def test_changed_config_is_never_silently_reused(run_dir, tmp_path, capsys):
   changed = ["--stages", "random_walk,evaluate", "--config.random_walk.beta=16"]
   assert cli.main(argv + changed) == 2
   err = capsys.readouterr().err
-  assert "random_walk: its outputs" in err and "--config.random_walk.beta: 4.0 -> 16.0" in err
+  assert "random_walk: its outputs" in err and "--config.random_walk.beta: 32.0 -> 16.0" in err
   assert "--config.on_change=redo" in err and "Traceback" not in err
   assert _files(copy / "pseudo_labels") == labels  # nothing was touched
   assert (copy / "results.json").read_bytes() == results
