@@ -65,7 +65,7 @@ def get_config(arg=None):
   # differently per seed: CAM 59.9 / 60.1 / 50.8 and CAM + RW 87.3 / 86.0 / 72.8 over seeds
   # 0 / 1 / 2, one class failing per seed (magenta 45.0, spring 28.6 after the walk); at x0.1
   # CAM 86.2 / 88.1 / 87.6 and CAM + RW 95.3 / 96.2 / 96.1, no class under 91 (RESULTS.md,
-  # "What makes a seed fail").
+  # "What makes a seed fail"; all with the walk's beta 4 and CAM scales (1.0, 1.5, 2.0) of then).
   # 400 steps (11 epochs), down from the from-scratch classifier's 2000: from the pretrained
   # backbone, with AffinityNet's 160-px crops and the segmentation network's 300 steps below,
   # they gave CAM 90.9 / 90.5 / 90.4, CAM + RW 95.3 / 96.0 / 95.9 and segmentation 97.6 /
@@ -73,7 +73,9 @@ def get_config(arg=None):
   # 90.3 / 90.3 / 90.2, 95.4 / 96.0 / 96.0, 97.6 / 97.8 / 96.9; 2000, 192 and 800: 86.2 / 88.1
   # / 87.6, 95.3 / 96.2 / 96.1, 96.9-97.1 / 96.8 / 96.5) (RESULTS.md, "Fewer steps" and
   # "Shorter still"; those figures are with the CAM scales (1.0, 1.5, 2.0) and the walk's beta 4
-  # of then, the current ones in the README).
+  # of then, the current ones in the README). With beta 32, seed 0 only: 2000 CAM and 800
+  # segmentation steps (crops of 192) gave segmentation 99.2 against 98.3 with 400 / 300, the only
+  # run so far above its walk's labels, for a CAM stage 3-4x as long: not adopted.
   c.cam.update(dict(batch_size=16, epochs=-1, steps=400, pretrained_lr_mult=0.1,
                     crop_size=96, resize_long=(80, 96), color_jitter=no_hue,
                     checkpoint_every=300, log_every=50))
@@ -81,17 +83,19 @@ def get_config(arg=None):
   # image blurs the CAM over the objects' surroundings: CAM 88.6 against 90.9 without it (seed
   # 0), but the walk's labels from those CAMs are better: train 99.7 against 99.1, val 99.8
   # against 99.0 (beta 32 below; RESULTS.md, "The walk's beta and the CAM scales"). Earlier
-  # versions dropped it when it cost a from-scratch classifier's CAMs 12 points (36.0 / 48.3).
+  # versions dropped it when, with a from-scratch classifier, (1.0, 0.5, 1.5) gave CAM 36.0
+  # against 48.3 for (1.0, 1.5, 2.0).
   c.cam_infer.update(dict(batch_size=8))
   c.aff_labels.update(dict(workers=2))
   # AffinityNet and the walk on the image doubled (a 24x24 grid instead of 12x12, stride 4 of
   # the 96-px image): the walk can follow the objects' outlines. beta 32 (the original's 8) was
   # chosen on the train split: with beta 4, 8, 16, 32, 64 the walk (+ dCRF) of seed 0's 400-step
-  # CAMs (scales 1, 1.5, 2) scored 96.7, 97.2, 98.5, 99.1, 99.0 there. With beta 4 the walk lost small objects whole
-  # (19 % of the val objects under half covered, 2 % by the CAMs), most beside a large object of
-  # another class, whose class (or the background) they took; with beta 32, 1 %
-  # (RESULTS.md, "The walk's beta and the CAM scales"). beta 4 had been chosen when the
-  # CAMs came from a from-scratch classifier (CAM + RW 58.4 against 57.7 with beta 8).
+  # CAMs (scales 1, 1.5, 2) scored 96.7, 97.2, 98.5, 99.1, 99.0 there (one seed; the current
+  # four-scale CAMs were walked at 32 only). With beta 4 the walk covered 19 % of the val objects
+  # less than half (the CAMs 2 %), small ones, many beside a large object of another class whose
+  # class (or the background) they took; with beta 32, 1 % (RESULTS.md, "The walk's beta and the
+  # CAM scales"). beta 4 had been chosen when the CAMs came from a from-scratch classifier (CAM
+  # + RW 58.4 against 57.7 with beta 8).
   # AffinityNet trains on the original's recipe (voc_resnet38.py: SGD, lr 0.01, its groups),
   # on 160-px crops of the 192-px doubled image: with the 600-step CAMs the walk's and the
   # segmentation network's figures stayed within 0.1 of whole-image crops (192) over three
@@ -111,7 +115,8 @@ def get_config(arg=None):
   # labels of seeds 1 and 2 segmentation + dCRF went from 95.8 / 95.7 (x1, under CAM + RW's
   # 96.2 / 96.1) to 96.8 / 96.5 (RESULTS.md, "The segmentation network's pretrained layers").
   # 300 steps, down from 800, with the CAM network's 400 (figures above; fewer segmentation
-  # steps after 2000 CAM steps were not run).
+  # steps after 2000 CAM steps were not run). With beta 32 and the four scales, seed 0: 800
+  # steps gave 98.9 against 98.7.
   c.seg.update(dict(optimizer="adam", lr=3e-4, batch_size=8, epochs=-1, steps=300,
                     pretrained_lr_mult=0.1, crop_size=128, scale_range=(1.5, 2.5),
                     checkpoint_every=250, log_every=50))

@@ -21,9 +21,9 @@ background: IRN's 0.15, PSA's 0.2, on the same CAMs), the walked labels' mIoU an
 each walk over the CAM row scored with IRN's background, so that every lift is over one
 number. Each --set KEY=VALUE goes to every run as --config.KEY=VALUE (the tests pass the tiny
 configs and a data_dir), each --psa-set KEY=VALUE to the two PSA runs only (the figures in
-experiments/RESULTS.md were made with the synthetic config of their day: before 7b48f38 with
-AffinityNet's 192-px crops, `--psa-set aff.crop_size=192`; before the walk's beta 32, with beta 4,
-`--psa-set random_walk.beta=4`). A run whose results.json exists is not made again (delete its folder to
+experiments/RESULTS.md were made with the synthetic config of their day: every table before the
+walk's beta 32 with beta 4, `--psa-set random_walk.beta=4`; those before 7b48f38 also with
+AffinityNet's 192-px crops, `--psa-set aff.crop_size=192` as well). A run whose results.json exists is not made again (delete its folder to
 redo it).
 """
 
