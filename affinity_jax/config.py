@@ -233,8 +233,13 @@ def validate(cfg) -> None:
            "a converted ResNet-50 (affinity-jax convert torchvision) with method irn, or "
            "init.from_cam_net True: the relation network's backbone is frozen, and a random one "
            "would never learn", cfg.init.backbone)
-    _check(not cfg.random_walk.crf, "random_walk.crf",
-           "False with method irn (IRN's labels take no dCRF)", cfg.random_walk.crf)
+    # With dCRF (not IRN's) the label scores are divided by their sum at each pixel, which the
+    # constant background keeps positive.
+    threshold = cfg.random_walk.bg_threshold
+    _check(0 < float(threshold) <= 1 if cfg.random_walk.crf else 0 <= float(threshold) <= 1,
+           "random_walk.bg_threshold",
+           "in (0, 1] with random_walk.crf (dCRF takes the scores divided by their sum)"
+           if cfg.random_walk.crf else "in [0, 1] (the walked scores' maximum is 1)", threshold)
     grid, radius = int(cfg.aff.crop_size) // 4, int(cfg.aff.radius)
     _check(cfg.aff.scheme != "psa" or grid >= 2 * radius - 1, "aff.crop_size",
            f"at least 4 * (2 * aff.radius - 1) = {4 * (2 * radius - 1)} with aff.scheme psa "

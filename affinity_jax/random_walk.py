@@ -22,7 +22,8 @@ Public API:
   random_walk(features, cam, radius=5, beta=8, t=256, scheme="full", valid=None, tol=None).
   prepare_cam(cam, alpha=16, stride=8) -> [h, w, C+1] walk input of one image.
   boundary_walk(boundary, cam, radius=5, beta=10, t=256) -> IRN's walk (affinities from a
-    boundary map, geometry.boundary_affinities); boundary_walk_labels(walked, size) its labels.
+    boundary map, geometry.boundary_affinities); boundary_walk_labels(walked, size) its labels,
+    boundary_walk_scores(walked, size) the scores they are the argmax of.
 The pipeline's walk of a batch of canvases (AffinityNet, the walk, back to the images), which
 the random_walk stage and `affinity-jax predict` run:
   make_walk_fn(model, cfg), walk_batch(walk, variables, images, cams, ...), crf_label(...).
@@ -222,9 +223,10 @@ def boundary_walk(boundary: jax.Array, cam: jax.Array, *, radius: int = 5, beta:
                    channel_chunks=channel_chunks)
 
 
-def boundary_walk_labels(walked: np.ndarray, size, *, threshold: float = 0.25,
-                         stride: int = 4, return_heat: bool = False):
-  """IRN's semantic pseudo label of one image from its walked class scores.
+def boundary_walk_scores(walked: np.ndarray, size, *, threshold: float = 0.25,
+                         stride: int = 4) -> np.ndarray:
+  """IRN's label scores of one image from its walked class scores: what its label is the
+  argmax of (`boundary_walk_labels`), and what dCRF refines with `random_walk.crf`.
 
   Args:
     walked: [h, w, C] walked scores of the image's C classes (`boundary_walk`), its grid at
@@ -234,12 +236,10 @@ def boundary_walk_labels(walked: np.ndarray, size, *, threshold: float = 0.25,
     stride: the grid's stride (IRN: 4).
 
   Returns:
-    [H, W] int32: 0 for the background, c + 1 for channel c. The scores are upsampled by
-    `stride` (bilinear, half-pixel centres), cropped to the image and divided by their maximum
-    over the image and the classes; a position is background where every class is under
-    `threshold`. An image whose walked scores are all 0 is all background.
-    With `return_heat`, also [H, W] float32: the largest of those normalised class scores (for
-    pictures).
+    [H, W, 1 + C] float32: channel 0 the constant `threshold` (the background), channel c + 1
+    class c's scores upsampled by `stride` (bilinear, half-pixel centres), cropped to the image
+    and divided by their maximum over the image and the classes (all 0 where that maximum is
+    not positive).
   """
   walked = np.asarray(walked, np.float32)
   if walked.ndim != 3:
@@ -252,13 +252,28 @@ def boundary_walk_labels(walked: np.ndarray, size, *, threshold: float = 0.25,
     raise ValueError(f"size {height}x{width} does not fit a {h}x{w} grid at stride {stride}.")
   up = cam_lib.resize_bilinear(walked, (stride * h, stride * w))[:height, :width]
   peak = float(up.max()) if up.size else 0.0
-  if not peak > 0:
-    label, heat = np.zeros((height, width), np.int32), np.zeros((height, width), np.float32)
-  else:
-    up = up / peak
-    label = np.argmax(np.concatenate([np.full((height, width, 1), threshold, np.float32), up],
-                                     -1), axis=-1).astype(np.int32)
-    heat = up.max(axis=-1) if up.shape[-1] else np.zeros((height, width), np.float32)
+  up = up / peak if peak > 0 else np.zeros_like(up)
+  return np.concatenate([np.full((height, width, 1), threshold, np.float32), up],
+                        -1).astype(np.float32)
+
+
+def boundary_walk_labels(walked: np.ndarray, size, *, threshold: float = 0.25,
+                         stride: int = 4, return_heat: bool = False):
+  """IRN's semantic pseudo label of one image from its walked class scores.
+
+  Args: as `boundary_walk_scores`.
+
+  Returns:
+    [H, W] int32: 0 for the background, c + 1 for channel c: the argmax of
+    `boundary_walk_scores` (a position is background where every class's normalised score is
+    under `threshold`; an image whose walked scores are all 0 is all background).
+    With `return_heat`, also [H, W] float32: the largest of those normalised class scores (for
+    pictures).
+  """
+  scores = boundary_walk_scores(walked, size, threshold=threshold, stride=stride)
+  label = np.argmax(scores, axis=-1).astype(np.int32)
+  heat = (scores[..., 1:].max(axis=-1) if scores.shape[-1] > 1
+          else np.zeros(scores.shape[:2], np.float32))
   return (label, heat.astype(np.float32)) if return_heat else label
 
 

@@ -15,11 +15,14 @@ Three workdirs under ROOT, each an `affinity-jax run` subprocess:
               dCRF) with `--config.on_change=keep`, which adopts the copied CAMs as they are.
   psa_nocrf/  psa/'s AffinityNet and affinity labels (copied), the walk again without dCRF
               (`random_walk.crf=False`), as IRN's walk has none.
+  irn_crf/    irn/'s CAMs, relation labels and relation network (copied), IRN's walk again with
+              dCRF (`random_walk.crf=True`; not IRN's), as PSA's walk has it.
 
 Printed and written to ROOT/irn_vs_psa.md: per split, the CAM row (each method's constant
 background: IRN's 0.15, PSA's 0.2, on the same CAMs), the walked labels' mIoU and the lift of
 each walk over the CAM row scored with IRN's background, so that every lift is over one
-number. Each --set KEY=VALUE goes to every run as --config.KEY=VALUE (the tests pass the tiny
+number: each walk with and without dCRF, so that the two can be set side by side on equal
+terms either way. Each --set KEY=VALUE goes to every run as --config.KEY=VALUE (the tests pass the tiny
 configs and a data_dir), each --psa-set KEY=VALUE to the two PSA runs only (the figures in
 experiments/RESULTS.md were made with the synthetic config of their day: every table before the
 walk's beta 32 with beta 4, `--psa-set random_walk.beta=4`; those before 7b48f38 also with
@@ -72,7 +75,8 @@ def main(argv=None) -> int:
   parser.add_argument("--psa-set", action="append", default=[], metavar="KEY=VALUE")
   args = parser.parse_args(argv)
   root = args.workdir_root
-  irn_dir, psa_dir, nocrf_dir = (os.path.join(root, n) for n in ("irn", "psa", "psa_nocrf"))
+  irn_dir, psa_dir, nocrf_dir, irn_crf_dir = (
+      os.path.join(root, n) for n in ("irn", "psa", "psa_nocrf", "irn_crf"))
 
   irn = _run(args.irn_config, irn_dir, args.set)
   # No CAM network of PSA's exists here for AffinityNet to start from (the tiny config's way).
@@ -87,14 +91,22 @@ def main(argv=None) -> int:
   nocrf = _run(args.psa_config, nocrf_dir, psa_sets, "--stages", "random_walk,evaluate",
                *after_cams[2:], "--config.random_walk.crf=False")
 
-  lines = ["| split | CAM (IRN's background 0.15) | CAM (PSA's 0.2) | IRN walk | PSA walk + dCRF "
-           "| PSA walk | IRN lift | PSA lift + dCRF | PSA lift |", "|---" * 9 + "|"]
+  _copy(irn_dir, irn_crf_dir, ("cams", "aff_labels", "aff_net"),
+        ("train_cam", "infer_cam", "aff_labels", "train_aff"))
+  irn_crf = _run(args.irn_config, irn_crf_dir, args.set, "--stages", "random_walk,evaluate",
+                 "--config.on_change=keep", "--config.eval.seg_splits=()",
+                 "--config.random_walk.crf=True")
+
+  runs = (irn, irn_crf, psa, nocrf)
+  lines = ["| split | CAM (IRN's background 0.15) | CAM (PSA's 0.2) | IRN walk | IRN walk + dCRF "
+           "| PSA walk + dCRF | PSA walk | IRN lift | IRN lift + dCRF | PSA lift + dCRF "
+           "| PSA lift |", "|---" * 11 + "|"]
   for split in SPLITS:
     cam = 100 * irn["splits"][split]["cam"]["miou"]
-    walks = [100 * r["splits"][split]["rw"]["miou"] for r in (irn, psa, nocrf)]
+    walks = [100 * r["splits"][split]["rw"]["miou"] for r in runs]
     row = [cam, 100 * psa["splits"][split]["cam"]["miou"], *walks, *(w - cam for w in walks)]
     lines.append(f"| {split} | " + " | ".join(
-        f"{v:+.1f}" if i >= 5 else f"{v:.1f}" for i, v in enumerate(row)) + " |")
+        f"{v:+.1f}" if i >= 2 + len(runs) else f"{v:.1f}" for i, v in enumerate(row)) + " |")
   table = "\n".join(lines)
   print(table)
   with open(os.path.join(root, "irn_vs_psa.md"), "w") as f:

@@ -111,6 +111,23 @@ def test_boundary_walk_labels_by_hand():
   assert np.all(random_walk.boundary_walk_labels(np.zeros((2, 2, 1)), (5, 5)) == 0)
 
 
+def test_boundary_walk_scores_are_what_the_labels_take():
+  walked = np.zeros((2, 2, 2), np.float32)
+  walked[0, 0, 0], walked[1, 1, 1] = 4.0, 2.0
+  scores = random_walk.boundary_walk_scores(walked, (7, 6), threshold=0.3, stride=4)
+  assert scores.shape == (7, 6, 3) and scores.dtype == np.float32
+  assert np.all(scores[..., 0] == np.float32(0.3))            # the constant background first
+  assert scores[0, 0, 1] == 1.0 and scores[..., 1:].max() == 1.0  # divided by the maximum
+  # The bottom-right corner of an 8x8 image lies past the last cell's centre: channel 1's 2 / 4.
+  np.testing.assert_allclose(
+      random_walk.boundary_walk_scores(walked, (8, 8), threshold=0.3)[7, 7], [0.3, 0, 0.5])
+  np.testing.assert_array_equal(
+      np.argmax(scores, -1), random_walk.boundary_walk_labels(walked, (7, 6), threshold=0.3))
+  # Nothing walked: the classes stay 0, the background is the constant.
+  empty = random_walk.boundary_walk_scores(np.zeros((2, 2, 1)), (5, 5))
+  assert np.all(empty[..., 0] == 0.25) and np.all(empty[..., 1] == 0)
+
+
 def test_boundary_walk_bad_inputs():
   with pytest.raises(ValueError, match="boundary must be"):
     geometry.boundary_affinities(jnp.zeros((4, 4)))

@@ -33,16 +33,24 @@ def test_psa_walks_the_cams_irn_made_and_the_table_compares_them(tmp_path, capsy
   for run in ("psa", "psa_nocrf"):  # --psa-set reaches the PSA runs only
     assert json.loads((root / run / "config.json").read_text())["aff"]["crop_size"] == 40
   assert json.loads((root / "irn" / "config.json").read_text())["aff"]["crop_size"] != 40
-  walk = json.loads((root / "psa_nocrf" / "fingerprints" / "random_walk.json").read_text())
-  assert walk["inputs"]["config"]["random_walk.crf"] is False
+  for run, crf in (("psa_nocrf", False), ("irn_crf", True)):
+    walk = json.loads((root / run / "fingerprints" / "random_walk.json").read_text())
+    assert walk["inputs"]["config"]["random_walk.crf"] is crf
+  # IRN's walk again with dCRF: the relation network and CAMs of irn/, not new ones.
+  assert not os.path.exists(root / "irn_crf" / "cam_net")
+  for name in irn_cams:
+    assert (root / "irn_crf" / "cams" / name).read_bytes() == (
+        root / "irn" / "cams" / name).read_bytes()
+  assert sorted(os.listdir(root / "irn_crf" / "pseudo_labels")) == sorted(
+      os.listdir(root / "irn" / "pseudo_labels"))
 
-  results = {run: json.loads((root / run / "results.json").read_text())
-             for run in ("irn", "psa", "psa_nocrf")}
+  runs = ("irn", "irn_crf", "psa", "psa_nocrf")
+  results = {run: json.loads((root / run / "results.json").read_text()) for run in runs}
   for split, line in zip(("train", "val"), table[2:]):
     cells = [c.strip() for c in line.strip("|").split("|")]
     assert cells[0] == split
     cam = 100 * results["irn"]["splits"][split]["cam"]["miou"]
-    walks = [100 * results[r]["splits"][split]["rw"]["miou"] for r in ("irn", "psa", "psa_nocrf")]
+    walks = [100 * results[r]["splits"][split]["rw"]["miou"] for r in runs]
     assert [float(c) for c in cells[1:]] == [
         round(v, 1) for v in (cam, 100 * results["psa"]["splits"][split]["cam"]["miou"], *walks,
                               *(w - cam for w in walks))]

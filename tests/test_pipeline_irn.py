@@ -83,6 +83,42 @@ def test_a_changed_irn_key_is_named_not_reused(run_dir, capsys):
   assert record["inputs"]["config"]["random_walk.bg_threshold"] == before
 
 
+def test_irn_walk_with_crf_refines_its_labels(run_dir, tmp_path):
+  """random_walk.crf with method irn (not IRN's own; for comparing with PSA's walk + dCRF):
+  dCRF on IRN's label scores, each image's labels still its own classes."""
+  import shutil  # pylint: disable=import-outside-toplevel
+  workdir, argv = run_dir
+  copy = tmp_path / "w"
+  shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("pseudo_labels", "tfds"))
+  argv = [a if a != str(workdir) else str(copy) for a in argv]
+  assert cli.main(argv + ["--stages", "random_walk", "--config.random_walk.crf=True",
+                          "--config.on_change=redo"]) == 0
+  changed = 0
+  for f in sorted(os.listdir(copy / "cams")):
+    cam = io.load_npz(copy / "cams" / f)
+    label = io.load_png(copy / "pseudo_labels" / (f[:-4] + ".png"))
+    plain = io.load_png(workdir / "pseudo_labels" / (f[:-4] + ".png"))
+    assert label.shape == plain.shape
+    assert set(np.unique(label)) <= {0} | {int(c) + 1 for c in cam["class_ids"]}
+    changed += int(np.any(label != plain))
+  assert changed > 0  # dCRF moved the outlines of some image
+  record = json.loads((copy / "fingerprints" / "random_walk.json").read_text())
+  assert record["inputs"]["config"]["random_walk.crf"] is True
+
+
+def test_irn_walk_with_crf_needs_a_positive_background():
+  cfg = config.load_config("synthetic_irn:tiny")
+  cfg.random_walk.update(dict(crf=True, bg_threshold=0.0))
+  with pytest.raises(ConfigError, match=r"random_walk.bg_threshold must be in \(0, 1\] with "
+                                        r"random_walk.crf"):
+    config.validate(cfg)
+  cfg.random_walk.crf = False
+  config.validate(cfg)
+  cfg.random_walk.bg_threshold = 1.5
+  with pytest.raises(ConfigError, match=r"random_walk.bg_threshold must be in \[0, 1\]"):
+    config.validate(cfg)
+
+
 def test_method_and_backbone_must_agree():
   cfg = config.load_config("synthetic_irn:tiny")
   cfg.model.backbone = "resnet38"

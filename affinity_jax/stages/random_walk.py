@@ -16,7 +16,11 @@ present classes, divided by their sum) instead. Writes
 With `method` "irn" (docs/method.md §11): the relation network's flip-averaged boundary map at
 stride 4 of the image as it is, IRN's stride-4 CAMs (infer_cam's `strided`), the walk over
 the image's classes (random_walk.boundary_walk_batch) and IRN's labels: background where every
-class's walked score, divided by the image's maximum, is under random_walk.bg_threshold; no dCRF.
+class's walked score, divided by the image's maximum, is under random_walk.bg_threshold. IRN
+stops there (configs/voc_irn_resnet50.py: random_walk.crf False); with random_walk.crf True
+(not IRN's; PSA's refinement, for comparing the two walks on equal terms) the label is the
+argmax of the dCRF marginals of those scores (the constant background and the normalised
+classes, divided by their sum at each pixel) instead.
 """
 
 from __future__ import annotations
@@ -150,9 +154,17 @@ def _run_irn(cfg) -> dict:
     for i in keep:
       artifacts.require_finite(workdir, artifacts.RELATION_NET, walked[i], [batch_names[i]],
                                "the walk gives non-finite scores")
-      index, heat = rw.boundary_walk_labels(walked[i], sizes[i], threshold=threshold,
-                                            stride=IRN_STRIDE, return_heat=True)
-      label = np.concatenate([[0], ids[i].astype(np.int64) + 1])[index].astype(np.uint8)
+      channels = np.concatenate([[0], ids[i].astype(np.int64) + 1])
+      scores = rw.boundary_walk_scores(walked[i], sizes[i], threshold=threshold,
+                                       stride=IRN_STRIDE)
+      if cfg.random_walk.crf:
+        h, w = sizes[i]
+        label = rw.crf_label(batch["raw"][i, :h, :w], scores / scores.sum(-1, keepdims=True),
+                             channels, int(cfg.random_walk.crf_iters))
+      else:
+        label = channels[np.argmax(scores, axis=-1)].astype(np.uint8)
+      heat = (scores[..., 1:].max(axis=-1) if scores.shape[-1] > 1
+              else np.zeros(scores.shape[:2], np.float32))
       artifacts.save_label(workdir.pseudo_label(batch_names[i]), label)
       if batch_names[i] in panel_names:
         artifacts.save_walk_heat(workdir.walk_heat(batch_names[i]), heat)
