@@ -258,7 +258,7 @@ def boundary_walk_scores(walked: np.ndarray, size, *, threshold: float = 0.25,
 
 
 def boundary_walk_labels(walked: np.ndarray, size, *, threshold: float = 0.25,
-                         stride: int = 4, return_heat: bool = False):
+                         stride: int = 4) -> np.ndarray:
   """IRN's semantic pseudo label of one image from its walked class scores.
 
   Args: as `boundary_walk_scores`.
@@ -267,14 +267,9 @@ def boundary_walk_labels(walked: np.ndarray, size, *, threshold: float = 0.25,
     [H, W] int32: 0 for the background, c + 1 for channel c: the argmax of
     `boundary_walk_scores` (a position is background where every class's normalised score is
     under `threshold`; an image whose walked scores are all 0 is all background).
-    With `return_heat`, also [H, W] float32: the largest of those normalised class scores (for
-    pictures).
   """
   scores = boundary_walk_scores(walked, size, threshold=threshold, stride=stride)
-  label = np.argmax(scores, axis=-1).astype(np.int32)
-  heat = (scores[..., 1:].max(axis=-1) if scores.shape[-1] > 1
-          else np.zeros(scores.shape[:2], np.float32))
-  return (label, heat.astype(np.float32)) if return_heat else label
+  return np.argmax(scores, axis=-1).astype(np.int32)
 
 
 def prepare_cam(cam: jax.Array, *, alpha: float = 16.0, stride: int = STRIDE) -> jax.Array:

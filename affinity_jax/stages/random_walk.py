@@ -163,10 +163,9 @@ def _run_irn(cfg) -> dict:
                              channels, int(cfg.random_walk.crf_iters))
       else:
         label = channels[np.argmax(scores, axis=-1)].astype(np.uint8)
-      heat = (scores[..., 1:].max(axis=-1) if scores.shape[-1] > 1
-              else np.zeros(scores.shape[:2], np.float32))
       artifacts.save_label(workdir.pseudo_label(batch_names[i]), label)
       if batch_names[i] in panel_names:
-        artifacts.save_walk_heat(workdir.walk_heat(batch_names[i]), heat)
+        artifacts.save_walk_heat(workdir.walk_heat(batch_names[i]),
+                                 scores[..., 1:].max(axis=-1, initial=0.0))
       written += 1
   return _finish(workdir, report, devices, written)
