@@ -232,7 +232,7 @@ def boundary_walk_scores(walked: np.ndarray, size, *, threshold: float = 0.25,
     walked: [h, w, C] walked scores of the image's C classes (`boundary_walk`), its grid at
       `stride`.
     size: (H, W) of the image; H <= stride * h, W <= stride * w.
-    threshold: the background's constant score after normalisation (IRN: 0.25).
+    threshold: the background's constant score after normalisation, >= 0 (IRN: 0.25).
     stride: the grid's stride (IRN: 4).
 
   Returns:

@@ -74,8 +74,9 @@ def get_config(arg=None):
   # / 87.6, 95.3 / 96.2 / 96.1, 96.9-97.1 / 96.8 / 96.5) (RESULTS.md, "Fewer steps" and
   # "Shorter still"; those figures are with the CAM scales (1.0, 1.5, 2.0) and the walk's beta 4
   # of then, the current ones in the README). With beta 32, seed 0 only: 2000 CAM and 800
-  # segmentation steps (crops of 192) gave segmentation 99.2 against 98.3 with 400 / 300, the only
-  # run so far above its walk's labels, for a CAM stage 3-4x as long: not adopted.
+  # segmentation steps (crops of 192) gave segmentation 99.2 against 98.3 with 400 / 300 (the
+  # segmentation network's pretrained layers at a tenth of the rate then, see below), above its
+  # walk's labels, for a CAM stage 3-4x as long: not adopted.
   c.cam.update(dict(batch_size=16, epochs=-1, steps=400, pretrained_lr_mult=0.1,
                     crop_size=96, resize_long=(80, 96), color_jitter=no_hue,
                     checkpoint_every=300, log_every=50))
@@ -118,11 +119,13 @@ def get_config(arg=None):
   # had been chosen on the beta-4 labels (96.8 / 96.5 against 95.8 / 95.7 at 1.0 over seeds 1
   # and 2; RESULTS.md, "The segmentation network's pretrained layers" and "The segmentation
   # network at the original's rate").
-  # 300 steps, down from 800, with the CAM network's 400 (figures above; fewer segmentation
-  # steps after 2000 CAM steps were not run). With beta 32, the four scales and a tenth of the
-  # rate, seed 0: 800 steps gave 98.9 against 98.7.
-  c.seg.update(dict(optimizer="adam", lr=3e-4, batch_size=8, epochs=-1, steps=300,
-                    crop_size=128, scale_range=(1.5, 2.5),
+  # 800 steps (about 11 epochs): at the full rate 300 steps left the network under its walk's
+  # labels on seed 1 (99.3 against 99.7; 500 steps 99.6); 800 gave 99.9 / 99.7 / 99.9 over seeds
+  # 0 / 1 / 2, each at or above its labels' 99.8 / 99.7 / 99.2, the stage ~50 s longer (RESULTS.md,
+  # "The segmentation network at the original's rate"). 300 had been taken with the beta-4
+  # labels and a tenth of the rate (RESULTS.md, "Shorter still").
+  c.seg.update(dict(optimizer="adam", lr=3e-4, batch_size=8, epochs=-1, steps=800,
+                    pretrained_lr_mult=1.0, crop_size=128, scale_range=(1.5, 2.5),
                     checkpoint_every=250, log_every=50))
   # dCRF on the segmentation network's scores, as voc_resnet38.py (the paper's DeepLab): on the
   # same networks of three seeds it lifted segmentation from 94.7 / 94.2 / 94.2 to 96.0 / 95.8 /

@@ -4,7 +4,7 @@
                                    [--psa-config synthetic] [--set KEY=VALUE ...]
                                    [--psa-set KEY=VALUE ...]
 
-Three workdirs under ROOT, each an `affinity-jax run` subprocess:
+Four workdirs under ROOT, each an `affinity-jax run` subprocess:
 
   irn/        the IRN config end to end: its CAM network and CAMs, relation labels, relation
               network, IRN's walk at stride 4 (no dCRF), evaluated on train and val.
@@ -14,7 +14,7 @@ Three workdirs under ROOT, each an `affinity-jax run` subprocess:
               backbone, never from a CAM network: `init.from_cam_net=False`; the walk and its
               dCRF) with `--config.on_change=keep`, which adopts the copied CAMs as they are.
   psa_nocrf/  psa/'s AffinityNet and affinity labels (copied), the walk again without dCRF
-              (`random_walk.crf=False`), as IRN's walk has none.
+              (`random_walk.crf=False`), as IRN's own rule has none.
   irn_crf/    irn/'s CAMs, relation labels and relation network (copied), IRN's walk again with
               dCRF (`random_walk.crf=True`; not IRN's), as PSA's walk has it.
 
@@ -22,8 +22,8 @@ Printed and written to ROOT/irn_vs_psa.md: per split, the CAM row (each method's
 background: IRN's 0.15, PSA's 0.2, on the same CAMs), the walked labels' mIoU and the lift of
 each walk over the CAM row scored with IRN's background, so that every lift is over one
 number: each walk with and without dCRF, so that the two can be set side by side on equal
-terms either way. Each --set KEY=VALUE goes to every run as --config.KEY=VALUE (the tests pass the tiny
-configs and a data_dir), each --psa-set KEY=VALUE to the two PSA runs only (the figures in
+terms either way. Each --set KEY=VALUE goes to every run as --config.KEY=VALUE (the tests pass
+the tiny configs and a data_dir), each --psa-set KEY=VALUE to the two PSA runs only (the figures in
 experiments/RESULTS.md were made with the synthetic config of their day: every table before the
 walk's beta 32 with beta 4, `--psa-set random_walk.beta=4`; those before 7b48f38 also with
 AffinityNet's 192-px crops, `--psa-set aff.crop_size=192` as well). A run whose results.json exists is not made again (delete its folder to

@@ -83,10 +83,18 @@ def test_a_changed_irn_key_is_named_not_reused(run_dir, capsys):
   assert record["inputs"]["config"]["random_walk.bg_threshold"] == before
 
 
-def test_irn_walk_with_crf_refines_its_labels(run_dir, tmp_path):
+def test_irn_walk_with_crf_refines_its_labels(run_dir, tmp_path, monkeypatch):
   """random_walk.crf with method irn (not IRN's own; for comparing with PSA's walk + dCRF):
   dCRF on IRN's label scores, each image's labels still its own classes."""
   import shutil  # pylint: disable=import-outside-toplevel
+  from affinity_jax import random_walk  # pylint: disable=import-outside-toplevel
+  calls = []
+  real = random_walk.crf_label
+
+  def recording(image, share, channels, iters):  # the real dCRF, its inputs kept
+    calls.append((image.copy(), share.copy(), np.array(channels), iters))
+    return real(image, share, channels, iters)
+  monkeypatch.setattr(random_walk, "crf_label", recording)
   workdir, argv = run_dir
   copy = tmp_path / "w"
   shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("pseudo_labels", "tfds"))
@@ -104,6 +112,21 @@ def test_irn_walk_with_crf_refines_its_labels(run_dir, tmp_path):
   assert changed > 0  # dCRF moved the outlines of some image
   record = json.loads((copy / "fingerprints" / "random_walk.json").read_text())
   assert record["inputs"]["config"]["random_walk.crf"] is True
+  # What the dCRF was given: the image itself, and per pixel the constant background and the
+  # image's classes' normalised scores divided by their sum, in the label's channel order.
+  cfg = config.load_config(TINY)
+  with_class = [f for f in os.listdir(copy / "cams")
+                if len(io.load_npz(copy / "cams" / f)["class_ids"])]
+  assert len(calls) == len(with_class)
+  for image, share, channels, iters in calls:
+    h, w, k = share.shape
+    assert image.shape == (h, w, 3) and image.dtype == np.uint8
+    assert iters == cfg.random_walk.crf_iters
+    assert len(channels) == k >= 2 and channels[0] == 0
+    np.testing.assert_allclose(share.sum(-1), 1.0, rtol=1e-5)
+    # Channel 0 is bg / (bg + sum of classes), and the classes peak at 1 over the image.
+    classes = share[..., 1:] / share[..., :1] * cfg.random_walk.bg_threshold
+    assert np.isclose(classes.max(), 1.0, rtol=1e-4) or classes.max() == 0  # 0: nothing walked
 
 
 def test_irn_walk_with_crf_needs_a_positive_background():
