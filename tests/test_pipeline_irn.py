@@ -11,6 +11,7 @@ import pytest
 
 from affinity_jax import checkpoint, cli, config, io
 from affinity_jax.errors import ConfigError
+from tests import _runs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "synthetic_irn.py:tiny")
@@ -86,7 +87,6 @@ def test_a_changed_irn_key_is_named_not_reused(run_dir, capsys):
 def test_irn_walk_with_crf_refines_its_labels(run_dir, tmp_path, monkeypatch):
   """random_walk.crf with method irn (not IRN's own; for comparing with PSA's walk + dCRF):
   dCRF on IRN's label scores, each image's labels still its own classes."""
-  import shutil  # pylint: disable=import-outside-toplevel
   from affinity_jax import random_walk  # pylint: disable=import-outside-toplevel
   calls = []
   real = random_walk.crf_label
@@ -95,21 +95,11 @@ def test_irn_walk_with_crf_refines_its_labels(run_dir, tmp_path, monkeypatch):
     calls.append((image.copy(), share.copy(), np.array(channels), iters))
     return real(image, share, channels, iters)
   monkeypatch.setattr(random_walk, "crf_label", recording)
-  workdir, argv = run_dir
-  copy = tmp_path / "w"
-  shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("pseudo_labels", "tfds"))
-  argv = [a if a != str(workdir) else str(copy) for a in argv]
+  workdir, _ = run_dir
+  copy, argv = _runs.copy_run(run_dir, tmp_path, "pseudo_labels")
   assert cli.main(argv + ["--stages", "random_walk", "--config.random_walk.crf=True",
                           "--config.on_change=redo"]) == 0
-  changed = 0
-  for f in sorted(os.listdir(copy / "cams")):
-    cam = io.load_npz(copy / "cams" / f)
-    label = io.load_png(copy / "pseudo_labels" / (f[:-4] + ".png"))
-    plain = io.load_png(workdir / "pseudo_labels" / (f[:-4] + ".png"))
-    assert label.shape == plain.shape
-    assert set(np.unique(label)) <= {0} | {int(c) + 1 for c in cam["class_ids"]}
-    changed += int(np.any(label != plain))
-  assert changed > 0  # dCRF moved the outlines of some image
+  assert _runs.changed_pseudo_labels(copy, workdir) > 0  # dCRF moved the outlines of some image
   record = json.loads((copy / "fingerprints" / "random_walk.json").read_text())
   assert record["inputs"]["config"]["random_walk.crf"] is True
   # What the dCRF was given: the image itself, and per pixel the constant background and the
