@@ -9,10 +9,10 @@ Four workdirs under ROOT, each an `affinity-jax run` subprocess:
   irn/        the IRN config end to end: its CAM network and CAMs, relation labels, relation
               network, IRN's walk at stride 4 (no dCRF), evaluated on train and val.
   psa/        PSA's stages after the CAMs on irn/'s CAMs: cams/ and the fingerprints of
-              train_cam and infer_cam (and infer_cam's report) are copied from irn/, then aff_labels, train_aff,
-              random_walk and evaluate of the PSA config (AffinityNet from its own pretrained
-              backbone, never from a CAM network: `init.from_cam_net=False`; the walk and its
-              dCRF) with `--config.on_change=keep`, which adopts the copied CAMs as they are.
+              train_cam and infer_cam (and infer_cam's report) are copied from irn/, then
+              aff_labels, train_aff, random_walk and evaluate of the PSA config (AffinityNet
+              from its own pretrained backbone, never from a CAM network:
+              `init.from_cam_net=False`; the walk and its dCRF) with `--config.on_change=keep`, which adopts the copied CAMs as they are.
   psa_nocrf/  psa/'s AffinityNet and affinity labels (copied), the walk again without dCRF
               (`random_walk.crf=False`), as IRN's own rule has none.
   irn_crf/    irn/'s CAMs, relation labels and relation network (copied), IRN's walk again with
@@ -23,11 +23,11 @@ background: IRN's 0.15, PSA's 0.2, on the same CAMs), the walked labels' mIoU an
 each walk over the CAM row scored with IRN's background, so that every lift is over one
 number: each walk with and without dCRF, so that the two can be set side by side on equal
 terms either way. Each --set KEY=VALUE goes to every run as --config.KEY=VALUE (the tests pass
-the tiny configs and a data_dir), each --psa-set KEY=VALUE to the two PSA runs only (the figures in
-experiments/RESULTS.md were made with the synthetic config of their day: every table before the
-walk's beta 32 with beta 4, `--psa-set random_walk.beta=4`; those before 7b48f38 also with
-AffinityNet's 192-px crops, `--psa-set aff.crop_size=192` as well). A run whose results.json exists is not made again (delete its folder to
-redo it).
+the tiny configs and a data_dir), each --psa-set KEY=VALUE to the two PSA runs only (the
+figures in experiments/RESULTS.md were made with the synthetic config of their day: every table
+before the walk's beta 32 with beta 4, `--psa-set random_walk.beta=4`; those before 7b48f38 also
+with AffinityNet's 192-px crops, `--psa-set aff.crop_size=192` as well). A run whose
+results.json exists is not made again (delete its folder to redo it).
 """
 
 from __future__ import annotations
@@ -40,6 +40,10 @@ import subprocess
 import sys
 
 SPLITS = ("train", "val")
+# What a walk again on a finished run's networks needs of that run: its folders and the
+# fingerprints (and reports) of the stages that made them.
+WALK_INPUTS = (("cams", "aff_labels", "aff_net"),
+               ("train_cam", "infer_cam", "aff_labels", "train_aff"))
 
 
 def _run(config: str, workdir: str, sets: list[str], *extra: str) -> dict:
@@ -86,13 +90,11 @@ def main(argv=None) -> int:
   _copy(irn_dir, psa_dir, ("cams",), ("train_cam", "infer_cam"))
   psa_sets = args.set + args.psa_set
   psa = _run(args.psa_config, psa_dir, psa_sets, *after_cams)
-  _copy(psa_dir, nocrf_dir, ("cams", "aff_labels", "aff_net"),
-        ("train_cam", "infer_cam", "aff_labels", "train_aff"))
+  _copy(psa_dir, nocrf_dir, *WALK_INPUTS)
   nocrf = _run(args.psa_config, nocrf_dir, psa_sets, "--stages", "random_walk,evaluate",
                *after_cams[2:], "--config.random_walk.crf=False")
 
-  _copy(irn_dir, irn_crf_dir, ("cams", "aff_labels", "aff_net"),
-        ("train_cam", "infer_cam", "aff_labels", "train_aff"))
+  _copy(irn_dir, irn_crf_dir, *WALK_INPUTS)
   irn_crf = _run(args.irn_config, irn_crf_dir, args.set, "--stages", "random_walk,evaluate",
                  "--config.on_change=keep", "--config.eval.seg_splits=()",
                  "--config.random_walk.crf=True")
