@@ -12,7 +12,8 @@ Four workdirs under ROOT, each an `affinity-jax run` subprocess:
               train_cam and infer_cam (and infer_cam's report) are copied from irn/, then
               aff_labels, train_aff, random_walk and evaluate of the PSA config (AffinityNet
               from its own pretrained backbone, never from a CAM network:
-              `init.from_cam_net=False`; the walk and its dCRF) with `--config.on_change=keep`, which adopts the copied CAMs as they are.
+              `init.from_cam_net=False`; the walk and its dCRF) with
+              `--config.on_change=keep`, which adopts the copied CAMs as they are.
   psa_nocrf/  psa/'s AffinityNet and affinity labels (copied), the walk again without dCRF
               (`random_walk.crf=False`), as IRN's own rule has none.
   irn_crf/    irn/'s CAMs, relation labels and relation network (copied), IRN's walk again with
