@@ -5,6 +5,7 @@
   {workdir}/aff_labels/{name}.npz          aff_labels:  la / ha dCRF score maps
   {workdir}/aff_labels/{name}.png          aff_labels:  IRN's relation labels (method irn)
   {workdir}/pseudo_labels/{name}.png       random_walk: pseudo labels
+  {workdir}/instances/{name}.npz           random_walk: IRN's instance masks (method irn)
   {workdir}/seg_pred/{name}.png            infer_seg:   predictions
   {workdir}/panels/                        random_walk (rw_{name}.npz heat) and evaluate (PNGs)
   {workdir}/reports/{stage}.json           every per-image stage: the images it skipped
@@ -54,6 +55,7 @@ RELATION_NET = Network("aff_net", "relation", "aff", "train_aff")
 CAMS, CAM_PRED, AFF_LABELS, PSEUDO_LABELS, SEG_PRED, PANELS, REPORTS, FINGERPRINTS = (
     "cams", "cam_pred", "aff_labels", "pseudo_labels", "seg_pred", "panels", "reports",
     "fingerprints")
+INSTANCES = "instances"
 RESULTS_JSON, RESULTS_MD = "results.json", "results.md"
 RESULTS_IOU_PNG, RESULTS_CONFUSION_PNG = "results_iou.png", "results_confusion.png"
 RUN_CONFIG = "config.json"
@@ -61,14 +63,14 @@ RUN_CONFIG = "config.json"
 # What each stage writes (glob patterns under the workdir), besides reports/{stage}.json.
 STAGE_OUTPUTS = {
     "train_cam": (CAM_NET.folder,), "infer_cam": (CAMS, CAM_PRED), "aff_labels": (AFF_LABELS,),
-    "train_aff": (AFF_NET.folder,), "random_walk": (PSEUDO_LABELS, PANELS + "/rw_*.npz"),
+    "train_aff": (AFF_NET.folder,), "random_walk": (PSEUDO_LABELS, INSTANCES, PANELS + "/rw_*.npz"),
     "train_seg": (SEG_NET.folder,), "infer_seg": (SEG_PRED,),
     "evaluate": (PANELS + "/*.png", RESULTS_JSON, RESULTS_MD, RESULTS_IOU_PNG,
                  RESULTS_CONFUSION_PNG),
 }
 
 # The folders of the per-image stages' outputs, one file per image (and the panels' data).
-PER_IMAGE_FOLDERS = (CAMS, CAM_PRED, AFF_LABELS, PSEUDO_LABELS, SEG_PRED)
+PER_IMAGE_FOLDERS = (CAMS, CAM_PRED, AFF_LABELS, PSEUDO_LABELS, INSTANCES, SEG_PRED)
 
 NO_POSITIVE_CLASS = "no positive class in its image-level label"
 
@@ -118,6 +120,10 @@ class Workdir:
 
   def pseudo_label(self, name: str) -> str:
     return self.path(PSEUDO_LABELS, name + ".png")
+
+  def instances(self, name: str) -> str:
+    """IRN's instance masks of the image (random_walk with method irn)."""
+    return self.path(INSTANCES, name + ".npz")
 
   def prediction(self, name: str) -> str:
     return self.path(SEG_PRED, name + ".png")
@@ -310,6 +316,39 @@ def load_label(path: str, stage: str, image_hw=None) -> np.ndarray:
     raise UserError(f"{path}: label map is {label.shape[0]}x{label.shape[1]}, the image is "
                     f"{image_hw[0]}x{image_hw[1]}; delete it and rerun {stage}")
   return label
+
+
+# ---------------------------------------------------------------------------------------------
+# IRN's instances (random_walk, method irn): `instance_map` [H, W] (0 none, i + 1 instance i,
+# uint8 or uint16), `class_ids` int32 [N] (0-based foreground classes), `scores` float32 [N].
+
+
+def save_instances(path: str, instance_map: np.ndarray, class_ids: np.ndarray,
+                   scores: np.ndarray) -> None:
+  n = len(class_ids)
+  dtype = np.uint8 if n < 256 else np.uint16 if n < 65536 else np.int32
+  io.save_npz(path, instance_map=np.asarray(instance_map).astype(dtype),
+              class_ids=np.asarray(class_ids, np.int32), scores=np.asarray(scores, np.float32))
+
+
+def load_instances(path: str, image_hw, num_classes: int
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(instance_map [H, W] int32, class_ids [N] int32, scores [N] float32) of an instance
+  file of an H x W image, checked."""
+  z = _load_npz(path, "random_walk")
+  if set(z) != {"instance_map", "class_ids", "scores"}:
+    raise UserError(f"{path}: not an instance file (keys {sorted(z)}); delete it and rerun "
+                    "random_walk")
+  instance_map, ids, scores = z["instance_map"], z["class_ids"], z["scores"]
+  n = len(ids)
+  if (instance_map.shape != tuple(image_hw) or not np.issubdtype(instance_map.dtype, np.integer)
+      or ids.ndim != 1 or scores.shape != (n,) or not np.issubdtype(ids.dtype, np.integer)
+      or (n and (ids.min() < 0 or ids.max() >= num_classes))
+      or (instance_map.size and (instance_map.min() < 0 or instance_map.max() > n))):
+    raise UserError(f"{path}: an instance map of shape {instance_map.shape} with {n} instances "
+                    f"of classes {ids.tolist()} does not fit the {image_hw[0]}x{image_hw[1]} "
+                    f"image and {num_classes} classes; delete it and rerun random_walk")
+  return instance_map.astype(np.int32), ids.astype(np.int32), scores.astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------------

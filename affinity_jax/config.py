@@ -240,6 +240,9 @@ def validate(cfg) -> None:
            "random_walk.bg_threshold",
            "in (0, 1] with random_walk.crf (dCRF takes the scores divided by their sum)"
            if cfg.random_walk.crf else "in [0, 1] (the walked scores' maximum is 1)", threshold)
+    threshold = cfg.random_walk.get("instance_bg_threshold", 0.25)
+    _check(0 <= float(threshold) <= 1, "random_walk.instance_bg_threshold",
+           "in [0, 1] (the walked scores' maximum is 1)", threshold)
     grid, radius = int(cfg.aff.crop_size) // 4, int(cfg.aff.radius)
     _check(cfg.aff.scheme != "psa" or grid >= 2 * radius - 1, "aff.crop_size",
            f"at least 4 * (2 * aff.radius - 1) = {4 * (2 * radius - 1)} with aff.scheme psa "

@@ -27,6 +27,9 @@ Public API:
 The pipeline's walk of a batch of canvases (AffinityNet, the walk, back to the images), which
 the random_walk stage and `affinity-jax predict` run:
   make_walk_fn(model, cfg), walk_batch(walk, variables, images, cams, ...), crf_label(...).
+IRN's (method irn): make_relation_maps_fn(model) (boundary map and displacement field),
+  make_boundary_walk_fn(model, cfg), boundary_walk_batch(...), and boundary_walk_instances(...)
+  (IRN's instance masks of one image, affinity_jax/instances.py).
 The original's dense walk, used to check this one, lives in tests/reference_walk.py.
 """
 
@@ -34,7 +37,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Mapping, Optional
+from typing import Callable, Mapping, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +45,7 @@ import numpy as np
 
 from affinity_jax import cam as cam_lib
 from affinity_jax import crf, geometry
+from affinity_jax import instances as instances_lib
 from affinity_jax.cam import background_stack
 from affinity_jax.constants import IRN_STRIDE, STRIDE
 
@@ -416,47 +420,48 @@ def crf_label(image: np.ndarray, share: np.ndarray, channels: np.ndarray,
 # image's classes, the walk, and IRN's labels (boundary_walk_labels).
 
 
-def make_boundary_fn(model):
-  """(variables, images [B, Hc, Wc, 3], flip [B, Wc], grid_flip [B, ceil(Wc / 4)]) -> [B,
-  ceil(Hc / 4), ceil(Wc / 4)] float32, jitted: IRN's flip-averaged boundary map of the relation
-  network `model` (make_boundary_walk_fn's first half)."""
+def make_relation_maps_fn(model):
+  """(variables, images [B, Hc, Wc, 3], flip [B, Wc], grid_flip [B, ceil(Wc / 4)]) ->
+  (boundary [B, h, w], displacement [B, h, w, 2]) float32 on the canvas grid h, w =
+  ceil(Hc / 4), ceil(Wc / 4), jitted: the relation network `model`'s maps as IRN's
+  EdgeDisplacement gives them. The boundary map is the sigmoid of the mean of the boundary
+  logits of the image and of its flip (each image flipped within its own width, the logits
+  flipped back within its grid); the displacement field (dy, dx), its mean shift subtracted,
+  is the image's alone. The network sees each image padded with zeros (after normalising) as
+  IRN pads it to its crop size."""
   @jax.jit
-  def boundary(variables, images, flip, grid_flip):
-    edges, _ = model.apply(variables, images)
+  def maps(variables, images, flip, grid_flip):
+    edges, displacement = model.apply(variables, images)
     flipped, _ = model.apply(variables, cam_lib.flip_within(images, flip))
     back = cam_lib.flip_within(flipped[..., None], grid_flip)[..., 0]
-    return jax.nn.sigmoid(edges / 2 + back / 2)
-  return boundary
+    return jax.nn.sigmoid(edges / 2 + back / 2), displacement
+  return maps
 
 
-def make_boundary_walk_fn(model, cfg):
-  """(variables, images [B, Hc, Wc, 3], flip [B, Wc], grid_flip [B, ceil(Wc / 4)], cams
-  [B, h, w, K], valid [B, h, w]) -> walked [B, h, w, K] float32: IRN's walk of the CAMs over the
-  relation network `model`'s boundary map, with the config's random_walk section (radius, beta,
-  logt, tol). `flip` and `grid_flip`: cam.flip_index of each image's width and of its stride-4
-  grid's width.
+class BoundaryWalk(NamedTuple):
+  """IRN's walk in two halves (`make_boundary_walk_fn`): `maps` (make_relation_maps_fn) and
+  `scores` (boundary [B, h, w], cams [B, h, w, K], valid [B, h, w]) -> walked [B, h, w, K]
+  float32, jitted (random_walk.boundary_walk with the config's radius, beta, logt, tol)."""
+  maps: Callable
+  scores: Callable
 
-  The boundary map is IRN's: sigmoid of the mean of the boundary logits of the image and of its
-  flip (each image flipped within its own width, the logits flipped back within its grid), on
-  the canvas grid [ceil(Hc / 4), ceil(Wc / 4)]: the network sees each image padded with zeros
-  (after normalising) as IRN pads it to its crop size.
-  """
+
+def make_boundary_walk_fn(model, cfg) -> BoundaryWalk:
+  """IRN's walk of CAMs over the relation network `model`'s boundary map
+  (`make_relation_maps_fn`), with the config's random_walk section (radius, beta, logt, tol);
+  `boundary_walk_batch` runs it on a batch of canvases."""
   radius = int(cfg.random_walk.radius)
   t, beta = 2 ** int(cfg.random_walk.logt), float(cfg.random_walk.beta)
   tol = float(cfg.random_walk.tol) if cfg.random_walk.tol > 0 else None
-  boundary = make_boundary_fn(model)
 
   @jax.jit
-  def walk_scores(edge, cams, valid):
+  def scores(edge, cams, valid):
     return boundary_walk(edge, cams, radius=radius, beta=beta, t=t, valid=valid, tol=tol)
-
-  def walk(variables, images, flip, grid_flip, cams, valid):
-    return walk_scores(boundary(variables, images, flip, grid_flip), cams, valid)
-  return walk
+  return BoundaryWalk(make_relation_maps_fn(model), scores)
 
 
-def boundary_walk_batch(walk, variables, images, cams: Mapping[int, np.ndarray], sizes, *,
-                        put=None) -> dict[int, np.ndarray]:
+def boundary_walk_batch(walk: BoundaryWalk, variables, images, cams: Mapping[int, np.ndarray],
+                        sizes, *, put=None) -> tuple[dict[int, np.ndarray], np.ndarray, np.ndarray]:
   """IRN's walk of one batch of canvases (method irn): each image's walked class scores on its
   own stride-4 grid, which `boundary_walk_labels` turns into its label.
 
@@ -469,7 +474,9 @@ def boundary_walk_batch(walk, variables, images, cams: Mapping[int, np.ndarray],
     put: as in `walk_batch`.
 
   Returns:
-    {example index: [ceil(H / 4), ceil(W / 4), P] float32 walked scores}.
+    ({example index: [ceil(H / 4), ceil(W / 4), P] float32 walked scores}, boundary [B, hc, wc]
+    and displacement [B, hc, wc, 2], the relation network's maps on the canvas grid
+    (`make_relation_maps_fn`), for `boundary_walk_instances`).
   """
   b = images.shape[0]
   grid_hw = (-(-images.shape[1] // IRN_STRIDE), -(-images.shape[2] // IRN_STRIDE))
@@ -480,8 +487,39 @@ def boundary_walk_batch(walk, variables, images, cams: Mapping[int, np.ndarray],
     stacks[i, :strided.shape[0], :strided.shape[1], :strided.shape[2]] = strided
   grid = -(-sizes // IRN_STRIDE)
   valid = cam_lib.valid_mask(grid, grid_hw)
-  inputs = (images, cam_lib.flip_index(sizes[:, 1], images.shape[2]),
-            cam_lib.flip_index(grid[:, 1], grid_hw[1]), stacks, valid)
-  walked = np.asarray(walk(variables, *(put(inputs) if put else inputs)))
-  return {i: walked[i, :grid[i][0], :grid[i][1], :strided.shape[-1]]
-          for i, strided in cams.items()}
+  net_inputs = (images, cam_lib.flip_index(sizes[:, 1], images.shape[2]),
+                cam_lib.flip_index(grid[:, 1], grid_hw[1]))
+  boundary, displacement = walk.maps(variables, *(put(net_inputs) if put else net_inputs))
+  walk_inputs = (stacks, valid)
+  walked = np.asarray(walk.scores(boundary, *(put(walk_inputs) if put else walk_inputs)))
+  return ({i: walked[i, :grid[i][0], :grid[i][1], :strided.shape[-1]]
+           for i, strided in cams.items()}, np.asarray(boundary), np.asarray(displacement))
+
+
+def boundary_walk_instances(walk: BoundaryWalk, boundary: np.ndarray, displacement: np.ndarray,
+                            cams: np.ndarray, class_ids, size, *, threshold: float = 0.25
+                            ) -> instances_lib.Instances:
+  """IRN's instances of one image (affinity_jax/instances.py; its make_ins_seg_labels.py).
+
+  Args:
+    walk: `make_boundary_walk_fn(model, cfg)`.
+    boundary, displacement: the image's [hc, wc] and [hc, wc, 2] maps on a canvas grid
+      (`boundary_walk_batch`), the image at its top-left.
+    cams: [ceil(H / 4), ceil(W / 4), C] IRN's stride-4 CAMs of the image's classes `class_ids`.
+    size: the image's (H, W).
+    threshold: the background's constant score (IRN's ins_seg_bg_thres, 0.25).
+  """
+  h, w = cams.shape[:2]
+  hc, wc = boundary.shape
+  group = instances_lib.clusters(instances_lib.centroids(displacement[:h, :w]),
+                                 displacement[:h, :w])
+  num_groups = int(group.max()) + 1
+  stack = instances_lib.instance_cams(cams, group)
+  padded = np.zeros((1, hc, wc, channel_count(stack.shape[-1], 1 << 30)), np.float32)
+  padded[0, :h, :w, :stack.shape[-1]] = stack
+  valid = cam_lib.valid_mask(np.array([[h, w]]), (hc, wc))
+  walked = np.asarray(walk.scores(boundary[None], padded, valid))[0, :h, :w, :stack.shape[-1]]
+  if not np.all(np.isfinite(walked)):
+    raise ValueError("the instance walk gives non-finite scores")
+  scores = boundary_walk_scores(walked, size, threshold=threshold, stride=IRN_STRIDE)
+  return instances_lib.detect(scores, class_ids, num_groups)

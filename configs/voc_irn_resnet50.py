@@ -81,6 +81,10 @@ def get_config(arg=None):
   # (indexing.propagate_to_edge), --sem_seg_bg_thres 0.25; no dCRF.
   c.random_walk.update(dict(beta=10.0, logt=8, radius=5, bg_threshold=0.25, crf=False,
                             tol=-1.0, batch_size=1))
+  # step/make_ins_seg_labels.py (run_sample.py's --make_ins_seg_pass True): instance masks by
+  # the same walk over each class's CAM within each group of the displacement field's
+  # centroids, --ins_seg_bg_thres 0.25 (affinity_jax/instances.py); False: none.
+  c.random_walk.update(dict(instances=True, instance_bg_threshold=0.25))
   # step/eval_cam.py: --cam_eval_thres 0.15, the constant background of CAM-only label maps
   # (PSA's is 0.2): what cam_pred/ holds and the CAM row of the table is scored with.
   c.eval.cam_background = 0.15

@@ -13,6 +13,12 @@ checkout (`--irn-root` or IRN_ROOT) by irn_original.py, its files not edited:
 - pseudo labels: random_walk.boundary_walk_labels on our walk against the rule of
   docs/method.md §11 (upsample x4 bilinear, crop, divide by the maximum, background 0.25)
   applied in torch to IRN's walk: share of equal pixels.
+- instances (when IRN's step/make_ins_seg_labels.py imports: scikit-image, imageio, pydensecrf):
+  instances.centroids and instances.clusters against find_centroids_with_refinement and
+  cluster_centroids (equal; fields that lead the centroids to their centres, and fields that
+  overshoot), and random_walk.boundary_walk_instances against the `_work` body
+  of that step (IRN's functions and propagate_to_edge, on the CPU): instance count, classes,
+  scores and the share of pixels in the same instance.
 Inputs are synthetic: a boundary map of ridges between random regions (blurred, with noise) and
 1-3 class CAMs as blobs, each divided by its maximum as IRN's make_cam.py does.
 
@@ -23,6 +29,7 @@ Sizes are stride-4 grids (h x w); the images are 4h - 2 x 4w - 3. The last line 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -125,6 +132,78 @@ def compare(irn, grid, classes: int, seed: int) -> dict:
           "labels_equal_pct": 100.0 * float(np.mean(labels_ours == labels_theirs))}
 
 
+def synthetic_displacement(h: int, w: int, seed: int, pull: float = 0.9) -> np.ndarray:
+  """[h, w, 2] (dy, dx): each cell pointing `pull` times the way to the nearest of 4 random
+  centres, with noise, so that the centroids gather in groups with some strays (a pull over 2
+  overshoots: the steps oscillate, where any other rounding than IRN's ends elsewhere)."""
+  rng = np.random.default_rng(seed + 1000)
+  yy, xx = np.mgrid[:h, :w].astype(np.float32)
+  centres = rng.random((4, 2)) * [h - 1, w - 1]
+  nearest = np.argmin((yy[..., None] - centres[:, 0]) ** 2 + (xx[..., None] - centres[:, 1]) ** 2,
+                      -1)
+  target = centres[nearest]
+  d = pull * (target - np.stack([yy, xx], -1)) + rng.normal(0, 0.3, (h, w, 2))
+  return d.astype(np.float32)
+
+
+def irn_instances(irn, step, boundary, displacement, cams, keys, size):
+  """IRN's make_ins_seg_labels.py `_work` body for one image, on the CPU, with its own
+  functions and propagate_to_edge: (centroids [2, h, w], groups [K, h, w], detections)."""
+  torch = irn.torch
+  dp = np.ascontiguousarray(displacement.transpose(2, 0, 1))
+  centroids = step.find_centroids_with_refinement(dp)
+  instance_map = step.cluster_centroids(centroids, dp)
+  instance_cam = step.separte_score_by_mask(torch.from_numpy(cams.transpose(2, 0, 1).copy()),
+                                            instance_map)
+  rw = irn.indexing.propagate_to_edge(instance_cam, torch.from_numpy(boundary), beta=BETA,
+                                      exp_times=EXP_TIMES, radius=RADIUS)
+  rw_up = torch.nn.functional.interpolate(rw, scale_factor=4, mode="bilinear",
+                                          align_corners=False)[:, 0, :size[0], :size[1]]
+  rw_up = rw_up / torch.max(rw_up)
+  rw_up_bg = torch.nn.functional.pad(rw_up, (0, 0, 0, 0, 1, 0), value=BG_THRESHOLD)
+  num_instances = instance_map.shape[0]
+  shape = torch.argmax(rw_up_bg, 0).numpy()
+  shape = irn.pyutils.to_one_hot(shape, maximum_val=num_instances * len(keys) + 1)[1:]
+  detected = step.detect_instance(rw_up.numpy(), shape, np.repeat(keys, num_instances),
+                                  max_fragment_size=size[0] * size[1] * 0.01)
+  return centroids, instance_map, detected
+
+
+def compare_instances(irn, step, grid, classes: int, seed: int) -> dict:
+  """Instances (affinity_jax/instances.py through random_walk.boundary_walk_instances)
+  against IRN's on the same boundary map, displacement field and CAMs."""
+  import jax
+  from affinity_jax import instances, random_walk
+  h, w = grid
+  size = (4 * h - 2, 4 * w - 3)
+  boundary, cams = synthetic_inputs(h, w, classes, seed)
+  displacement = synthetic_displacement(h, w, seed, pull=(0.9, 1.8, 2.7)[seed % 3])
+  keys = np.arange(classes, dtype=np.int32) * 2 + 1  # class ids 1, 3, 5
+  centroids, groups, theirs = irn_instances(irn, step, boundary, displacement, cams, keys, size)
+  @jax.jit
+  def scores(edge, stack, valid):
+    return random_walk.boundary_walk(edge, stack, valid=valid, radius=RADIUS, beta=BETA,
+                                     t=2 ** EXP_TIMES)
+  walk = random_walk.BoundaryWalk(maps=None, scores=scores)
+  ours = random_walk.boundary_walk_instances(walk, boundary, displacement, cams, keys, size,
+                                             threshold=BG_THRESHOLD)
+  our_centroids = instances.centroids(displacement)
+  our_groups = instances.clusters(our_centroids, displacement)
+  their_map = np.zeros(size, np.int32)
+  for i, m in enumerate(theirs["mask"]):
+    their_map[m] = i + 1
+  same_count = len(theirs["class"]) == len(ours.class_ids)
+  return {"grid": [h, w], "classes": classes, "groups": int(groups.shape[0]),
+          "centroids_equal": bool(np.array_equal(our_centroids, centroids.transpose(1, 2, 0))),
+          "groups_equal": bool(np.array_equal(our_groups, np.argmax(groups, 0))
+                               and groups.shape[0] == our_groups.max() + 1),
+          "instances": [len(theirs["class"]), len(ours.class_ids)],
+          "classes_equal": bool(same_count and np.array_equal(theirs["class"], ours.class_ids)),
+          "scores_max_abs": float(np.abs(theirs["score"] - ours.scores).max())
+                            if same_count else float("inf"),
+          "pixels_equal_pct": 100.0 * float(np.mean(their_map == ours.instance_map))}
+
+
 def paths_equal(irn, radius: int) -> bool:
   from affinity_jax import geometry
   index = irn.indexing.PathIndex(radius=radius, default_size=(2 * radius + 2, 4 * radius + 2))
@@ -164,6 +243,25 @@ def main(argv=None):
           f"{row['transition_max_abs']:.1e} | {row['walk_max_rel']:.1e} | "
           f"{row['ours_vs_float64_max_rel']:.1e} / {row['irn_vs_float64_max_rel']:.1e} | "
           f"{row['labels_equal_pct']:.3f}% |", flush=True)
+  try:
+    step = irn_original.load_instance_step(irn)
+  except ImportError as e:
+    step = None
+    print(f"instances: not compared ({e}; IRN's instance step imports scikit-image, imageio "
+          "and pydensecrf)")
+  if step is not None:
+    irn.pyutils = importlib.import_module("misc.pyutils")
+    print("| grid | classes | groups | centroids | groups equal | instances IRN / ours | "
+          "classes | scores max abs | pixels equal |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    results["instances"] = []
+    for i, grid in enumerate(args.sizes):
+      row = compare_instances(irn, step, grid, classes=1 + i % 3, seed=args.seed + i)
+      results["instances"].append(row)
+      print(f"| {grid[0]}x{grid[1]} | {row['classes']} | {row['groups']} | "
+            f"{'equal' if row['centroids_equal'] else 'DIFFERENT'} | {row['groups_equal']} | "
+            f"{row['instances'][0]} / {row['instances'][1]} | {row['classes_equal']} | "
+            f"{row['scores_max_abs']:.1e} | {row['pixels_equal_pct']:.3f}% |", flush=True)
   cases = results["cases"]
   results.update({
       "transition_max_abs": max(c["transition_max_abs"] for c in cases),
@@ -171,6 +269,12 @@ def main(argv=None):
       "ours_vs_float64_max_rel": max(c["ours_vs_float64_max_rel"] for c in cases),
       "irn_vs_float64_max_rel": max(c["irn_vs_float64_max_rel"] for c in cases),
       "labels_equal_pct": min(c["labels_equal_pct"] for c in cases)})
+  if step is not None:
+    rows = results["instances"]
+    results["instances_equal"] = all(
+        r["centroids_equal"] and r["groups_equal"] and r["classes_equal"] for r in rows)
+    results["instance_scores_max_abs"] = max(r["scores_max_abs"] for r in rows)
+    results["instance_pixels_equal_pct"] = min(r["pixels_equal_pct"] for r in rows)
   print(json.dumps(results))
 
 

@@ -1,7 +1,8 @@
 """IRN (github jiwoon-ahn/irn), the successor of PSA, as the experiments run it beside ours.
 
 - `check_irn_root`: the checkout, or ValueError naming the folder and what is missing;
-- `load_irn`: imports its modules from the checkout, files not edited. On the CPU
+- `load_irn`: imports its modules from the checkout, files not edited (`load_instance_step`:
+  its instance step). On the CPU
   `torch.Tensor.cuda` becomes the identity in this process only, because its walk
   (misc/indexing.py: edge_to_affinity, affinity_sparse2dense) moves tensors with `.cuda()`.
 Nothing here imports torch or JAX at module level, so argument checks run without them.
@@ -41,7 +42,23 @@ def load_irn(irn_root: str, threads: int | None = None) -> types.SimpleNamespace
   warnings.filterwarnings("ignore", message=r"Sparse invariant checks")
   sys.path.insert(0, check_irn_root(irn_root))
   indexing = importlib.import_module("misc.indexing")
-  return types.SimpleNamespace(torch=torch, indexing=indexing)
+  return types.SimpleNamespace(torch=torch, indexing=indexing, root=check_irn_root(irn_root))
+
+
+def load_instance_step(irn: types.SimpleNamespace):
+  """IRN's step/make_ins_seg_labels.py (its centroid, cluster and detection functions), or
+  ImportError naming what it needs (scikit-image, imageio, pydensecrf: its imports). Its
+  misc/pyutils.py names `np.bool` as a default argument, which NumPy 1.24-1.26 lack: there the
+  alias is put back (to `bool`, what it was) in this process only."""
+  import numpy as np
+  if not hasattr(np, "bool"):
+    np.bool = bool
+  here = os.getcwd()
+  os.chdir(irn.root)  # voc12/dataloader.py reads voc12/cls_labels.npy, relative, on import
+  try:
+    return importlib.import_module("step.make_ins_seg_labels")
+  finally:
+    os.chdir(here)
 
 
 def dense_walk_cost(h: int, w: int, exp_times: int = 8) -> dict:

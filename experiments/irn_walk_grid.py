@@ -6,7 +6,7 @@ network: which of the walk's values, the relation network or the CAMs makes a ru
 
 RUN is the workdir of an `affinity-jax run` with method irn that has its CAMs (infer_cam) and its
 relation network (train_aff); its recorded config (config.json) gives the data and the network.
-Each image's flip-averaged boundary map is computed once (random_walk.make_boundary_fn, with
+Each image's flip-averaged boundary map is computed once (random_walk.make_relation_maps_fn, with
 OTHER_RUN's relation network when given: IRN's backbone is frozen, so any run's relation network
 reads any run's images), then walked (random_walk.boundary_walk, radius from the config) for
 every beta and number of steps 2^logt, and labelled (random_walk.boundary_walk_labels) at
@@ -40,7 +40,7 @@ def _maps(cfg, net_cfg, split: str) -> tuple[list, list[str]]:
   workdir = artifacts.Workdir(cfg.workdir)
   builder = data.from_config(cfg)
   model, variables = checkpoint.load_network(net_cfg, artifacts.RELATION_NET)
-  boundary = rw.make_boundary_fn(model)
+  maps = rw.make_relation_maps_fn(model)
   items = []
   canvas = tuple(int(c) for c in cfg.data.canvas)
   for batch in pipelines.inference(builder, split, scales=(1.0,), canvas=canvas,
@@ -52,8 +52,8 @@ def _maps(cfg, net_cfg, split: str) -> tuple[list, list[str]]:
     images = batch["image_s0"]
     grid_w = -(-images.shape[2] // IRN_STRIDE)
     grid = -(-sizes // IRN_STRIDE)
-    edges = np.asarray(boundary(variables, images, cam.flip_index(sizes[:, 1], images.shape[2]),
-                                cam.flip_index(grid[:, 1], grid_w)))
+    edges = np.asarray(maps(variables, images, cam.flip_index(sizes[:, 1], images.shape[2]),
+                            cam.flip_index(grid[:, 1], grid_w))[0])
     for i in range(len(names)):
       if not batch["valid"][i]:
         if names[i]:

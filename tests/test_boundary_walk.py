@@ -152,6 +152,12 @@ def test_walk_equals_irns_own():
   assert results["transition_max_abs"] <= 1e-6
   assert results["walk_max_rel"] <= 1e-4
   assert results["labels_equal_pct"] >= 99.9
+  if "instances" not in results:
+    pytest.skip("IRN's instance step does not import here (scikit-image, imageio, pydensecrf)")
+  assert results["instances_equal"]  # centroids, groups and the instances' classes
+  assert results["instance_scores_max_abs"] <= 1e-4
+  assert results["instance_pixels_equal_pct"] >= 99.9
+  assert max(r["groups"] for r in results["instances"]) >= 2
 
 
 def test_compare_irn_names_a_folder_that_is_not_irn(tmp_path):
@@ -184,13 +190,21 @@ def test_the_stages_walk_of_a_canvas_batch_equals_each_image_alone():
     images[i, :h, :w] = rng.normal(size=(h, w, 3))
     cams[i] = rng.random((-(-h // 4), -(-w // 4), 1 + i % 2)).astype(np.float32)
   walk = random_walk.make_boundary_walk_fn(model, cfg)
-  got = random_walk.boundary_walk_batch(walk, variables, images, cams, sizes)
+  got, boundaries, displacements = random_walk.boundary_walk_batch(walk, variables, images,
+                                                                   cams, sizes)
+  assert boundaries.shape == (3, 16, 16) and displacements.shape == (3, 16, 16, 2)
   forward = jax.jit(model.apply)
   for i, (h, w) in enumerate(sizes):
     pair = np.zeros((2, 64, 64, 3), np.float32)
     pair[0, :h, :w], pair[1, :h, :w] = images[i, :h, :w], images[i, :h, :w, :][:, ::-1]
     edges = np.asarray(forward(variables, pair)[0])[:, :-(-h // 4), :-(-w // 4)]
     boundary = 1 / (1 + np.exp(-(edges[0] / 2 + edges[1][:, ::-1] / 2)))
+    # The maps handed on to the instances: the boundary map, and the image's own displacement.
+    np.testing.assert_allclose(boundaries[i, :-(-h // 4), :-(-w // 4)], boundary, rtol=1e-5,
+                               atol=1e-6)
+    displacement = np.asarray(forward(variables, pair)[1])[0, :-(-h // 4), :-(-w // 4)]
+    np.testing.assert_allclose(displacements[i, :-(-h // 4), :-(-w // 4)], displacement,
+                               rtol=1e-5, atol=1e-6)
     want = random_walk.boundary_walk(boundary[None], cams[i][None], radius=int(cfg.random_walk.radius),
                             beta=float(cfg.random_walk.beta), t=2 ** int(cfg.random_walk.logt))
     assert got[i].shape == cams[i].shape

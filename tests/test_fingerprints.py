@@ -86,3 +86,14 @@ def test_outputs_of_an_older_stage_code_are_not_current(cfg):
   assert train_cam.VERSION > 1 and new["fingerprint"] != old["fingerprint"]
   with pytest.raises(UserError, match=r"the stage's code version: 1 -> 2"):
     fingerprints.prepare(cfg, "train_cam", new, outputs_exist=True)
+
+
+def test_a_change_to_irns_path_alone_leaves_psas_outputs_current():
+  """A stage's IRN_VERSION (train_aff: the relation network's mean displacement) counts with
+  method irn only."""
+  from affinity_jax import config, stages
+  from affinity_jax.stages import train_aff
+  psa, irn = config.load_config("synthetic:tiny"), config.load_config("synthetic_irn:tiny")
+  assert stages.version(train_aff, psa) == train_aff.VERSION == 2
+  assert stages.version(train_aff, irn) == train_aff.IRN_VERSION == 3
+  assert stages.version(train_cam, irn) == train_cam.VERSION

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from affinity_jax import checkpoint, cli, config, io
+from affinity_jax import artifacts, checkpoint, cli, config, io
 from affinity_jax.errors import ConfigError
 from tests import _runs
 
@@ -72,6 +72,43 @@ def test_results_and_a_rerun_that_does_nothing(run_dir, capsys):
                     for f in os.listdir(workdir / "pseudo_labels")}
 
 
+def test_instances_from_the_displacement_field(run_dir):
+  """random_walk's instances (method irn, random_walk.instances) fit their images and the
+  images' classes; the relation network carries the mean displacement it measured; evaluate
+  scores the instances (the synthetic data's objects are known)."""
+  workdir, _ = run_dir
+  variables, _ = checkpoint.load_variables(str(workdir / "aff_net" / "final"))
+  mean = np.asarray(variables["batch_stats"]["mean_shift"]["mean"])
+  assert mean.shape == (2,) and np.all(np.isfinite(mean)) and np.any(mean != 0)
+  names = sorted(f[:-4] for f in os.listdir(workdir / "pseudo_labels"))
+  assert sorted(f[:-4] for f in os.listdir(workdir / "instances")) == names
+  found = 0
+  for name in names:
+    label = io.load_png(workdir / "pseudo_labels" / f"{name}.png")
+    ids = set(io.load_npz(workdir / "cams" / f"{name}.npz")["class_ids"].tolist())
+    instance_map, classes, scores = artifacts.load_instances(
+        str(workdir / "instances" / f"{name}.npz"), label.shape, 3)
+    assert set(classes.tolist()) <= ids and np.all((scores >= 0) & (scores <= 1))
+    assert set(np.unique(instance_map)) <= set(range(len(classes) + 1))
+    found += len(classes)
+  assert found >= len(names)  # every image's class is somewhere
+  results = json.loads((workdir / "results.json").read_text())
+  ap = results["splits"]["val"]["instances"]["ap50"]
+  assert len(ap) == 3 and 0.0 <= results["instance_map50"] <= 1.0
+  assert "mAP at IoU 0.5" in (workdir / "results.md").read_text()
+
+
+def test_an_image_without_its_instances_is_walked_again(run_dir, tmp_path, capsys):
+  workdir, argv = _runs.copy_run(run_dir, tmp_path)
+  argv = argv + ["--stages", "random_walk"]
+  name = sorted(os.listdir(workdir / "instances"))[0][:-4]
+  before = (workdir / "instances" / f"{name}.npz").read_bytes()
+  os.remove(workdir / "instances" / f"{name}.npz")
+  assert cli.main(argv) == 0
+  assert "wrote 1 pseudo labels" in capsys.readouterr().out
+  assert (workdir / "instances" / f"{name}.npz").read_bytes() == before
+
+
 def test_a_changed_irn_key_is_named_not_reused(run_dir, capsys):
   """random_walk.bg_threshold is a key of IRN's configs only (IRN_READS): its change is caught."""
   workdir, argv = run_dir
@@ -129,6 +166,10 @@ def test_irn_walk_with_crf_needs_a_positive_background():
   config.validate(cfg)
   cfg.random_walk.bg_threshold = 1.5
   with pytest.raises(ConfigError, match=r"random_walk.bg_threshold must be in \[0, 1\]"):
+    config.validate(cfg)
+  cfg.random_walk.bg_threshold = 0.25
+  cfg.random_walk.instance_bg_threshold = -0.1
+  with pytest.raises(ConfigError, match=r"random_walk.instance_bg_threshold must be in \[0, 1\]"):
     config.validate(cfg)
 
 

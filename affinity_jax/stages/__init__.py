@@ -38,6 +38,15 @@ def reads(module, cfg) -> tuple[str, ...]:
   return tuple(module.READS) + tuple(extra)
 
 
+def version(module, cfg) -> int:
+  """The version of a stage's code (fingerprints.py): its VERSION, and with method irn its
+  IRN_VERSION where it has one (a change to IRN's path alone leaves PSA's outputs current)."""
+  from affinity_jax import config
+  if config.method(cfg) == "irn" and hasattr(module, "IRN_VERSION"):
+    return int(module.IRN_VERSION)
+  return int(getattr(module, "VERSION", 1))
+
+
 def run_stages(cfg, names: list[str]) -> dict[str, dict]:
   """Runs `names` in pipeline order, holding the workdir's lock; returns their summaries.
 
@@ -129,7 +138,7 @@ def _run_locked(cfg, names: list[str]) -> dict[str, dict]:
   for name in names:
     module = modules[name]
     record = fingerprints.make_record(cfg, name, reads(module, cfg), module.CONSUMES, dataset,
-                                      getattr(module, "VERSION", 1))
+                                      version(module, cfg))
 
     def decide(name=name, record=record):
       """Process 0: the stage's verdict, acted on before any process starts the stage."""

@@ -1,5 +1,9 @@
 """Stage evaluate: mIoU of CAM, CAM + random walk and segmentation, a table and pictures.
 
+With method irn and random_walk.instances, also the instances' mean AP at IoU 0.5 (IRN's
+measure) on each of eval.cam_splits, where the ground truth's instances are known (the
+synthetic dataset): `instance_map50` and per-split `instances` in results.json, a second table.
+
 Confusion matrices are accumulated over whole splits (255 ignored, docs/method.md §9) by
 evaluation.Scores, which `affinity-jax evaluate` scores any folder of masks with.
 Writes (artifacts.save_results) `{workdir}/results.json` (`cam_miou`, `rw_miou`, `seg_miou`
@@ -17,13 +21,14 @@ import os
 
 import numpy as np
 
-from affinity_jax import artifacts, cam, charts, config, data, evaluation, io, pictures
+from affinity_jax import (artifacts, cam, charts, config, data, evaluation, instances, io,
+                          pictures)
 
 # What its outputs are made from (affinity_jax/fingerprints.py): the config keys it reads
 # (a section stands for all its keys) and the stages whose outputs it consumes.
 READS = ("model.num_classes", "eval.cam_splits", "eval.seg_splits", "random_walk.crf")
 # With method irn, also these (keys of IRN's configs only).
-IRN_READS = ("eval.cam_background",)
+IRN_READS = ("eval.cam_background", "random_walk.instances")
 CONSUMES = ("infer_cam", "random_walk", "infer_seg")
 
 
@@ -84,6 +89,35 @@ def _score(cfg, split: str, kinds: dict[str, str], report) -> dict:
   return conf
 
 
+def _score_instances(cfg, split: str, report) -> np.ndarray | None:
+  """[num_classes] AP at IoU 0.5 (NaN: no instance of the class) of the random_walk stage's
+  instances over `split` (instances.average_precision, IRN's measure), against each mask's
+  objects as its classes' connected regions (instances.ground_truth_instances): exact only
+  where objects never touch, so scored for the synthetic dataset alone (None otherwise)."""
+  import tensorflow_datasets as tfds
+  if cfg.data.name != "synthetic_wsss":
+    print(f"[evaluate] instances on {split} not scored: the ground truth's instances are known "
+          "only for synthetic_wsss (whose objects never touch)")
+    return None
+  workdir = artifacts.Workdir(cfg.workdir)
+  builder = data.from_config(cfg)
+  excluded = artifacts.skipped_by(workdir, "random_walk")
+  predictions, truth = [], []
+  for ex in tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False)):
+    name = ex["name"].decode()
+    if not ex["has_mask"]:
+      continue
+    path = workdir.instances(name)
+    if name in excluded and not os.path.exists(path):
+      report.skip(name, "no instances (random_walk skipped it)")
+      continue
+    gt = ex["mask"][..., 0]
+    predictions.append(instances.Instances(*artifacts.load_instances(path, gt.shape,
+                                                                     cfg.model.num_classes)))
+    truth.append(instances.ground_truth_instances(gt))
+  return instances.average_precision(predictions, truth, cfg.model.num_classes)
+
+
 def _draw(workdir: artifacts.Workdir, scored: list) -> None:
   """results_iou.png (every row of the table) and results_confusion.png (the first
   segmentation row); an earlier run's are removed first, so that none outlives its table."""
@@ -133,8 +167,20 @@ def run(cfg) -> dict:
       scored.append((f"{labels[kind]} ({split})", kind, c))
   table = ["| stage | split | mIoU (%) |", "|---|---|---|"]
   table += [f"| {what} | {split} | {100 * m:.1f} |" for what, split, m in rows]
+  if config.method(cfg) == "irn" and cfg.random_walk.instances:
+    ins_rows = []
+    for split in cfg.eval.cam_splits:
+      ap = _score_instances(cfg, split, report)
+      if ap is None:
+        continue
+      mean_ap = float(np.nanmean(ap)) if np.any(np.isfinite(ap)) else float("nan")
+      results["splits"][split]["instances"] = {"map50": mean_ap, "ap50": ap.tolist()}
+      results.setdefault("instance_map50", mean_ap)
+      ins_rows.append(f"| Instances (IRN) | {split} | {100 * mean_ap:.1f} |")
+    if ins_rows:
+      table += ["", "| instances | split | mAP at IoU 0.5 (%) |", "|---|---|---|"] + ins_rows
   text = "\n".join(table)
   artifacts.save_results(workdir, results, text)
   _draw(workdir, scored)
   print(text)
-  return report.finish({k: v for k, v in results.items() if k.endswith("_miou")})
+  return report.finish({k: v for k, v in results.items() if k.endswith(("_miou", "_map50"))})

@@ -20,10 +20,15 @@ class's walked score, divided by the image's maximum, is under random_walk.bg_th
 stops there (configs/voc_irn_resnet50.py: random_walk.crf False); with random_walk.crf True
 (not IRN's; PSA's refinement, for comparing the two walks on equal terms) the label is the
 argmax of the dCRF marginals of those scores (the constant background and the normalised
-classes, divided by their sum at each pixel) instead.
+classes, divided by their sum at each pixel) instead. With random_walk.instances (IRN's
+make_ins_seg_labels.py) it also writes each image's instances, `{workdir}/instances/{name}.npz`
+(affinity_jax/instances.py: the displacement field's groups, the same walk over each class's
+CAM within each group, random_walk.instance_bg_threshold).
 """
 
 from __future__ import annotations
+
+import os
 
 import jax
 import numpy as np
@@ -39,7 +44,8 @@ READS = ("model", "random_walk.beta", "random_walk.logt", "random_walk.alpha",
          "random_walk.radius", "random_walk.scheme", "random_walk.tol", "random_walk.crf",
          "random_walk.crf_iters", "aff.image_scale", "data.canvas")
 # With method irn, also these (keys of IRN's configs only).
-IRN_READS = ("random_walk.bg_threshold",)
+IRN_READS = ("random_walk.bg_threshold", "random_walk.instances",
+             "random_walk.instance_bg_threshold")
 CONSUMES = ("train_aff", "infer_cam")
 # The version of this stage's code: bumped when the same inputs give other outputs
 # (fingerprints.py). 2: the exact canvas forward, the original's pair set per image.
@@ -125,9 +131,27 @@ def run(cfg) -> dict:
   return _finish(workdir, report, devices, written)
 
 
+def _drop_labels_without_instances(workdir) -> None:
+  """Process 0, before the walk: a pseudo label whose instance file is missing (deleted, or a
+  write cut off between the two) is removed, so that the image is walked again. The instance
+  file is written first, so a label alone never counts as done."""
+  from affinity_jax import distributed
+  if distributed.is_main():
+    folder = workdir.path(artifacts.PSEUDO_LABELS)
+    names = [f[:-4] for f in os.listdir(folder) if f.endswith(".png")] if os.path.isdir(
+        folder) else []
+    for name in names:
+      if not os.path.exists(workdir.instances(name)):
+        os.remove(workdir.pseudo_label(name))
+  distributed.barrier("pseudo labels without instances removed")
+
+
 def _run_irn(cfg) -> dict:
   """IRN's walk (method irn): see the module docstring."""
   threshold = float(cfg.random_walk.bg_threshold)
+  with_instances = bool(cfg.random_walk.instances)
+  if with_instances:
+    _drop_labels_without_instances(artifacts.Workdir(cfg.workdir))
   workdir, report, devices, panel_names, batches = _pending(cfg, 1.0)
   model = None
   written = 0
@@ -148,8 +172,8 @@ def _run_irn(cfg) -> dict:
         keep.remove(i)
     if not keep:
       continue
-    walked = rw.boundary_walk_batch(walk, variables, batch["image_s0"], cams, sizes,
-                                    put=devices.put)
+    walked, boundary, displacement = rw.boundary_walk_batch(
+        walk, variables, batch["image_s0"], cams, sizes, put=devices.put)
     devices.record(batch)
     for i in keep:
       artifacts.require_finite(workdir, artifacts.RELATION_NET, walked[i], [batch_names[i]],
@@ -163,6 +187,13 @@ def _run_irn(cfg) -> dict:
                              channels, int(cfg.random_walk.crf_iters))
       else:
         label = channels[np.argmax(scores, axis=-1)].astype(np.uint8)
+      if with_instances:  # first: the label marks the image done
+        artifacts.require_finite(workdir, artifacts.RELATION_NET, displacement[i],
+                                 [batch_names[i]], "the displacement field is not finite")
+        found = rw.boundary_walk_instances(
+            walk, boundary[i], displacement[i], cams[i], ids[i], sizes[i],
+            threshold=float(cfg.random_walk.instance_bg_threshold))
+        artifacts.save_instances(workdir.instances(batch_names[i]), *found)
       artifacts.save_label(workdir.pseudo_label(batch_names[i]), label)
       if batch_names[i] in panel_names:
         artifacts.save_walk_heat(workdir.walk_heat(batch_names[i]),

@@ -10,7 +10,8 @@ With `method` "irn" (docs/method.md §11) it trains IRN's relation network inste
 (models.RelationNet, its backbone frozen) on `relation_train` batches (image and IRN's
 confident-region label rescaled, flipped and cropped together, the label reduced to stride 4),
 with losses.relation_training_loss (the affinity of every pair within aff.radius against the
-label's pairs, and the displacement field's two losses).
+label's pairs, and the displacement field's two losses); then, as IRN does, the displacement
+field's mean over the training images (`mean_shift`), which inference subtracts.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from affinity_jax import artifacts, config, geometry, losses, models, pictures
+from affinity_jax import artifacts, config, data, geometry, losses, models, pictures
 from affinity_jax.data import pipelines
+from affinity_jax.errors import UserError
+from affinity_jax.models import relation_net
 from affinity_jax.stages.training import TrainingSpec, run_training
 
 # What its outputs are made from (affinity_jax/fingerprints.py): the config keys it reads
@@ -30,6 +33,8 @@ CONSUMES = ("aff_labels", "train_cam")
 # The version of this stage's code: bumped when the same inputs give other outputs
 # (fingerprints.py). 2: black crop fill, PIL's pixels and resize.
 VERSION = 2
+# With method irn: 3, the relation network's mean displacement measured after training.
+IRN_VERSION = 3
 
 
 def batches(cfg, builder, start, batch_size, process_index, process_count):
@@ -109,11 +114,52 @@ def relation_pictures(cfg, model):
   return _boundary_pictures(boundary, convention)
 
 
+def mean_shift(cfg, model, variables) -> dict:
+  """`variables` with the relation network's mean displacement (batch_stats mean_shift/mean),
+  measured as IRN's train_irn.py measures it after training: the mean of the displacement
+  field (the network in inference mode, its mean shift still zero) over the training split's
+  images, each at scale 1 at the top-left of an aff.crop_size square of zeros (cut there when
+  larger; IRN's crop_method "top_left"), the whole square's grid averaged, in batches of
+  aff.batch_size of which a last partial one is dropped (IRN's drop_last) but one batch is
+  always taken. Images larger than data.canvas, which inference does not load, are left out."""
+  crop = int(cfg.aff.crop_size)
+  builder = data.from_config(cfg)
+  names = data.split_names(builder, cfg.data.train_split)
+  batch_size = int(cfg.aff.batch_size)
+  names = names[:max(batch_size, len(names) // batch_size * batch_size)]
+  canvas = tuple(max(int(c), crop) for c in cfg.data.canvas)
+
+  @jax.jit
+  def field(variables, images):
+    _, displacement = model.apply(variables, images)
+    return jnp.mean(displacement, axis=(1, 2), dtype=jnp.float32)
+
+  sums, count = np.zeros(2, np.float64), 0
+  for batch in pipelines.inference(builder, cfg.data.train_split, scales=(1.0,), canvas=canvas,
+                                   batch_size=batch_size, names=names,
+                                   convention=models.input_convention(cfg)):
+    keep = np.asarray(batch["valid"], bool)
+    if not keep.any():
+      continue
+    images = np.asarray(batch["image_s0"])[keep, :crop, :crop]
+    means = np.asarray(field(variables, images), np.float64)
+    sums += means.sum(0)
+    count += len(means)
+  if not count:
+    raise UserError(f"no image of {cfg.data.train_split} fits the canvas {canvas} "
+                    "(data.canvas): the relation network's mean displacement needs one")
+  variables = jax.tree.map(lambda x: x, variables)  # a copy whose leaves can be replaced
+  variables["batch_stats"][relation_net.MEAN_SHIFT]["mean"] = (sums / count).astype(np.float32)
+  print(f"[{artifacts.RELATION_NET.folder}] mean displacement (dy, dx) over {count} training "
+        f"images: {sums[0] / count:.4f}, {sums[1] / count:.4f}", flush=True)
+  return variables
+
+
 RELATION_SPEC = TrainingSpec(
     network=artifacts.RELATION_NET,
     loss=lambda cfg: losses.relation_training_loss(int(cfg.aff.radius), cfg.aff.scheme),
     batches=relation_batches, backbone_from_cam_net=True, pictures=relation_pictures,
-    frozen_backbone=True)
+    frozen_backbone=True, finish=mean_shift)
 
 SPEC = TrainingSpec(network=artifacts.AFF_NET,
                     loss=lambda cfg: losses.affinity_training_loss(cfg.aff.radius,

@@ -37,6 +37,9 @@ class TrainingSpec:
   # The network never trains its backbone (IRN's relation network), whatever init.freeze_stem
   # says: its "frozen" parameters stay frozen.
   frozen_backbone: bool = False
+  # (cfg, model, trained variables) -> the variables to save, on process 0 after training
+  # (IRN's relation network measures its mean displacement); None: saved as trained.
+  finish: Callable[[object, object, dict], dict] | None = None
 
 
 def steps_for(net_cfg, num_examples: int) -> int:
@@ -131,5 +134,7 @@ def run_training(cfg, spec: TrainingSpec) -> dict:
   except NonFiniteLossError as e:
     raise NonFiniteLossError(f"{e} The learning rate is --config.{net.section}.lr.") from e
   if jax.process_index() == 0:
+    if spec.finish is not None:
+      trained = spec.finish(cfg, model, trained)
     checkpoint.save_network(cfg, net, trained)
   return {"steps": steps}
