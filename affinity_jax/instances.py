@@ -192,6 +192,33 @@ def ground_truth_instances(mask: np.ndarray, ignore: int = 255
   return (np.stack(masks) if masks else np.zeros(shape, bool)), np.asarray(ids, np.int32)
 
 
+def objects_ground_truth(objects: np.ndarray, mask: np.ndarray, ignore: int = 255
+                         ) -> tuple[np.ndarray, np.ndarray]:
+  """Instances of an object map (VOC's SegmentationObject: 0 none, k object k, `ignore`) and
+  its class mask (SegmentationClass), as chainercv's VOCInstanceSegmentationDataset reads them
+  for IRN's eval_ins_seg.py: each object's pixels, of the class its pixels hold in the mask
+  (the most frequent one, the ignore value left out; an object without one is left out).
+
+  Returns ([N, H, W] bool masks, [N] int32 foreground class ids, 0-based), in object order.
+  """
+  objects, mask = np.asarray(objects), np.asarray(mask)
+  if objects.shape != mask.shape:
+    raise ValueError(f"object map {objects.shape} and class mask {mask.shape} differ in size.")
+  masks, ids = [], []
+  for value in np.unique(objects):
+    if value == 0 or value == ignore:
+      continue
+    region = objects == value
+    classes = mask[region]
+    classes = classes[(classes != ignore) & (classes != 0)]
+    if not classes.size:
+      continue
+    masks.append(region)
+    ids.append(int(np.bincount(classes).argmax()) - 1)
+  shape = (0,) + mask.shape
+  return (np.stack(masks) if masks else np.zeros(shape, bool)), np.asarray(ids, np.int32)
+
+
 def average_precision(predictions: Sequence[Instances], ground_truth: Sequence[tuple],
                       num_classes: int, *, iou_threshold: float = 0.5) -> np.ndarray:
   """[num_classes] VOC average precision of instance masks at `iou_threshold` (NaN for a class

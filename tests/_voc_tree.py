@@ -5,7 +5,8 @@ that its mask does not show) and SBD `cls/*.mat` files in SBD's struct layout
 (`GTcls.Segmentation`, `GTcls.Boundaries`, `GTcls.CategoriesPresent`).
 
 `make_voc_tree(root)` returns what a reader should find: the ids of each split, each image's
-mask as written and the labels from XML and from the mask.
+mask (and VOC's object map, SegmentationObject) as written and the labels from XML and from the
+mask.
 """
 
 from __future__ import annotations
@@ -62,6 +63,19 @@ def _mask(rng: np.random.Generator, height: int, width: int, classes: list[int],
   return mask
 
 
+def _objects(mask: np.ndarray) -> np.ndarray:
+  """VOC's SegmentationObject for a `_mask`: its k-th rectangle (from the top) object k + 1,
+  the mask's 255 kept."""
+  objects = np.where(mask == 255, 255, 0).astype(np.uint8)
+  rows = np.flatnonzero(((mask > 0) & (mask < 255)).any(axis=1))
+  starts = rows[np.r_[True, np.diff(rows) > 1]] if rows.size else rows
+  for k, top in enumerate(starts):
+    band = np.zeros_like(mask, bool)
+    band[top:top + 10] = True
+    objects[band & (mask > 0) & (mask < 255)] = k + 1
+  return objects
+
+
 def _xml(name: str, objects: list[tuple[str, bool]], height: int, width: int) -> str:
   body = "".join(
       f"<object><name>{cls}</name><pose>Unspecified</pose><truncated>0</truncated>"
@@ -98,6 +112,7 @@ def make_voc_tree(root: str, *, with_sbd: bool = True, seed: int = 0) -> dict:
   voc = os.path.join(root, "VOCdevkit", "VOC2012")
   sbd = os.path.join(root, "benchmark_RELEASE", "dataset")
   folders = [os.path.join(voc, d) for d in ("JPEGImages", "Annotations", "SegmentationClass",
+                                            "SegmentationObject",
                                             os.path.join("ImageSets", "Segmentation"))]
   if with_sbd:
     folders += [os.path.join(sbd, "img"), os.path.join(sbd, "cls")]
@@ -105,7 +120,7 @@ def make_voc_tree(root: str, *, with_sbd: bool = True, seed: int = 0) -> dict:
     os.makedirs(d, exist_ok=True)
 
   all_ids = sorted(set(VOC_TRAIN + VOC_VAL + (SBD_TRAIN + SBD_VAL if with_sbd else ())))
-  expected = {"sizes": {}, "masks": {}, "xml_labels": {}, "mask_labels": {}}
+  expected = {"sizes": {}, "masks": {}, "objects": {}, "xml_labels": {}, "mask_labels": {}}
   for n, name in enumerate(all_ids):
     height, width = 40 + 4 * n, 56 - 2 * n  # Distinct sizes, so mix-ups show.
     classes = [1 + (3 * n) % 20, 1 + (3 * n + 7) % 20][: 1 + n % 2]
@@ -128,6 +143,8 @@ def make_voc_tree(root: str, *, with_sbd: bool = True, seed: int = 0) -> dict:
     if name in VOC_TRAIN + VOC_VAL:
       _png(os.path.join(voc, "SegmentationClass", f"{name}.png"), voc_mask)
       expected["masks"][name] = voc_mask
+      expected["objects"][name] = _objects(voc_mask)
+      _png(os.path.join(voc, "SegmentationObject", f"{name}.png"), expected["objects"][name])
     if with_sbd and name in SBD_TRAIN + SBD_VAL:
       # SBD's mask differs from VOC's (other class, no boundary), so the preferred source shows.
       sbd_mask = voc_mask.copy() if name not in VOC_TRAIN + VOC_VAL else np.zeros_like(voc_mask)

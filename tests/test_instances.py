@@ -149,6 +149,31 @@ def test_ground_truth_instances_are_each_classes_regions():
   assert empty.shape == (0, 3, 3) and none.shape == (0,)
 
 
+def test_voc_objects_take_the_class_their_pixels_hold(tmp_path):
+  """instances.objects_ground_truth on a SegmentationObject written as VOC writes it
+  (voc_files.read_object_png): objects of one class apart, the boundary ignored, an object
+  with no class pixel left out."""
+  from tests import _voc_tree
+  mask = np.zeros((12, 16), np.uint8)
+  mask[1:5, 1:6] = 15
+  mask[1:5, 8:14] = 15
+  mask[7:11, 2:9] = 3
+  mask[0, :] = 255
+  objects = np.where(mask == 255, 255, 0).astype(np.uint8)
+  objects[1:5, 1:6], objects[1:5, 8:14], objects[7:11, 2:9] = 1, 2, 3
+  objects[11, 15] = 4  # on background: no class
+  path = str(tmp_path / "2007_000001.png")
+  _voc_tree.save_palette_png(path, objects, _voc_tree.voc_palette())
+  from affinity_jax.data import voc_files
+  masks, ids = instances.objects_ground_truth(voc_files.read_object_png(path), mask)
+  assert ids.tolist() == [14, 14, 2]
+  assert [int(m.sum()) for m in masks] == [20, 24, 28]
+  with open(tmp_path / "bad.png", "wb") as f:
+    f.write(b"not a png")
+  with pytest.raises(UserError, match="bad.png cannot be decoded as a PNG"):
+    voc_files.read_object_png(str(tmp_path / "bad.png"))
+
+
 def _instances(shape, regions, classes, scores):
   m = np.zeros(shape, np.int32)
   for i, (ys, xs) in enumerate(regions):

@@ -219,8 +219,14 @@ def test_voc_tiny_on_a_generated_tree_of_many_sizes(tmp_path):
     assert cam["strided"].shape[:2] == (-(-h // 4), -(-w // 4))
     assert io.load_png(workdir / "aff_labels" / f"{name}.png").shape == (h, w)
     assert io.load_png(workdir / "pseudo_labels" / f"{name}.png").shape == (h, w)
+    instance_map, _, _ = artifacts.load_instances(str(workdir / "instances" / f"{name}.npz"),
+                                                  (h, w), 20)
+    assert instance_map.shape == (h, w)
   results = json.loads((workdir / "results.json").read_text())
   assert 0.0 <= results["rw_miou"] <= 1.0 and 0.0 <= results["seg_miou"] <= 1.0
+  # VOC's object maps (SegmentationObject) score the instances of its train images.
+  train = results["splits"]["train"]["instances"]
+  assert train["images"] == len(_voc_tree.VOC_TRAIN) and 0.0 <= train["map50"] <= 1.0
 
 
 def test_the_synthetic_irn_path_from_the_pretrained_backbone(tmp_path):

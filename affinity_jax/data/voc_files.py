@@ -97,6 +97,22 @@ def read_palette_png(path: str, name: str, notes: BuildNotes) -> np.ndarray:
   return mask
 
 
+def read_object_png(path: str) -> np.ndarray:
+  """uint8 [H, W] of a SegmentationObject PNG: 0 background, k the image's k-th object, 255
+  boundary / ignore (the palette index, as VOC's devkit reads it)."""
+  try:
+    with Image.open(path) as im:
+      im.load()
+      mode = im.mode
+      objects = np.asarray(im, dtype=np.uint8) if mode in ("P", "L") else None
+  except Exception as e:
+    raise UserError(f"voc2012_aug: {path} cannot be decoded as a PNG ({e})") from None
+  if objects is None:
+    raise UserError(f"voc2012_aug: {path} is a {mode} image; SegmentationObject masks must be "
+                    "palette (P) PNGs whose index is the object")
+  return objects
+
+
 def check_palette(mask: np.ndarray, colours: np.ndarray, path: str, name: str,
                    notes: BuildNotes) -> None:
   """Indices are the classes whatever the palette, unless it holds VOC's class colours at other

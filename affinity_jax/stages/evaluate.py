@@ -1,8 +1,9 @@
 """Stage evaluate: mIoU of CAM, CAM + random walk and segmentation, a table and pictures.
 
 With method irn and random_walk.instances, also the instances' mean AP at IoU 0.5 (IRN's
-measure) on each of eval.cam_splits, where the ground truth's instances are known (the
-synthetic dataset): `instance_map50` and per-split `instances` in results.json, a second table.
+measure) on each of eval.cam_splits, over the images whose ground-truth instances are known
+(the synthetic dataset's; VOC's SegmentationObject PNGs under data.manual_dir):
+`instance_map50` and per-split `instances` in results.json, a second table.
 
 Confusion matrices are accumulated over whole splits (255 ignored, docs/method.md §9) by
 evaluation.Scores, which `affinity-jax evaluate` scores any folder of masks with.
@@ -23,6 +24,8 @@ import numpy as np
 
 from affinity_jax import (artifacts, cam, charts, config, data, evaluation, instances, io,
                           pictures)
+from affinity_jax.data import voc_files
+from affinity_jax.errors import UserError
 
 # What its outputs are made from (affinity_jax/fingerprints.py): the config keys it reads
 # (a section stands for all its keys) and the stages whose outputs it consumes.
@@ -89,15 +92,41 @@ def _score(cfg, split: str, kinds: dict[str, str], report) -> dict:
   return conf
 
 
-def _score_instances(cfg, split: str, report) -> np.ndarray | None:
-  """[num_classes] AP at IoU 0.5 (NaN: no instance of the class) of the random_walk stage's
-  instances over `split` (instances.average_precision, IRN's measure), against each mask's
-  objects as its classes' connected regions (instances.ground_truth_instances): exact only
-  where objects never touch, so scored for the synthetic dataset alone (None otherwise)."""
+def _instance_truth(cfg):
+  """name, mask -> the image's ground-truth instances (`instances.ground_truth_instances`
+  form), or None where it has none; or a reason (str) when the data has no instances to score:
+  the synthetic data's objects are each class's connected regions of the mask (they never
+  touch); VOC's are its SegmentationObject PNGs under data.manual_dir (VOC's train and val
+  images have them; SBD's do not), read as chainercv reads them for IRN's eval_ins_seg.py."""
+  if cfg.data.name == "synthetic_wsss":
+    return lambda name, mask: instances.ground_truth_instances(mask)
+  folder = os.path.join(str(cfg.data.get("manual_dir", "") or ""), "VOCdevkit", "VOC2012",
+                        "SegmentationObject")
+  if cfg.data.name == "voc2012_aug" and os.path.isdir(folder):
+    def voc(name, mask):
+      path = os.path.join(folder, name + ".png")
+      if not os.path.isfile(path):
+        return None
+      objects = voc_files.read_object_png(path)
+      if objects.shape != mask.shape:
+        raise UserError(f"{path}: object map of {objects.shape[0]}x{objects.shape[1]} for an "
+                        f"image of {mask.shape[0]}x{mask.shape[1]}")
+      return instances.objects_ground_truth(objects, mask)
+    return voc
+  if cfg.data.name == "voc2012_aug":
+    return f"no folder {folder} (data.manual_dir)"
+  return f"dataset {cfg.data.name} has no instance masks"
+
+
+def _score_instances(cfg, split: str, report) -> tuple[np.ndarray, int] | None:
+  """([num_classes] AP at IoU 0.5 (NaN: no instance of the class), images scored) of the
+  random_walk stage's instances over the images of `split` with ground-truth instances
+  (`_instance_truth`; instances.average_precision, IRN's measure), or None when there are
+  none to score."""
   import tensorflow_datasets as tfds
-  if cfg.data.name != "synthetic_wsss":
-    print(f"[evaluate] instances on {split} not scored: the ground truth's instances are known "
-          "only for synthetic_wsss (whose objects never touch)")
+  truth_of = _instance_truth(cfg)
+  if isinstance(truth_of, str):
+    print(f"[evaluate] instances on {split} not scored: {truth_of}")
     return None
   workdir = artifacts.Workdir(cfg.workdir)
   builder = data.from_config(cfg)
@@ -107,15 +136,21 @@ def _score_instances(cfg, split: str, report) -> np.ndarray | None:
     name = ex["name"].decode()
     if not ex["has_mask"]:
       continue
+    gt = ex["mask"][..., 0]
+    objects = truth_of(name, gt)
+    if objects is None:
+      continue
     path = workdir.instances(name)
     if name in excluded and not os.path.exists(path):
       report.skip(name, "no instances (random_walk skipped it)")
       continue
-    gt = ex["mask"][..., 0]
     predictions.append(instances.Instances(*artifacts.load_instances(path, gt.shape,
                                                                      cfg.model.num_classes)))
-    truth.append(instances.ground_truth_instances(gt))
-  return instances.average_precision(predictions, truth, cfg.model.num_classes)
+    truth.append(objects)
+  if not truth:
+    print(f"[evaluate] instances on {split} not scored: no image has ground-truth instances")
+    return None
+  return instances.average_precision(predictions, truth, cfg.model.num_classes), len(truth)
 
 
 def _draw(workdir: artifacts.Workdir, scored: list) -> None:
@@ -170,15 +205,18 @@ def run(cfg) -> dict:
   if config.method(cfg) == "irn" and cfg.random_walk.instances:
     ins_rows = []
     for split in cfg.eval.cam_splits:
-      ap = _score_instances(cfg, split, report)
-      if ap is None:
+      scored_instances = _score_instances(cfg, split, report)
+      if scored_instances is None:
         continue
+      ap, images = scored_instances
       mean_ap = float(np.nanmean(ap)) if np.any(np.isfinite(ap)) else float("nan")
-      results["splits"][split]["instances"] = {"map50": mean_ap, "ap50": ap.tolist()}
+      results["splits"][split]["instances"] = {"map50": mean_ap, "ap50": ap.tolist(),
+                                               "images": images}
       results.setdefault("instance_map50", mean_ap)
-      ins_rows.append(f"| Instances (IRN) | {split} | {100 * mean_ap:.1f} |")
+      ins_rows.append(f"| Instances (IRN) | {split} | {images} | {100 * mean_ap:.1f} |")
     if ins_rows:
-      table += ["", "| instances | split | mAP at IoU 0.5 (%) |", "|---|---|---|"] + ins_rows
+      table += ["", "| instances | split | images | mAP at IoU 0.5 (%) |", "|---|---|---|---|"]
+      table += ins_rows
   text = "\n".join(table)
   artifacts.save_results(workdir, results, text)
   _draw(workdir, scored)
