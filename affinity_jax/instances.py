@@ -111,7 +111,8 @@ def clusters(centre: np.ndarray, displacement: np.ndarray,
   if centre.shape != d.shape or not np.issubdtype(centre.dtype, np.integer):
     raise ValueError(f"centre must be [h, w, 2] integer positions on the displacement's grid "
                      f"{d.shape[:2]} (got {centre.shape}, {centre.dtype}).")
-  near, _ = ndimage.label(np.hypot(d[..., 0], d[..., 1]) < threshold,
+  # IRN's length to the bit (float32 square root of dx^2 + dy^2; np.hypot rounds otherwise).
+  near, _ = ndimage.label(np.sqrt(d[..., 1] ** 2 + d[..., 0] ** 2) < threshold,
                           structure=_FOUR_NEIGHBOURS)
   region = near[centre[..., 0], centre[..., 1]]
   _, group = np.unique(region, return_inverse=True)
@@ -195,9 +196,11 @@ def ground_truth_instances(mask: np.ndarray, ignore: int = 255
 def objects_ground_truth(objects: np.ndarray, mask: np.ndarray, ignore: int = 255
                          ) -> tuple[np.ndarray, np.ndarray]:
   """Instances of an object map (VOC's SegmentationObject: 0 none, k object k, `ignore`) and
-  its class mask (SegmentationClass), as chainercv's VOCInstanceSegmentationDataset reads them
-  for IRN's eval_ins_seg.py: each object's pixels, of the class its pixels hold in the mask
-  (the most frequent one, the ignore value left out; an object without one is left out).
+  its class mask (SegmentationClass): each object's pixels, of the class its pixels hold in the
+  mask (the most frequent one, the ignore value left out; an object without one is left out).
+  On well-formed VOC maps (each object's pixels of one class) this is what chainercv's
+  VOCInstanceSegmentationDataset gives IRN's eval_ins_seg.py; chainercv takes the smallest
+  value instead, and fails on an object holding background or ignore pixels.
 
   Returns ([N, H, W] bool masks, [N] int32 foreground class ids, 0-based), in object order.
   """

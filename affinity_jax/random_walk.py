@@ -497,8 +497,8 @@ def boundary_walk_batch(walk: BoundaryWalk, variables, images, cams: Mapping[int
 
 
 def boundary_walk_instances(walk: BoundaryWalk, boundary: np.ndarray, displacement: np.ndarray,
-                            cams: np.ndarray, class_ids, size, *, threshold: float = 0.25
-                            ) -> instances_lib.Instances:
+                            cams: np.ndarray, class_ids, size, *, threshold: float = 0.25,
+                            check_finite=None) -> instances_lib.Instances:
   """IRN's instances of one image (affinity_jax/instances.py; its make_ins_seg_labels.py).
 
   Args:
@@ -508,6 +508,8 @@ def boundary_walk_instances(walk: BoundaryWalk, boundary: np.ndarray, displaceme
     cams: [ceil(H / 4), ceil(W / 4), C] IRN's stride-4 CAMs of the image's classes `class_ids`.
     size: the image's (H, W).
     threshold: the background's constant score (IRN's ins_seg_bg_thres, 0.25).
+    check_finite: called with the walked scores (the stage's names the image and the network);
+      by default non-finite scores are a ValueError.
   """
   h, w = cams.shape[:2]
   hc, wc = boundary.shape
@@ -519,7 +521,9 @@ def boundary_walk_instances(walk: BoundaryWalk, boundary: np.ndarray, displaceme
   padded[0, :h, :w, :stack.shape[-1]] = stack
   valid = cam_lib.valid_mask(np.array([[h, w]]), (hc, wc))
   walked = np.asarray(walk.scores(boundary[None], padded, valid))[0, :h, :w, :stack.shape[-1]]
-  if not np.all(np.isfinite(walked)):
+  if check_finite is not None:
+    check_finite(walked)
+  elif not np.all(np.isfinite(walked)):
     raise ValueError("the instance walk gives non-finite scores")
   scores = boundary_walk_scores(walked, size, threshold=threshold, stride=IRN_STRIDE)
   return instances_lib.detect(scores, class_ids, num_groups)

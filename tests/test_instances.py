@@ -44,6 +44,15 @@ def test_cells_pointing_at_two_centres_form_two_groups_apart_from_the_rest():
   assert np.all(group[~disc_a & ~disc_b] == 0)
 
 
+def test_a_displacement_at_the_threshold_is_measured_as_irn_measures_it():
+  # float32 sqrt(dx^2 + dy^2) is 2.5000002 here (IRN: not near a centre); np.hypot gives
+  # 2.4999998.
+  d = np.array([[[0.0, 0.0], [2.499426, 0.05356726], [0.0, 0.0]]], np.float32)
+  assert np.sqrt(d[0, 1, 1] ** 2 + d[0, 1, 0] ** 2) >= np.float32(2.5)
+  centre = np.array([[[0, 0], [0, 0], [0, 2]]], np.int32)
+  assert instances.clusters(centre, d).tolist() == [[0, 0, 1]]
+
+
 def test_a_cell_whose_centroid_stops_far_from_a_centre_is_group_zero():
   # A uniform pull to the right: every centroid ends at the right edge, where the field is
   # strong; the near-centre cells (none) form no region.
@@ -187,13 +196,13 @@ def test_average_precision_by_hand():
   gt_masks[0, 0:4, 0:4] = True
   gt_masks[1, 5:9, 10:14] = True
   gt = (gt_masks, np.array([1, 1]))
-  # Class 1: 0.9 hits object 0, 0.8 hits it again (a duplicate: false), 0.7 hits object 1 with
-  # IoU 12 / 16 = 0.75; class 0 has no object: NaN, whatever is predicted; class 2 an object
+  # Class 1: 0.9 hits object 0; 0.8 is in an image without objects (false); 0.7 hits object 1
+  # with IoU 12 / 16 = 0.75; class 0 has no object: NaN, whatever is predicted; class 2 an object
   # and no prediction: 0.
   pred = _instances(shape, [(slice(0, 4), slice(0, 4)), (slice(0, 4), slice(4, 8)),
                             (slice(5, 8), slice(10, 14)), (slice(0, 2), slice(16, 20))],
                     [1, 1, 1, 0], [0.9, 0.3, 0.7, 0.5])
-  dup = _instances(shape, [(slice(0, 4), slice(0, 3))], [1], [0.8])  # IoU 0.75 with object 0
+  dup = _instances(shape, [(slice(0, 4), slice(0, 3))], [1], [0.8])  # its image has no object
   gt2 = np.zeros((1, *shape), bool)
   gt2[0, 0:2, 0:2] = True
   ap = instances.average_precision([pred, dup, _instances(shape, [], [], [])],
@@ -204,13 +213,22 @@ def test_average_precision_by_hand():
   assert np.isnan(ap[0])
   assert ap[1] == pytest.approx(0.5 + 0.5 * 2 / 3)
   assert ap[2] == 0.0
-  # The same prediction twice in one image: the second is a false positive.
-  twice = _instances(shape, [(slice(0, 4), slice(0, 4)), (slice(5, 9), slice(10, 14))],
-                     [1, 1], [0.9, 0.8])
-  twice = instances.Instances(np.where(twice.instance_map == 2, 0, twice.instance_map),
-                              twice.class_ids, twice.scores)
-  ap = instances.average_precision([twice], [gt], 2, iou_threshold=0.5)
-  assert ap[1] == pytest.approx(0.5)  # object 0 found first, object 1 never
+  # Two predictions of one object in one image, each overlapping it by IoU 0.5 exactly
+  # (instances never overlap): the first by score takes it, the second is a false positive.
+  obj = np.zeros((1, 2, 2), bool)
+  obj[0] = True
+  halves = _instances((2, 2), [(slice(0, 1), slice(0, 2)), (slice(1, 2), slice(0, 2))], [0, 0],
+                      [0.9, 0.8])
+  ap = instances.average_precision([halves], [(obj, np.array([0]))], 1)
+  assert ap[0] == pytest.approx(1.0)  # precision 1 at recall 1, before the false positive
+  # With a second image between them by score: 0.9 TP, 0.85 FP (the object is taken), 0.8 TP
+  # (image 2): precision 1, 1/2, 2/3 at recall 1/2, 1/2, 1 -> 1/2 + 1/2 * 2/3. Counting the
+  # taken object again would give recall 1 at precision 1 (AP 1).
+  dup = _instances((2, 2), [(slice(0, 1), slice(0, 2)), (slice(1, 2), slice(0, 2))], [0, 0],
+                   [0.9, 0.85])
+  whole = _instances((2, 2), [(slice(0, 2), slice(0, 2))], [0], [0.8])
+  ap = instances.average_precision([dup, whole], [(obj, np.array([0]))] * 2, 1)
+  assert ap[0] == pytest.approx(0.5 + 0.5 * 2 / 3)
 
 
 def test_instances_round_trip_and_a_wrong_file_is_named(tmp_path):

@@ -27,9 +27,9 @@ slices `[..., :h, :w]`.
   Channel 0 is the vertical displacement (dy), channel 1 the horizontal one (dx), IRN's
   order (its displacement target is search_dst, (dy, dx) pairs). IRN's MeanShift then
   subtracts the mean displacement over the training images from the output, at inference
-  only; here that 2-vector is `batch_stats/mean_shift/mean` (IRN's mean_shift.running_mean,
-  zeros unless converted from IRN's file: our training does not measure it, as nothing uses the
-  displacement field yet).
+  only; here that 2-vector is `batch_stats/mean_shift/mean` (IRN's mean_shift.running_mean:
+  zeros at init, measured after training by stages/train_aff.py's `mean_shift` as IRN measures
+  it, or converted from IRN's file).
 
 Widths: every channel count above (the backbone's too) is scaled by `width` (resnet38.scaled;
 1.0 = IRN's, which loads its weights); the two output channel counts (1 and 2) never are.

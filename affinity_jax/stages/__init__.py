@@ -38,13 +38,15 @@ def reads(module, cfg) -> tuple[str, ...]:
   return tuple(module.READS) + tuple(extra)
 
 
-def version(module, cfg) -> int:
-  """The version of a stage's code (fingerprints.py): its VERSION, and with method irn its
-  IRN_VERSION where it has one (a change to IRN's path alone leaves PSA's outputs current)."""
+def version(module, cfg) -> int | str:
+  """The version of a stage's code (fingerprints.py): its VERSION, and with method irn also its
+  IRN_VERSION where it has one ("2+irn3"): a change to IRN's path alone leaves PSA's outputs
+  current, a change to both paths (VERSION) makes IRN's outputs old too."""
   from affinity_jax import config
+  base = int(getattr(module, "VERSION", 1))
   if config.method(cfg) == "irn" and hasattr(module, "IRN_VERSION"):
-    return int(module.IRN_VERSION)
-  return int(getattr(module, "VERSION", 1))
+    return f"{base}+irn{int(module.IRN_VERSION)}"
+  return base
 
 
 def run_stages(cfg, names: list[str]) -> dict[str, dict]:

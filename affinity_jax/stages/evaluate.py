@@ -121,8 +121,8 @@ def _instance_truth(cfg):
 def _score_instances(cfg, split: str, report) -> tuple[np.ndarray, int] | None:
   """([num_classes] AP at IoU 0.5 (NaN: no instance of the class), images scored) of the
   random_walk stage's instances over the images of `split` with ground-truth instances
-  (`_instance_truth`; instances.average_precision, IRN's measure), or None when there are
-  none to score."""
+  (`_instance_truth`; instances.average_precision, IRN's measure; an image random_walk skipped
+  has its objects missed), or None when there are none to score."""
   import tensorflow_datasets as tfds
   truth_of = _instance_truth(cfg)
   if isinstance(truth_of, str):
@@ -142,10 +142,14 @@ def _score_instances(cfg, split: str, report) -> tuple[np.ndarray, int] | None:
       continue
     path = workdir.instances(name)
     if name in excluded and not os.path.exists(path):
-      report.skip(name, "no instances (random_walk skipped it)")
-      continue
-    predictions.append(instances.Instances(*artifacts.load_instances(path, gt.shape,
-                                                                     cfg.model.num_classes)))
+      # Its objects count as missed, as in IRN's evaluation (which scores every image).
+      report.skip(name, "no instances (random_walk skipped it); its objects count as missed")
+      found = instances.Instances(np.zeros(gt.shape, np.int32), np.zeros(0, np.int32),
+                                  np.zeros(0, np.float32))
+    else:
+      found = instances.Instances(*artifacts.load_instances(path, gt.shape,
+                                                            cfg.model.num_classes))
+    predictions.append(found)
     truth.append(objects)
   if not truth:
     print(f"[evaluate] instances on {split} not scored: no image has ground-truth instances")

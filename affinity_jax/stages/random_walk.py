@@ -192,7 +192,10 @@ def _run_irn(cfg) -> dict:
                                  [batch_names[i]], "the displacement field is not finite")
         found = rw.boundary_walk_instances(
             walk, boundary[i], displacement[i], cams[i], ids[i], sizes[i],
-            threshold=float(cfg.random_walk.instance_bg_threshold))
+            threshold=float(cfg.random_walk.instance_bg_threshold),
+            check_finite=lambda v, name=batch_names[i]: artifacts.require_finite(
+                workdir, artifacts.RELATION_NET, v, [name],
+                "the instance walk gives non-finite scores"))
         artifacts.save_instances(workdir.instances(batch_names[i]), *found)
       artifacts.save_label(workdir.pseudo_label(batch_names[i]), label)
       if batch_names[i] in panel_names:

@@ -29,6 +29,8 @@ from affinity_jax.stages.training import TrainingSpec, run_training
 # What its outputs are made from (affinity_jax/fingerprints.py): the config keys it reads
 # (a section stands for all its keys) and the stages whose outputs it consumes.
 READS = ("seed", "model", "init", "aff", "data.train_split", "data.shuffle_buffer")
+# With method irn, also: the mean displacement leaves out images larger than the canvas.
+IRN_READS = ("data.canvas",)
 CONSUMES = ("aff_labels", "train_cam")
 # The version of this stage's code: bumped when the same inputs give other outputs
 # (fingerprints.py). 2: black crop fill, PIL's pixels and resize.
@@ -116,7 +118,8 @@ def relation_pictures(cfg, model):
 
 def mean_shift(cfg, model, variables) -> dict:
   """`variables` with the relation network's mean displacement (batch_stats mean_shift/mean),
-  measured as IRN's train_irn.py measures it after training: the mean of the displacement
+  measured as IRN's train_irn.py measures it after training, but over data.train_split (IRN:
+  its infer_list, VOC train; our VOC configs train on train_aug): the mean of the displacement
   field (the network in inference mode, its mean shift still zero) over the training split's
   images, each at scale 1 at the top-left of an aff.crop_size square of zeros (cut there when
   larger; IRN's crop_method "top_left"), the whole square's grid averaged, in batches of
