@@ -152,8 +152,21 @@ def test_walk_equals_irns_own():
   assert results["transition_max_abs"] <= 1e-6
   assert results["walk_max_rel"] <= 1e-4
   assert results["labels_equal_pct"] >= 99.9
-  if "instances" not in results:
-    pytest.skip("IRN's instance step does not import here (scikit-image, imageio, pydensecrf)")
+
+
+def test_instances_equal_irns_own():
+  """IRN's instance step (step/make_ins_seg_labels.py) against ours, by compare_irn.py."""
+  irn_root = os.environ.get("IRN_ROOT")
+  if not irn_root:
+    pytest.skip("set IRN_ROOT to a checkout of github.com/jiwoon-ahn/irn to compare with it")
+  for module in ("torch", "skimage", "imageio", "pydensecrf"):  # what IRN's step imports
+    pytest.importorskip(module, reason=f"IRN's instance step needs {module}")
+  res = subprocess.run(
+      [sys.executable, os.path.join(REPO, "experiments", "compare_irn.py"), "--irn-root",
+       irn_root, "--sizes", "11x14,19x26,24x24"], capture_output=True, text=True, timeout=600,
+      cwd=REPO, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+  assert res.returncode == 0, res.stderr[-3000:]
+  results = json.loads(res.stdout.strip().splitlines()[-1])
   assert results["instances_equal"]  # centroids, groups and the instances' classes
   assert results["instance_scores_max_abs"] <= 1e-4
   assert results["instance_pixels_equal_pct"] >= 99.9
