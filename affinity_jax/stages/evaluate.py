@@ -97,7 +97,8 @@ def _instance_truth(cfg):
   form), or None where it has none; or a reason (str) when the data has no instances to score:
   the synthetic data's objects are each class's connected regions of the mask (they never
   touch); VOC's are its SegmentationObject PNGs under data.manual_dir (VOC's train and val
-  images have them; SBD's do not), read as chainercv reads them for IRN's eval_ins_seg.py."""
+  images have them; SBD's do not), each object of the class its pixels hold
+  (instances.objects_ground_truth)."""
   if cfg.data.name == "synthetic_wsss":
     return lambda name, mask: instances.ground_truth_instances(mask)
   folder = os.path.join(str(cfg.data.get("manual_dir", "") or ""), "VOCdevkit", "VOC2012",
@@ -142,6 +143,8 @@ def _score_instances(cfg, split: str, report) -> tuple[np.ndarray, int] | None:
       continue
     path = workdir.instances(name)
     if name in excluded and not os.path.exists(path):
+      if not len(objects[1]):
+        continue  # nothing to find (an image without a class, which the walk passes over)
       # Its objects count as missed, as in IRN's evaluation (which scores every image).
       report.skip(name, "no instances (random_walk skipped it); its objects count as missed")
       found = instances.Instances(np.zeros(gt.shape, np.int32), np.zeros(0, np.int32),
