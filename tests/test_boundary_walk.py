@@ -137,17 +137,24 @@ def test_boundary_walk_bad_inputs():
     random_walk.boundary_walk_labels(np.zeros((2, 2, 1)), (9, 4))
 
 
-def test_walk_equals_irns_own():
+def _compare_irn(sizes: str, needs: tuple[str, ...]) -> dict:
+  """experiments/compare_irn.py's JSON against IRN_ROOT at stride-4 grids `sizes` (skips
+  without IRN_ROOT or a module of `needs`)."""
   irn_root = os.environ.get("IRN_ROOT")
   if not irn_root:
     pytest.skip("set IRN_ROOT to a checkout of github.com/jiwoon-ahn/irn to compare with it")
-  pytest.importorskip("torch", reason="the comparison with IRN needs torch")
+  for module in needs:
+    pytest.importorskip(module, reason=f"the comparison with IRN needs {module}")
   res = subprocess.run(
       [sys.executable, os.path.join(REPO, "experiments", "compare_irn.py"), "--irn-root",
-       irn_root, "--sizes", "11x14,19x26"], capture_output=True, text=True, timeout=600,
+       irn_root, "--sizes", sizes], capture_output=True, text=True, timeout=600,
       cwd=REPO, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
   assert res.returncode == 0, res.stderr[-3000:]
-  results = json.loads(res.stdout.strip().splitlines()[-1])
+  return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_walk_equals_irns_own():
+  results = _compare_irn("11x14,19x26", ("torch",))
   assert results["paths_equal_r5"] and results["paths_equal_r10"]
   assert results["transition_max_abs"] <= 1e-6
   assert results["walk_max_rel"] <= 1e-4
@@ -155,18 +162,9 @@ def test_walk_equals_irns_own():
 
 
 def test_instances_equal_irns_own():
-  """IRN's instance step (step/make_ins_seg_labels.py) against ours, by compare_irn.py."""
-  irn_root = os.environ.get("IRN_ROOT")
-  if not irn_root:
-    pytest.skip("set IRN_ROOT to a checkout of github.com/jiwoon-ahn/irn to compare with it")
-  for module in ("torch", "skimage", "imageio", "pydensecrf"):  # what IRN's step imports
-    pytest.importorskip(module, reason=f"IRN's instance step needs {module}")
-  res = subprocess.run(
-      [sys.executable, os.path.join(REPO, "experiments", "compare_irn.py"), "--irn-root",
-       irn_root, "--sizes", "11x14,19x26,24x24"], capture_output=True, text=True, timeout=600,
-      cwd=REPO, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
-  assert res.returncode == 0, res.stderr[-3000:]
-  results = json.loads(res.stdout.strip().splitlines()[-1])
+  """IRN's instance step (step/make_ins_seg_labels.py) against ours, by compare_irn.py; it
+  imports scikit-image, imageio and pydensecrf."""
+  results = _compare_irn("11x14,19x26,24x24", ("torch", "skimage", "imageio", "pydensecrf"))
   assert results["instances_equal"]  # centroids, groups and the instances' classes
   assert results["instance_scores_max_abs"] <= 1e-4
   assert results["instance_pixels_equal_pct"] >= 99.9
