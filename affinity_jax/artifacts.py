@@ -63,7 +63,8 @@ RUN_CONFIG = "config.json"
 # What each stage writes (glob patterns under the workdir), besides reports/{stage}.json.
 STAGE_OUTPUTS = {
     "train_cam": (CAM_NET.folder,), "infer_cam": (CAMS, CAM_PRED), "aff_labels": (AFF_LABELS,),
-    "train_aff": (AFF_NET.folder,), "random_walk": (PSEUDO_LABELS, INSTANCES, PANELS + "/rw_*.npz"),
+    "train_aff": (AFF_NET.folder,),
+    "random_walk": (PSEUDO_LABELS, INSTANCES, PANELS + "/rw_*.npz"),
     "train_seg": (SEG_NET.folder,), "infer_seg": (SEG_PRED,),
     "evaluate": (PANELS + "/*.png", RESULTS_JSON, RESULTS_MD, RESULTS_IOU_PNG,
                  RESULTS_CONFUSION_PNG),

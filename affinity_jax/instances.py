@@ -165,10 +165,9 @@ def detect(scores: np.ndarray, class_ids: Sequence[int], num_groups: int, *,
     regions, n = ndimage.label(winner == j + 1, structure=_FOUR_NEIGHBOURS)
     peaks = ndimage.maximum(scores[..., j + 1], regions, np.arange(1, n + 1))
     sizes = np.bincount(regions.ravel(), minlength=n + 1)[1:]
-    for r in range(n):
-      ids.append(class_ids[j // num_groups])
-      values.append(0.0 if sizes[r] < smallest else float(peaks[r]))
-      instance_map[regions == r + 1] = len(ids)
+    instance_map = np.where(regions > 0, regions + len(ids), instance_map)
+    ids += [class_ids[j // num_groups]] * n
+    values += [0.0 if sizes[r] < smallest else float(peaks[r]) for r in range(n)]
   return Instances(instance_map, np.asarray(ids, np.int32), np.asarray(values, np.float32))
 
 
@@ -189,8 +188,13 @@ def ground_truth_instances(mask: np.ndarray, ignore: int = 255
     for r in range(1, n + 1):
       masks.append(regions == r)
       ids.append(int(value) - 1)
-  shape = (0,) + mask.shape
-  return (np.stack(masks) if masks else np.zeros(shape, bool)), np.asarray(ids, np.int32)
+  return _stacked(masks, ids, mask.shape)
+
+
+def _stacked(masks: list, ids: list, shape) -> tuple[np.ndarray, np.ndarray]:
+  """([N, H, W] bool, [N] int32) of per-instance masks and class ids (N may be 0)."""
+  return (np.stack(masks) if masks else np.zeros((0,) + tuple(shape), bool),
+          np.asarray(ids, np.int32))
 
 
 def objects_ground_truth(objects: np.ndarray, mask: np.ndarray, ignore: int = 255
@@ -218,8 +222,7 @@ def objects_ground_truth(objects: np.ndarray, mask: np.ndarray, ignore: int = 25
       continue
     masks.append(region)
     ids.append(int(np.bincount(classes).argmax()) - 1)
-  shape = (0,) + mask.shape
-  return (np.stack(masks) if masks else np.zeros(shape, bool)), np.asarray(ids, np.int32)
+  return _stacked(masks, ids, mask.shape)
 
 
 def average_precision(predictions: Sequence[Instances], ground_truth: Sequence[tuple],
