@@ -45,7 +45,7 @@ def grid_size(size: int) -> int:
   return -(-int(size) // STRIDE)
 
 
-def bilinear_taps(out_size: int, in_size: int
+def bilinear_taps(out_size: int, in_size: int, ratio: float | None = None
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
   """The two source cells and weights of each output cell of a bilinear resize (align_corners
   =False): (i0, i1, w0, w1), each [out_size], output y = w0[y] * x[i0[y]] + w1[y] * x[i1[y]].
@@ -53,8 +53,11 @@ def bilinear_taps(out_size: int, in_size: int
   PyTorch's rule: source coordinate (y + 0.5) * in / out - 0.5, clamped at 0, the upper
   neighbour clamped to the last cell. Where both neighbours are the last cell, w0 holds their
   summed weight and w1 is 0, so that each (row, cell) of `interp_matrix` is one weight.
+  `ratio`: source cells per output cell, when it is not in / out (a grid resampled by a known
+  scale, whose two ends do not meet: PyTorch's `scale_factor` with its recompute off).
   """
-  src = (np.arange(out_size) + 0.5) * (in_size / out_size) - 0.5
+  ratio = in_size / out_size if ratio is None else float(ratio)
+  src = (np.arange(out_size) + 0.5) * ratio - 0.5
   src = np.maximum(src, 0.0)
   i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
   i1 = np.minimum(i0 + 1, in_size - 1)
@@ -81,20 +84,23 @@ def interp_matrix(out_size: int, in_size: int, out_pad: int, in_pad: int) -> np.
   return m
 
 
-def resize_bilinear(maps: np.ndarray, size) -> np.ndarray:
+def resize_bilinear(maps: np.ndarray, size, ratio: tuple[float, float] | None = None
+                    ) -> np.ndarray:
   """[H, W, C] -> [size[0], size[1], C], bilinear with half-pixel centres (align_corners=False).
 
   Two passes of two taps each (rows, then columns): the same float32 products and sums as the
-  product with `interp_matrix` on either side, without its zero terms.
+  product with `interp_matrix` on either side, without its zero terms. `ratio`: (rows, columns)
+  source cells per output cell, when not H / size[0] and W / size[1] (`bilinear_taps`).
   """
+  ratio = (None, None) if ratio is None else ratio
   maps = np.asarray(maps, np.float32)
   if maps.ndim != 3:
     raise ValueError(f"resize_bilinear: maps must be [H, W, C] (got shape {maps.shape}).")
   if not (maps.shape[0] and maps.shape[1] and int(size[0]) and int(size[1])):
     return np.zeros((int(size[0]), int(size[1]), maps.shape[2]), np.float32)
-  i0, i1, w0, w1 = bilinear_taps(int(size[0]), maps.shape[0])
+  i0, i1, w0, w1 = bilinear_taps(int(size[0]), maps.shape[0], ratio[0])
   rows = maps[i0] * w0[:, None, None] + maps[i1] * w1[:, None, None]
-  i0, i1, w0, w1 = bilinear_taps(int(size[1]), maps.shape[1])
+  i0, i1, w0, w1 = bilinear_taps(int(size[1]), maps.shape[1], ratio[1])
   return rows[:, i0] * w0[None, :, None] + rows[:, i1] * w1[None, :, None]
 
 

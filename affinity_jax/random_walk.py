@@ -228,7 +228,7 @@ def boundary_walk(boundary: jax.Array, cam: jax.Array, *, radius: int = 5, beta:
 
 
 def boundary_walk_scores(walked: np.ndarray, size, *, threshold: float = 0.25,
-                         stride: int = 4) -> np.ndarray:
+                         stride: int = 4, scaled=None) -> np.ndarray:
   """IRN's label scores of one image from its walked class scores: what its label is the
   argmax of (`boundary_walk_labels`), and what dCRF refines with `random_walk.crf`.
 
@@ -238,6 +238,9 @@ def boundary_walk_scores(walked: np.ndarray, size, *, threshold: float = 0.25,
     size: (H, W) of the image; H <= stride * h, W <= stride * w.
     threshold: the background's constant score after normalisation, >= 0 (IRN: 0.25).
     stride: the grid's stride (IRN: 4).
+    scaled: (Hs, Ws), when the grid is at `stride` of the image resized to that
+      (`aff.image_scale`; IRN: the image as it is): the grid is resampled to the image's own
+      pixels (bilinear, half-pixel centres, Hs / (stride * H) cells a pixel).
 
   Returns:
     [H, W, 1 + C] float32: channel 0 the constant `threshold` (the background), channel c + 1
@@ -252,13 +255,32 @@ def boundary_walk_scores(walked: np.ndarray, size, *, threshold: float = 0.25,
     raise ValueError("walked scores must be finite (a NaN would make the image all background).")
   h, w, _ = walked.shape
   height, width = (int(v) for v in size)
-  if not (0 < height <= stride * h and 0 < width <= stride * w):
-    raise ValueError(f"size {height}x{width} does not fit a {h}x{w} grid at stride {stride}.")
-  up = cam_lib.resize_bilinear(walked, (stride * h, stride * w))[:height, :width]
+  on = (height, width) if scaled is None else tuple(int(v) for v in scaled)
+  if not (0 < on[0] <= stride * h and 0 < on[1] <= stride * w):
+    raise ValueError(f"size {on[0]}x{on[1]} does not fit a {h}x{w} grid at stride {stride}.")
+  if on == (height, width):
+    up = cam_lib.resize_bilinear(walked, (stride * h, stride * w))[:height, :width]
+  else:
+    up = cam_lib.resize_bilinear(walked, (height, width),
+                                 ratio=(on[0] / (stride * height), on[1] / (stride * width)))
   peak = float(up.max()) if up.size else 0.0
   up = up / peak if peak > 0 else np.zeros_like(up)
   return np.concatenate([np.full((height, width, 1), threshold, np.float32), up],
                         -1).astype(np.float32)
+
+
+def strided_at_scale(strided: np.ndarray, size, scaled, *, stride: int = 4) -> np.ndarray:
+  """A grid at `stride` of an image of `size` (H, W), [ceil(H / stride), ceil(W / stride), C],
+  resampled to the grid at `stride` of the image resized to `scaled` (Hs, Ws) (bilinear,
+  half-pixel centres, H / Hs cells a cell): IRN's stride-4 CAMs on the grid that its walk runs
+  on when the relation network sees the image resized by `aff.image_scale`."""
+  strided = np.asarray(strided, np.float32)
+  (height, width), (hs, ws) = ((int(a), int(b)) for a, b in (size, scaled))
+  if strided.ndim != 3 or strided.shape[:2] != (-(-height // stride), -(-width // stride)):
+    raise ValueError(f"strided must be [ceil(H / {stride}), ceil(W / {stride}), C] of the "
+                     f"{height}x{width} image (got shape {strided.shape}).")
+  return cam_lib.resize_bilinear(strided, (-(-hs // stride), -(-ws // stride)),
+                                 ratio=(height / hs, width / ws))
 
 
 def boundary_walk_labels(walked: np.ndarray, size, *, threshold: float = 0.25,
@@ -467,10 +489,11 @@ def boundary_walk_batch(walk: BoundaryWalk, variables, images, cams: Mapping[int
 
   Args:
     walk: `make_boundary_walk_fn(model, cfg)`.
-    images: [B, Hc, Wc, 3] the relation network's inputs at scale 1 on a canvas.
+    images: [B, Hc, Wc, 3] the relation network's inputs on a canvas (IRN: each image as it
+      is; with `aff.image_scale`, resized by it).
     cams: {example index: [ceil(H / 4), ceil(W / 4), P] IRN's stride-4 CAMs of the image's
-      classes}; examples without one have nothing to walk.
-    sizes: [B, 2] each image's (H, W).
+      classes} (with a scale, `strided_at_scale`'s); examples without one have nothing to walk.
+    sizes: [B, 2] each image's (H, W) in `images` (resized, with a scale).
     put: as in `walk_batch`.
 
   Returns:
@@ -498,16 +521,19 @@ def boundary_walk_batch(walk: BoundaryWalk, variables, images, cams: Mapping[int
 
 def boundary_walk_instances(walk: BoundaryWalk, boundary: np.ndarray, displacement: np.ndarray,
                             cams: np.ndarray, class_ids, size, *, threshold: float = 0.25,
-                            check_finite=None) -> instances_lib.Instances:
+                            scaled=None, check_finite=None) -> instances_lib.Instances:
   """IRN's instances of one image (affinity_jax/instances.py; its make_ins_seg_labels.py).
 
   Args:
     walk: `make_boundary_walk_fn(model, cfg)`.
     boundary, displacement: the image's [hc, wc] and [hc, wc, 2] maps on a canvas grid
       (`boundary_walk_batch`), the image at its top-left.
-    cams: [ceil(H / 4), ceil(W / 4), C] IRN's stride-4 CAMs of the image's classes `class_ids`.
+    cams: [ceil(H / 4), ceil(W / 4), C] IRN's stride-4 CAMs of the image's classes `class_ids`
+      (with `scaled`: of Hs, Ws, `strided_at_scale`).
     size: the image's (H, W).
     threshold: the background's constant score (IRN's ins_seg_bg_thres, 0.25).
+    scaled: (Hs, Ws) when the maps are those of the image resized to that (`aff.image_scale`):
+      the instances are found on the grid and cut on the image's own pixels.
     check_finite: called with the walked scores (the stage's names the image and the network);
       by default non-finite scores are a ValueError.
   """
@@ -525,5 +551,6 @@ def boundary_walk_instances(walk: BoundaryWalk, boundary: np.ndarray, displaceme
     check_finite(walked)
   elif not np.all(np.isfinite(walked)):
     raise ValueError("the instance walk gives non-finite scores")
-  scores = boundary_walk_scores(walked, size, threshold=threshold, stride=IRN_STRIDE)
+  scores = boundary_walk_scores(walked, size, threshold=threshold, stride=IRN_STRIDE,
+                                scaled=scaled)
   return instances_lib.detect(scores, class_ids, num_groups)

@@ -68,7 +68,7 @@ def get_config(arg=None):
       batch_size=32, epochs=3, lr=0.1, weight_decay=1e-4, poly_power=0.9,
       momentum_quirk=True, momentum=0.9, optimizer="sgd", pretrained_lr_mult=1.0, crop_size=512,
       scale_range=(0.5, 1.5), color_jitter=(), radius=10, scheme="psa",
-      image_scale=1.0,  # PSA's key; IRN's walk runs on the image as it is.
+      image_scale=1.0,  # IRN: the image as it is (the relation network, its mean shift, the walk).
       # The relation network's heads' width multiplier, apart from the backbone's
       # (model.width); 0: model.width (IRN: both 1.0).
       head_width=0.0,

@@ -126,6 +126,49 @@ def test_boundary_walk_scores_are_what_the_labels_take():
   assert np.all(empty[..., 0] == 0.25) and np.all(empty[..., 1] == 0)
 
 
+@pytest.mark.parametrize("size,scale", [((37, 50), 2.0), ((24, 24), 2.0), ((41, 30), 1.5)])
+def test_grids_at_an_image_scale_keep_the_geometry(size, scale):
+  """With aff.image_scale the walk runs on the stride-4 grid of the image resized by it. A map
+  linear in position (each cell holding its centre's row in the image's own pixels) must stay
+  that map through `strided_at_scale` (image grid -> resized image's grid) and
+  `boundary_walk_scores(scaled=)` (resized image's grid -> image pixels), away from the clamped
+  edges; at scale 1 both are what they were without a scale."""
+  height, width = size
+  scaled = (round(height * scale), round(width * scale))
+  grid = (-(-height // 4), -(-width // 4))
+  rows = np.broadcast_to((4 * np.arange(grid[0], dtype=np.float32) + 2)[:, None, None],
+                         grid + (1,))
+  cols = np.broadcast_to((4 * np.arange(grid[1], dtype=np.float32) + 2)[None, :, None],
+                         grid + (1,))
+  strided = np.concatenate([rows, cols], -1)
+  on_scaled = random_walk.strided_at_scale(strided, size, scaled)
+  assert on_scaled.shape == (-(-scaled[0] // 4), -(-scaled[1] // 4), 2)
+  # Cell j of the resized image's grid has its centre at (4 j + 2) / scale in the image.
+  for axis in (0, 1):
+    centres = (4 * np.arange(on_scaled.shape[axis]) + 2) * (size[axis] / scaled[axis])
+    inside = (centres >= 2) & (centres <= 4 * grid[axis] - 2)
+    got = np.moveaxis(on_scaled[..., axis], axis, 0)[inside]
+    np.testing.assert_allclose(got, np.broadcast_to(centres[inside][:, None], got.shape),
+                               rtol=1e-5)
+  np.testing.assert_array_equal(random_walk.strided_at_scale(strided, size, size), strided)
+  # Back to the image: pixel y's centre y + 0.5, divided by the maximum over the image.
+  walked = np.concatenate([
+      np.broadcast_to((4 * np.arange(on_scaled.shape[0], dtype=np.float32)[:, None, None] + 2)
+                      * (size[0] / scaled[0]), on_scaled.shape[:2] + (1,)),
+      np.ones(on_scaled.shape[:2] + (1,), np.float32)], -1)
+  scores = random_walk.boundary_walk_scores(walked, size, threshold=0.0, scaled=scaled)
+  assert scores.shape == (height, width, 3)
+  ys = np.arange(height) + 0.5
+  inside = (ys * scaled[0] / height >= 2) & (ys * scaled[0] / height <= 4 * len(walked) - 2)
+  assert inside.sum() > height // 2
+  ratio = scores[inside, 0, 1] / ys[inside]
+  np.testing.assert_allclose(ratio, ratio[0], rtol=1e-5)  # proportional to y + 0.5
+  # The same grid without a scale is IRN's upsampling by 4, bit for bit.
+  np.testing.assert_array_equal(
+      random_walk.boundary_walk_scores(strided, size, scaled=size),
+      random_walk.boundary_walk_scores(strided, size))
+
+
 def test_boundary_walk_bad_inputs():
   with pytest.raises(ValueError, match="boundary must be"):
     geometry.boundary_affinities(jnp.zeros((4, 4)))

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from affinity_jax import artifacts, checkpoint, cli, config, io
+from affinity_jax import artifacts, checkpoint, cli, config, io, random_walk
 from affinity_jax.errors import ConfigError
 from tests import _runs
 
@@ -121,10 +121,35 @@ def test_a_changed_irn_key_is_named_not_reused(run_dir, capsys):
   assert record["inputs"]["config"]["random_walk.bg_threshold"] == before
 
 
+@pytest.mark.parametrize("scale", [1.0, 2.0])
+def test_irn_walk_image_scale_keeps_the_geometry(run_dir, tmp_path, scale):
+  """With beta huge IRN's walk is the identity, so where the label is a class it is the class
+  whose stride-4 CAM, upsampled by 4 as IRN does, is largest there (the boundary map scales
+  every class of a cell alike): through the CAMs' resampling to the grid of the image resized
+  by aff.image_scale and the walked scores' resampling back, the classes must land where they
+  were (a misplaced or misscaled grid would move them)."""
+  copy, argv = _runs.copy_run(run_dir, tmp_path, "pseudo_labels", "panels", "instances")
+  assert cli.main(argv + ["--stages", "random_walk", "--config.random_walk.beta=1e6",
+                          f"--config.aff.image_scale={scale}"]) == 0
+  agree = total = 0
+  for f in sorted(os.listdir(copy / "cams")):
+    cam = io.load_npz(copy / "cams" / f)
+    if len(cam["class_ids"]) < 2:
+      continue  # one class: any grid gives it
+    h, w = cam["cam"].shape[:2]
+    strided = cam["strided"]
+    up = random_walk.boundary_walk_scores(strided, (h, w), threshold=0.0)[..., 1:]
+    want = (cam["class_ids"] + 1)[up.argmax(-1)]
+    label = io.load_png(copy / "pseudo_labels" / (f[:-4] + ".png"))
+    assert label.shape == (h, w)
+    agree += np.sum((label == want) & (label > 0))
+    total += np.sum(label > 0)
+  assert total > 500 and agree / total > 0.95, (total, agree / total)
+
+
 def test_irn_walk_with_crf_refines_its_labels(run_dir, tmp_path, monkeypatch):
   """random_walk.crf with method irn (not IRN's own; for comparing with PSA's walk + dCRF):
   dCRF on IRN's label scores, each image's labels still its own classes."""
-  from affinity_jax import random_walk  # pylint: disable=import-outside-toplevel
   calls = []
   real = random_walk.crf_label
 

@@ -14,8 +14,9 @@ present classes, divided by their sum) instead. Writes
 `eval.panels` images of each split, the walked foreground heat map for pictures.
 
 With `method` "irn" (docs/method.md §11): the relation network's flip-averaged boundary map at
-stride 4 of the image as it is, IRN's stride-4 CAMs (infer_cam's `strided`), the walk over
-the image's classes (random_walk.boundary_walk_batch) and IRN's labels: background where every
+stride 4 of the image as it is (or resized by `aff.image_scale`, not IRN's: then IRN's
+stride-4 CAMs are resampled to that image's grid, and the walked scores back to the image's
+pixels), IRN's stride-4 CAMs (infer_cam's `strided`), the walk over the image's classes (random_walk.boundary_walk_batch) and IRN's labels: background where every
 class's walked score, divided by the image's maximum, is under random_walk.bg_threshold. IRN
 stops there (configs/voc_irn_resnet50.py: random_walk.crf False); with random_walk.crf True
 (not IRN's; PSA's refinement, for comparing the two walks on equal terms) the label is the
@@ -150,9 +151,10 @@ def _run_irn(cfg) -> dict:
   """IRN's walk (method irn): see the module docstring."""
   threshold = float(cfg.random_walk.bg_threshold)
   with_instances = bool(cfg.random_walk.instances)
+  scale = config.aff_image_scale(cfg)
   if with_instances:
     _drop_labels_without_instances(artifacts.Workdir(cfg.workdir))
-  workdir, report, devices, panel_names, batches = _pending(cfg, 1.0)
+  workdir, report, devices, panel_names, batches = _pending(cfg, scale)
   model = None
   written = 0
   for batch, batch_names, keep in batches:
@@ -160,7 +162,7 @@ def _run_irn(cfg) -> dict:
       model, variables = checkpoint.load_network(cfg, artifacts.RELATION_NET)
       variables = devices.replicate(variables)
       walk = rw.make_boundary_walk_fn(model, cfg)
-    sizes = np.asarray(batch["orig_size"])
+    sizes, scaled = np.asarray(batch["orig_size"]), np.asarray(batch["size_s0"])
     cams, ids = {}, {}
     for i in _with_positive_class(batch, batch_names, keep, report):
       path = workdir.cam(batch_names[i])
@@ -170,17 +172,19 @@ def _run_irn(cfg) -> dict:
         report.skip(batch_names[i], ids.pop(i))
         del cams[i]
         keep.remove(i)
+      elif scale != 1.0:
+        cams[i] = rw.strided_at_scale(cams[i], sizes[i], scaled[i], stride=IRN_STRIDE)
     if not keep:
       continue
     walked, boundary, displacement = rw.boundary_walk_batch(
-        walk, variables, batch["image_s0"], cams, sizes, put=devices.put)
+        walk, variables, batch["image_s0"], cams, scaled, put=devices.put)
     devices.record(batch)
     for i in keep:
       artifacts.require_finite(workdir, artifacts.RELATION_NET, walked[i], [batch_names[i]],
                                "the walk gives non-finite scores")
       channels = np.concatenate([[0], ids[i].astype(np.int64) + 1])
       scores = rw.boundary_walk_scores(walked[i], sizes[i], threshold=threshold,
-                                       stride=IRN_STRIDE)
+                                       stride=IRN_STRIDE, scaled=scaled[i])
       if cfg.random_walk.crf:
         h, w = sizes[i]
         label = rw.crf_label(batch["raw"][i, :h, :w], scores / scores.sum(-1, keepdims=True),
@@ -192,7 +196,7 @@ def _run_irn(cfg) -> dict:
                                  [batch_names[i]], "the displacement field is not finite")
         found = rw.boundary_walk_instances(
             walk, boundary[i], displacement[i], cams[i], ids[i], sizes[i],
-            threshold=float(cfg.random_walk.instance_bg_threshold),
+            threshold=float(cfg.random_walk.instance_bg_threshold), scaled=scaled[i],
             check_finite=lambda v, name=batch_names[i]: artifacts.require_finite(
                 workdir, artifacts.RELATION_NET, v, [name],
                 "the instance walk gives non-finite scores"))

@@ -121,16 +121,18 @@ def mean_shift(cfg, model, variables) -> dict:
   measured as IRN's train_irn.py measures it after training, but over data.train_split (IRN:
   its infer_list, VOC train; our VOC configs train on train_aug): the mean of the displacement
   field (the network in inference mode, its mean shift still zero) over the training split's
-  images, each at scale 1 at the top-left of an aff.crop_size square of zeros (cut there when
-  larger; IRN's crop_method "top_left"), the whole square's grid averaged, in batches of
-  aff.batch_size of which a last partial one is dropped (IRN's drop_last) but one batch is
-  always taken. Images larger than data.canvas, which inference does not load, are left out."""
+  images, each at scale 1 (or aff.image_scale, as the walk sees them) at the top-left of an
+  aff.crop_size square of zeros (cut there when larger; IRN's crop_method "top_left"), the
+  whole square's grid averaged, in batches of aff.batch_size of which a last partial one is
+  dropped (IRN's drop_last) but one batch is always taken. Images larger than data.canvas, which inference does not load, are left out."""
   crop = int(cfg.aff.crop_size)
   builder = data.from_config(cfg)
   names = data.split_names(builder, cfg.data.train_split)
   batch_size = int(cfg.aff.batch_size)
   names = names[:max(batch_size, len(names) // batch_size * batch_size)]
-  canvas = tuple(max(int(c), crop) for c in cfg.data.canvas)
+  scale = config.aff_image_scale(cfg)
+  # Resized, at least the crop (pipelines.canvas_for_scale).
+  canvas = tuple(max(int(c), int(np.ceil(crop / scale))) for c in cfg.data.canvas)
 
   @jax.jit
   def field(variables, images):
@@ -138,7 +140,7 @@ def mean_shift(cfg, model, variables) -> dict:
     return jnp.mean(displacement, axis=(1, 2), dtype=jnp.float32)
 
   sums, count = np.zeros(2, np.float64), 0
-  for batch in pipelines.inference(builder, cfg.data.train_split, scales=(1.0,), canvas=canvas,
+  for batch in pipelines.inference(builder, cfg.data.train_split, scales=(scale,), canvas=canvas,
                                    batch_size=batch_size, names=names,
                                    convention=models.input_convention(cfg)):
     keep = np.asarray(batch["valid"], bool)
