@@ -16,7 +16,8 @@ present classes, divided by their sum) instead. Writes
 With `method` "irn" (docs/method.md §11): the relation network's flip-averaged boundary map at
 stride 4 of the image as it is (or resized by `aff.image_scale`, not IRN's: then IRN's
 stride-4 CAMs are resampled to that image's grid, and the walked scores back to the image's
-pixels), IRN's stride-4 CAMs (infer_cam's `strided`), the walk over the image's classes (random_walk.boundary_walk_batch) and IRN's labels: background where every
+pixels), IRN's stride-4 CAMs (infer_cam's `strided`), the walk over the image's classes
+(random_walk.boundary_walk_batch) and IRN's labels: background where every
 class's walked score, divided by the image's maximum, is under random_walk.bg_threshold. IRN
 stops there (configs/voc_irn_resnet50.py: random_walk.crf False); with random_walk.crf True
 (not IRN's; PSA's refinement, for comparing the two walks on equal terms) the label is the

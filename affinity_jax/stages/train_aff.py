@@ -124,7 +124,8 @@ def mean_shift(cfg, model, variables) -> dict:
   images, each at scale 1 (or aff.image_scale, as the walk sees them) at the top-left of an
   aff.crop_size square of zeros (cut there when larger; IRN's crop_method "top_left"), the
   whole square's grid averaged, in batches of aff.batch_size of which a last partial one is
-  dropped (IRN's drop_last) but one batch is always taken. Images larger than data.canvas, which inference does not load, are left out."""
+  dropped (IRN's drop_last) but one batch is always taken. Images larger than data.canvas,
+  which inference does not load, are left out."""
   crop = int(cfg.aff.crop_size)
   builder = data.from_config(cfg)
   names = data.split_names(builder, cfg.data.train_split)
