@@ -279,12 +279,14 @@ def strided_at_scale(strided: np.ndarray, size, scaled, *, stride: int = 4) -> n
   if strided.ndim != 3 or strided.shape[:2] != (-(-height // stride), -(-width // stride)):
     raise ValueError(f"strided must be [ceil(H / {stride}), ceil(W / {stride}), C] of the "
                      f"{height}x{width} image (got shape {strided.shape}).")
+  if (hs, ws) == (height, width):  # the image as it is: the grid itself
+    return strided
   return cam_lib.resize_bilinear(strided, (-(-hs // stride), -(-ws // stride)),
                                  ratio=(height / hs, width / ws))
 
 
 def boundary_walk_labels(walked: np.ndarray, size, *, threshold: float = 0.25,
-                         stride: int = 4) -> np.ndarray:
+                         stride: int = 4, scaled=None) -> np.ndarray:
   """IRN's semantic pseudo label of one image from its walked class scores.
 
   Args: as `boundary_walk_scores`.
@@ -294,7 +296,7 @@ def boundary_walk_labels(walked: np.ndarray, size, *, threshold: float = 0.25,
     `boundary_walk_scores` (a position is background where every class's normalised score is
     under `threshold`; an image whose walked scores are all 0 is all background).
   """
-  scores = boundary_walk_scores(walked, size, threshold=threshold, stride=stride)
+  scores = boundary_walk_scores(walked, size, threshold=threshold, stride=stride, scaled=scaled)
   return np.argmax(scores, axis=-1).astype(np.int32)
 
 

@@ -173,7 +173,7 @@ def _run_irn(cfg) -> dict:
         report.skip(batch_names[i], ids.pop(i))
         del cams[i]
         keep.remove(i)
-      elif scale != 1.0:
+      else:
         cams[i] = rw.strided_at_scale(cams[i], sizes[i], scaled[i], stride=IRN_STRIDE)
     if not keep:
       continue
