@@ -7,6 +7,7 @@ pretrained for this world that ships with the package (affinity_jax/pretrained, 
 for torchvision's ImageNet weights), its stem and BatchNorm frozen, SGD with IRN's groups.
 Departures from IRN's values, each measured (experiments/RESULTS.md, "IRN's pipeline on the
 synthetic data"): the CAM network's learning rate, the relation network's steps and head width,
+the image scale of the relation network and the walk (`aff.image_scale`, as configs/synthetic.py),
 and the walk's beta and background threshold.
 
 Variants: `configs/synthetic_irn.py:tiny` (a few images and steps; what the tests run).
@@ -51,8 +52,13 @@ def get_config(arg=None):
   # At stride 16 a 96-px image has a 6x6 grid: the larger scales give the finer maps.
   c.cam_infer.update(dict(scales=(1.0, 1.5, 2.0), batch_size=1))
   c.aff_labels.workers = 2
-  # The relation network's pairs within radius 5 on the 24x24 grid of a 96-px crop (IRN: 10 on
+  # The relation network's pairs within radius 5 on the 40x40 grid of a 160-px crop (IRN: 10 on
   # the 128x128 grid of a 512-px crop), every pair inside the grid ("full").
+  # The image at twice its size (image_scale 2; IRN: 1), as configs/synthetic.py gives PSA's
+  # AffinityNet: the relation network, its mean displacement and the walk see the 192-px image
+  # (a 48x48 grid at stride 4), the crops rescaled by 1.8-2.2 around that. At scale 1 (96-px
+  # crops rescaled by 0.9-1.1) IRN's walk gave 87.9 / 87.7 / 88.5 train over seeds 0-2, behind
+  # PSA's walk + dCRF on the same CAMs on every seed's train split (experiments/RESULTS.md).
   # IRN's optimiser as it is (SGD, lr 0.1), for 1000 steps, and IRN's heads (32 channels per
   # boundary head) on the 1/16 backbone: with heads at 1/16 (2 channels each) and 300 steps the
   # walk depended on the training seed (train 86.5 / 80.8 / 78.0 over seeds 0-2), through the
