@@ -58,7 +58,9 @@ def get_config(arg=None):
   # AffinityNet: the relation network, its mean displacement and the walk see the 192-px image
   # (a 48x48 grid at stride 4), the crops rescaled by 1.8-2.2 around that. At scale 1 (96-px
   # crops rescaled by 0.9-1.1) IRN's walk gave 87.9 / 87.7 / 88.5 train over seeds 0-2, behind
-  # PSA's walk + dCRF on the same CAMs on every seed's train split (experiments/RESULTS.md).
+  # PSA's walk + dCRF on the same CAMs on every seed's train split; at 2, 90.7 / 92.2 / 90.3
+  # train and 92.4 / 91.8 / 91.1 val, ahead of it on every seed and split (experiments/RESULTS.md,
+  # "IRN on the doubled image").
   # IRN's optimiser as it is (SGD, lr 0.1), for 1000 steps, and IRN's heads (32 channels per
   # boundary head) on the 1/16 backbone: with heads at 1/16 (2 channels each) and 300 steps the
   # walk depended on the training seed (train 86.5 / 80.8 / 78.0 over seeds 0-2), through the
@@ -70,11 +72,11 @@ def get_config(arg=None):
                     scheme="full", checkpoint_every=500, log_every=100))
   # beta 20 and background 0.4 (IRN: 10 and 0.25), chosen on seed 0's train split over beta
   # 10 / 20 / 30, background 0.25 / 0.4 / 0.5, logt 8 / 5: walk mIoU 86.5 against 68.8 with
-  # IRN's values (val: 86.4 against 68.5), on the same networks (heads at 1/16, 300 steps). With
-  # the relation network above, seeds 0 / 1 / 2 walk to 87.8 / 87.4 / 88.3 train, 88.1 / 85.9 /
-  # 88.4 val; over the three seeds' train splits these values' mean (87.8) is within 0.1 of the
-  # best of beta 10 / 20 / 30 x logt 5 / 8 x background 0.25 / 0.4 / 0.5 (experiments/
-  # irn_walk_grid.py; experiments/RESULTS.md).
+  # IRN's values (val: 86.4 against 68.5), on the same networks (heads at 1/16, 300 steps,
+  # scale 1). With the relation network above at scale 1, seeds 0 / 1 / 2 walk to 87.8 / 87.4 /
+  # 88.3 train, 88.1 / 85.9 / 88.4 val; over the three seeds' train splits these values' mean
+  # (87.8) is within 0.1 of the best of beta 10 / 20 / 30 x logt 5 / 8 x background 0.25 / 0.4
+  # / 0.5 (experiments/irn_walk_grid.py; experiments/RESULTS.md). Not chosen again at scale 2.
   # The instances' background at the semantic labels' 0.4 (IRN: 0.25 for both).
   c.random_walk.update(dict(beta=20.0, bg_threshold=0.4, instance_bg_threshold=0.4,
                             batch_size=8))
