@@ -1,13 +1,13 @@
 """How affinity_jax compiles its programs: `jit` is `jax.jit` plus the XLA:CPU options below.
 
 XLA:CPU (jaxlib 0.10) hands each convolution to YNNPACK by default. YNNPACK differentiates a
-convolution's kernel as a convolution with an H x W window, which ran 3-9x slower than XLA's own
-(Eigen) convolution of the same thing on a 2-core AMD EPYC VM without AVX-512, and its forward
-convolutions were no faster. With YNNPACK kept for matrix products only, the demo's train
-steps ran 1.28-1.30x faster there and the full-width ResNet-38 steps 1.20-1.23x
-(experiments/RESULTS.md, "YNNPACK's convolutions"; not yet measured on an AVX-512 CPU). The
-option changes which library sums the products of a convolution, so float32 results move in
-their last bits, as between machines.
+convolution's kernel as a convolution with an H x W window, 3-9x slower than XLA's own
+(Eigen) convolution of the same thing on 2-core AMD EPYC VMs with and without AVX-512, and its
+forward convolutions are no faster. With YNNPACK kept for matrix products only, the demo's
+train steps run about 1.3x faster and the full-width ResNet-38 steps about 1.2x
+(experiments/RESULTS.md, "YNNPACK's convolutions"). The option changes which library sums
+the products of a convolution, so float32 results move in their last bits, as between
+machines.
 
 The options apply only on a CPU, only where the installed jaxlib knows them (checked once by
 compiling a scalar program), and not where XLA_FLAGS already sets them: a user who writes
