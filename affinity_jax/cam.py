@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from affinity_jax import crf as crf_lib
+from affinity_jax.compilation import jit
 from affinity_jax.constants import IMAGENET_MEAN, IMAGENET_STD, IRN_STRIDE, STRIDE
 
 NORM_EPS = 1e-5
@@ -168,7 +169,7 @@ def multiscale_flip_sum(apply_fn):
   def interleave(a, b):  # [B, ...] twice -> [2B, ...]: a[0], b[0], a[1], b[1], ...
     return jnp.stack([a, b], axis=1).reshape((-1,) + a.shape[1:])
 
-  @jax.jit
+  @jit
   def run(variables, passes: list[dict]) -> jax.Array:
     # Each image next to its flip, not all flips after all images: on a batch split over
     # devices every device then flips and runs its own images, with no exchange between
@@ -220,7 +221,7 @@ def cam_fn(model):
   devices, e.g. `jax.device_put` with a batch sharding; by default they go as they are.
   """
   total_fn = multiscale_flip_sum(lambda v, x, sizes: model.apply(v, x, sizes, method="cam"))
-  normalise_fn = jax.jit(normalise)
+  normalise_fn = jit(normalise)
 
   def run(variables, batch: dict, scales, labels, put=None) -> np.ndarray:
     put = put or _as_given
@@ -259,7 +260,7 @@ def class_probability_fn(model):
   """jit(variables, images [B, H, W, 3], sizes [B, 2]) -> [B, C] float32: the sigmoid of the
   CAM network's logits (global average pool over each image's own cells), i.e. its own
   image-level classification, for when no image-level labels are given (predict)."""
-  @jax.jit
+  @jit
   def run(variables, images, sizes):
     return jax.nn.sigmoid(model.apply(variables, images, sizes=sizes).astype(jnp.float32))
   return run

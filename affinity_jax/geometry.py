@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from affinity_jax.compilation import jit
 from affinity_jax.constants import IGNORE_LABEL, STRIDE
 
 SCHEMES = ("psa", "full")
@@ -125,7 +126,7 @@ def pair_mask(h: int, w: int, *, radius: int = 5, scheme: str = "full",
   return _mask_with_valid(mask, valid, radius=radius, psa=scheme == "psa")
 
 
-@functools.partial(jax.jit, static_argnames=("radius", "psa"))
+@functools.partial(jit, static_argnames=("radius", "psa"))
 def _mask_with_valid(mask, valid, *, radius, psa):
   ends = jnp.stack([_shift(valid, dy, dx, fill=False)
                     for dy, dx in forward_offsets(radius)], axis=-1)
@@ -189,7 +190,7 @@ def pair_affinities(features: jax.Array, *, radius: int = 5, scheme: str = "full
   return _pair_affinities(features, mask, radius=_check_radius(radius))
 
 
-@functools.partial(jax.jit, static_argnames=("radius",))
+@functools.partial(jit, static_argnames=("radius",))
 def _pair_affinities(features, mask, *, radius):
   dist = jnp.stack([jnp.mean(jnp.abs(features - _shift(features, dy, dx)), axis=-1)
                     for dy, dx in forward_offsets(radius)], axis=-1)
@@ -245,7 +246,7 @@ def _path_table(radius: int) -> np.ndarray:
   return np.asarray([list(p) + [(0, 0)] * (longest - len(p)) for p in paths], np.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("radius",))
+@functools.partial(jit, static_argnames=("radius",))
 def _boundary_affinities(boundary, mask, *, radius):
   # One offset per scan step, its path's cells read as slices of one padded copy (fill 1): a
   # program of constant size whatever the radius (unrolled, radius 10's 152 paths of up to 21
@@ -291,7 +292,7 @@ def symmetric_affinities(forward: jax.Array, *, radius: int = 5,
   return _symmetric(jnp.asarray(forward), identity, radius=_check_radius(radius))
 
 
-@functools.partial(jax.jit, static_argnames=("radius",))
+@functools.partial(jit, static_argnames=("radius",))
 def _symmetric(forward, identity, *, radius):
   backward = [_shift(forward[..., k:k + 1], -dy, -dx)
               for k, (dy, dx) in enumerate(forward_offsets(radius))]
@@ -376,7 +377,7 @@ def pair_labels(labels: jax.Array, *, radius: int = 5, scheme: str = "full",
   return _pair_labels(labels.astype(jnp.int32), mask, radius=_check_radius(radius))
 
 
-@functools.partial(jax.jit, static_argnames=("radius",))
+@functools.partial(jit, static_argnames=("radius",))
 def _pair_labels(labels, mask, *, radius):
   to = jnp.stack([_shift(labels, dy, dx, fill=IGNORE_LABEL)
                   for dy, dx in forward_offsets(radius)], axis=-1)

@@ -47,6 +47,7 @@ from affinity_jax import cam as cam_lib
 from affinity_jax import crf, geometry
 from affinity_jax import instances as instances_lib
 from affinity_jax.cam import background_stack
+from affinity_jax.compilation import jit
 from affinity_jax.constants import IRN_STRIDE, STRIDE
 
 
@@ -102,7 +103,7 @@ def _default_chunks(num_channels: int) -> int:
   return max(1, min(cores or 1, num_channels))
 
 
-@functools.partial(jax.jit, static_argnames=("radius", "t", "tol", "chunks"))
+@functools.partial(jit, static_argnames=("radius", "t", "tol", "chunks"))
 def _propagate(weights, cam, *, radius, t, tol, chunks=1):
   _, h, w, _ = cam.shape
   # Channels first inside the loop: the innermost axis is then w, which vectorises better
@@ -343,7 +344,7 @@ def make_walk_fn(model, cfg):
 
   # Two programs: the network's depends only on the canvas, the walk's also on the channel
   # count (walk_batch's), so a new count compiles the cheap walk, never AffinityNet again.
-  @jax.jit
+  @jit
   def affinities(variables, images, valid, sizes):
     # The original pads an image only to a multiple of 8 (not to the canvas): `sizes` [B, 2]
     # = 8 * each image's grid makes the network's canvas forward equal that (models/canvas.py),
@@ -352,7 +353,7 @@ def make_walk_fn(model, cfg):
     return geometry.neighbourhood_affinities(features, radius=radius, scheme=scheme,
                                              valid=valid)
 
-  @jax.jit
+  @jit
   def walk_scores(aff_sym, cams, valid, ry, rx):
     walked = propagate(aff_sym, cams, radius=radius, beta=beta, t=t, valid=valid, tol=tol)
     up = cam_lib.upsample(walked, ry, rx)
@@ -453,7 +454,7 @@ def make_relation_maps_fn(model):
   flipped back within its grid); the displacement field (dy, dx), its mean shift subtracted,
   is the image's alone. The network sees each image padded with zeros (after normalising) as
   IRN pads it to its crop size."""
-  @jax.jit
+  @jit
   def maps(variables, images, flip, grid_flip):
     edges, displacement = model.apply(variables, images)
     flipped, _ = model.apply(variables, cam_lib.flip_within(images, flip))
@@ -478,7 +479,7 @@ def make_boundary_walk_fn(model, cfg) -> BoundaryWalk:
   t, beta = 2 ** int(cfg.random_walk.logt), float(cfg.random_walk.beta)
   tol = float(cfg.random_walk.tol) if cfg.random_walk.tol > 0 else None
 
-  @jax.jit
+  @jit
   def scores(edge, cams, valid):
     return boundary_walk(edge, cams, radius=radius, beta=beta, t=t, valid=valid, tol=tol)
   return BoundaryWalk(make_relation_maps_fn(model), scores)

@@ -32,6 +32,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from affinity_jax import console, distributed, io
+from affinity_jax.compilation import jit
 from affinity_jax.errors import NonFiniteLossError, TrainingInterrupted, UserError
 
 PyTree = Any
@@ -145,7 +146,7 @@ def _agreed_stop(mesh: jax.sharding.Mesh) -> Callable[[bool], bool]:
   if jax.process_count() == 1:
     return bool
   sharding = NamedSharding(mesh, P("data"))
-  any_of = jax.jit(jnp.max, out_shardings=NamedSharding(mesh, P()))
+  any_of = jit(jnp.max, out_shardings=NamedSharding(mesh, P()))
 
   def agree(flag: bool) -> bool:
     local = np.full((jax.local_device_count(),), int(flag), np.int32)
@@ -217,7 +218,7 @@ def init_state(variables: Mapping[str, PyTree], labels: PyTree, optim: OptimConf
   trainable = jax.device_put(trainable, replicated)
   state = {"step": jax.device_put(jnp.zeros((), jnp.int32), replicated),
            "params": trainable,
-           "opt_state": jax.jit(tx.init, out_shardings=replicated)(trainable)}
+           "opt_state": jit(tx.init, out_shardings=replicated)(trainable)}
   constants = {"frozen": jax.device_put(frozen, replicated),
                "batch_stats": jax.device_put(variables.get("batch_stats", {}), replicated)}
   return state, constants, tx
@@ -254,7 +255,7 @@ def make_train_step(model, loss_fn: LossFn, tx: optax.GradientTransformation,
     metrics = {"loss": loss, **metrics, "lr": schedule(state["step"])}
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
-  return jax.jit(train_step, out_shardings=(replicated, replicated), donate_argnums=(0,))
+  return jit(train_step, out_shardings=(replicated, replicated), donate_argnums=(0,))
 
 
 def _checkpoint_manager(ckpt_dir: str, max_to_keep: int) -> ocp.CheckpointManager:

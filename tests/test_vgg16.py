@@ -79,6 +79,11 @@ def test_shifted_kernel_gradient_is_the_convolution_gradient(dilation):
   np.testing.assert_allclose(vgg16.conv_shifted_grad(x, k, dilation), vgg16._conv(x, k, dilation))
   for g, w in zip(got, want):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * np.abs(w).max())
+  # The products themselves (what a GPU runs; a CPU with affinity_jax.compilation's options
+  # runs XLA's own kernel gradient).
+  out_grad = jnp.cos(vgg16._conv(x, k, dilation))
+  products = vgg16._kernel_grad_products(x, out_grad, k, dilation)
+  np.testing.assert_allclose(products, want[1], rtol=1e-5, atol=1e-5 * np.abs(want[1]).max())
 
 
 def test_group_norm_statistics_over_the_valid_cells_only():

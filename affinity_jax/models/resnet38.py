@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from affinity_jax.compilation import jit
 from affinity_jax.models import canvas
 
 Dtype = Any
@@ -296,7 +297,7 @@ def calibrate_batch_norm(model, variables: dict, images) -> dict:
       context.module.put_variable("batch_stats", "var", x.var(axis=(0, 1, 2)))
     return next_fun(*args, **kwargs)
 
-  @jax.jit
+  @jit
   def calibrate(variables, images):
     with nn.intercept_methods(record_statistics):
       _, updated = model.apply(variables, images, mutable=["batch_stats"])

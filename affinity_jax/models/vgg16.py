@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from affinity_jax import compilation
 from affinity_jax.constants import STRIDE
 from affinity_jax.models import canvas
 from affinity_jax.models.heads import (AFFINITY_HEAD_CHANNELS, AffinityNet, CAMNet, SegNet,
@@ -69,11 +70,12 @@ def _conv(x: jax.Array, kernel: jax.Array, dilation: int) -> jax.Array:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def conv_shifted_grad(x: jax.Array, kernel: jax.Array, dilation: int) -> jax.Array:
   """`_conv`, whose kernel gradient is k * k matrix products of shifted inputs and the output
-  gradient (each a sum over B, H, W). XLA:CPU differentiates a convolution's kernel into a
-  convolution with an H x W window that runs off its fast path; the products are faster
-  (experiments/RESULTS.md, "VGG-16"). On an H200 GPU they also beat cuDNN's kernel gradients:
+  gradient (each a sum over B, H, W). On an H200 GPU they beat cuDNN's kernel gradients:
   AffinityNet's train step 1.29x (float32) and 1.51x (bfloat16) faster with them, Triton's
-  matrix products off (RESULTS.md, "On a GPU, second lease"). The input gradient is XLA's own."""
+  matrix products off (experiments/RESULTS.md, "On a GPU, second lease"). On a CPU they also
+  beat YNNPACK's kernel gradients, which XLA:CPU uses by default; with the package's
+  compiler options (affinity_jax/compilation.py) XLA's own are 2-5 % faster still (RESULTS.md,
+  "YNNPACK's convolutions"), so there the gradient is XLA's. The input gradient is XLA's own."""
   return _conv(x, kernel, dilation)
 
 
@@ -81,16 +83,28 @@ def _conv_fwd(x, kernel, dilation):
   return _conv(x, kernel, dilation), (x, kernel)
 
 
-def _conv_bwd(dilation, saved, grad):
-  x, kernel = saved
-  dx = jax.vjp(lambda x: _conv(x, kernel, dilation), x)[1](grad)[0]
+def _kernel_grad_products(x, grad, kernel, dilation):
   k, (h, w) = kernel.shape[0], x.shape[1:3]
   pad = dilation * (k - 1) // 2
   xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
   rows = [[jnp.einsum("bhwc,bhwo->co", xp[:, i * dilation:i * dilation + h,
                                           j * dilation:j * dilation + w], grad)
            for j in range(k)] for i in range(k)]
-  return dx, jnp.stack([jnp.stack(r) for r in rows]).astype(kernel.dtype)
+  return jnp.stack([jnp.stack(r) for r in rows]).astype(kernel.dtype)
+
+
+def _kernel_grad_xla(x, grad, kernel, dilation):
+  return jax.vjp(lambda kernel: _conv(x, kernel, dilation), kernel)[1](grad)[0]
+
+
+def _conv_bwd(dilation, saved, grad):
+  x, kernel = saved
+  dx = jax.vjp(lambda x: _conv(x, kernel, dilation), x)[1](grad)[0]
+  products = functools.partial(_kernel_grad_products, dilation=dilation)
+  xla = functools.partial(_kernel_grad_xla, dilation=dilation)
+  dk = jax.lax.platform_dependent(x, grad, kernel, default=products,
+                                  cpu=xla if compilation.compiler_options() else products)
+  return dx, dk
 
 
 conv_shifted_grad.defvjp(_conv_fwd, _conv_bwd)

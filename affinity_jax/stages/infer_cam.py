@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 from affinity_jax import artifacts, cam, checkpoint, config, data, distributed
+from affinity_jax.compilation import jit
 from affinity_jax.stages import per_image
 
 # What its outputs are made from (affinity_jax/fingerprints.py): the config keys it reads
@@ -53,7 +54,7 @@ def run(cfg) -> dict:
     if model is None:
       model, variables = checkpoint.load_network(cfg, artifacts.CAM_NET)
       if irn:
-        irn_apply = _bucketed(jax.jit(lambda v, x, sizes: model.apply(v, x, sizes,
+        irn_apply = _bucketed(jit(lambda v, x, sizes: model.apply(v, x, sizes,
                                                                       method="cam")),
                               model.stride)
       else:

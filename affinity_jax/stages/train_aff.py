@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from affinity_jax import artifacts, config, data, geometry, losses, models, pictures
+from affinity_jax.compilation import jit
 from affinity_jax.data import pipelines
 from affinity_jax.errors import UserError
 from affinity_jax.models import relation_net
@@ -71,7 +72,7 @@ def affinity_pictures(cfg, model):
   radius = int(cfg.aff.radius)
   convention = models.input_convention(cfg)
 
-  @jax.jit
+  @jit
   def boundary(variables, images):
     features = model.apply(variables, images).astype(jnp.float32)
     return jax.image.resize(boundary_map(features, radius), images.shape[:3], "bilinear")
@@ -108,7 +109,7 @@ def relation_pictures(cfg, model):
   stride 4) in heat colours."""
   convention = models.input_convention(cfg)
 
-  @jax.jit
+  @jit
   def boundary(variables, images):
     edges, _ = model.apply(variables, images)
     return jax.image.resize(jax.nn.sigmoid(edges), images.shape[:3], "bilinear")
@@ -135,7 +136,7 @@ def mean_shift(cfg, model, variables) -> dict:
   # Resized, at least the crop (pipelines.canvas_for_scale).
   canvas = tuple(max(int(c), int(np.ceil(crop / scale))) for c in cfg.data.canvas)
 
-  @jax.jit
+  @jit
   def field(variables, images):
     _, displacement = model.apply(variables, images)
     return jnp.mean(displacement, axis=(1, 2), dtype=jnp.float32)

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from affinity_jax import artifacts, cam, losses, models, pictures
+from affinity_jax.compilation import jit
 from affinity_jax.data import pipelines
 from affinity_jax.stages.training import TrainingSpec, run_training
 
@@ -41,7 +42,7 @@ def cam_pictures(cfg, model):
   each divided by its own maximum (cam.normalise, as infer_cam), bilinear from stride 8."""
   convention = models.input_convention(cfg)
 
-  @jax.jit
+  @jit
   def cam_heat(variables, images, labels):
     cams = model.apply(variables, images, method="cam")
     heat = jnp.max(cam.normalise(cams, labels, jnp.ones(cams.shape[:3], bool)), axis=-1)
