@@ -25,7 +25,6 @@ from affinity_jax import artifacts, checkpoint, cli, config, convert, models
 from affinity_jax.constants import CAFFE_MEAN_RGB
 from affinity_jax.data import transforms
 from affinity_jax.errors import ConfigError
-from affinity_jax.models import vgg16
 from affinity_jax.models.vgg16 import GroupNorm
 from tests import _vgg16_fixtures as fx
 from tests import numpy_reference as ref
@@ -66,24 +65,6 @@ def test_affinity_features_match_numpy():
   groups = {"gn8_3": 1, "gn8_4": 2, "gn8_5": 4}
   _close(got, ref.vgg16_affinity_features(sd, x.transpose(0, 3, 1, 2), groups)
          .transpose(0, 2, 3, 1))
-
-
-@pytest.mark.parametrize("dilation", [1, 2, 4])
-def test_shifted_kernel_gradient_is_the_convolution_gradient(dilation):
-  rng = np.random.default_rng(dilation)
-  x = jnp.asarray(rng.normal(size=(2, 9, 11, 5)), jnp.float32)
-  k = jnp.asarray(rng.normal(size=(3, 3, 5, 4)), jnp.float32)
-  loss = lambda conv: lambda x, k: jnp.sum(jnp.sin(conv(x, k, dilation)))  # noqa: E731
-  want = jax.grad(loss(vgg16._conv), argnums=(0, 1))(x, k)
-  got = jax.grad(loss(vgg16.conv_shifted_grad), argnums=(0, 1))(x, k)
-  np.testing.assert_allclose(vgg16.conv_shifted_grad(x, k, dilation), vgg16._conv(x, k, dilation))
-  for g, w in zip(got, want):
-    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * np.abs(w).max())
-  # The products themselves (what a GPU runs; a CPU with affinity_jax.compilation's options
-  # runs XLA's own kernel gradient).
-  out_grad = jnp.cos(vgg16._conv(x, k, dilation))
-  products = vgg16._kernel_grad_products(x, out_grad, k, dilation)
-  np.testing.assert_allclose(products, want[1], rtol=1e-5, atol=1e-5 * np.abs(want[1]).max())
 
 
 def test_group_norm_statistics_over_the_valid_cells_only():

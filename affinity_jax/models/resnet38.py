@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from affinity_jax.compilation import jit
-from affinity_jax.models import canvas
+from affinity_jax.models import canvas, convolution
 
 Dtype = Any
 
@@ -138,11 +138,7 @@ class Conv(nn.Module):
         x = jax.lax.optimization_barrier(x[:, ::self.stride, ::self.stride])
       y = jnp.dot(x, kernel[0, 0])
     else:
-      pad = self.dilation * (k - 1) // 2
-      y = jax.lax.conv_general_dilated(
-          x, kernel, (self.stride, self.stride), ((pad, pad), (pad, pad)),
-          rhs_dilation=(self.dilation, self.dilation),
-          dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      y = convolution.conv2d(x, kernel, self.stride, self.dilation)
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros_init(), (self.features,),
                          jnp.float32).astype(self.dtype)

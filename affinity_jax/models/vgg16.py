@@ -16,16 +16,14 @@ unpadded forward on the image's cells (models/canvas.py).
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from affinity_jax import compilation
 from affinity_jax.constants import STRIDE
-from affinity_jax.models import canvas
+from affinity_jax.models import canvas, convolution
 from affinity_jax.models.heads import (AFFINITY_HEAD_CHANNELS, AffinityNet, CAMNet, SegNet,
                                        affinity_head, class_scores, segmentation_head)
 from affinity_jax.models.resnet38 import channel_dropout, scaled, torch_default_init
@@ -59,61 +57,11 @@ def gn_groups(head: str, width: float) -> int:
   return max(g for g in range(1, want + 1) if channels % g == 0)
 
 
-def _conv(x: jax.Array, kernel: jax.Array, dilation: int) -> jax.Array:
-  """x [B, H, W, C] * kernel [k, k, C, O], stride 1, padded by dilation * (k - 1) / 2 a side."""
-  pad = dilation * (kernel.shape[0] - 1) // 2
-  return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((pad, pad), (pad, pad)),
-                                      rhs_dilation=(dilation, dilation),
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def conv_shifted_grad(x: jax.Array, kernel: jax.Array, dilation: int) -> jax.Array:
-  """`_conv`, whose kernel gradient is k * k matrix products of shifted inputs and the output
-  gradient (each a sum over B, H, W). On an H200 GPU they beat cuDNN's kernel gradients:
-  AffinityNet's train step 1.29x (float32) and 1.51x (bfloat16) faster with them, Triton's
-  matrix products off (experiments/RESULTS.md, "On a GPU, second lease"). On a CPU they also
-  beat YNNPACK's kernel gradients, which XLA:CPU uses by default; with the package's
-  compiler options (affinity_jax/compilation.py) XLA's own are 2-5 % faster still (RESULTS.md,
-  "YNNPACK's convolutions"), so there the gradient is XLA's. The input gradient is XLA's own."""
-  return _conv(x, kernel, dilation)
-
-
-def _conv_fwd(x, kernel, dilation):
-  return _conv(x, kernel, dilation), (x, kernel)
-
-
-def _kernel_grad_products(x, grad, kernel, dilation):
-  k, (h, w) = kernel.shape[0], x.shape[1:3]
-  pad = dilation * (k - 1) // 2
-  xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-  rows = [[jnp.einsum("bhwc,bhwo->co", xp[:, i * dilation:i * dilation + h,
-                                          j * dilation:j * dilation + w], grad)
-           for j in range(k)] for i in range(k)]
-  return jnp.stack([jnp.stack(r) for r in rows]).astype(kernel.dtype)
-
-
-def _kernel_grad_xla(x, grad, kernel, dilation):
-  return jax.vjp(lambda kernel: _conv(x, kernel, dilation), kernel)[1](grad)[0]
-
-
-def _conv_bwd(dilation, saved, grad):
-  x, kernel = saved
-  dx = jax.vjp(lambda x: _conv(x, kernel, dilation), x)[1](grad)[0]
-  products = functools.partial(_kernel_grad_products, dilation=dilation)
-  xla = functools.partial(_kernel_grad_xla, dilation=dilation)
-  dk = jax.lax.platform_dependent(x, grad, kernel, default=products,
-                                  cpu=xla if compilation.compiler_options() else products)
-  return dx, dk
-
-
-conv_shifted_grad.defvjp(_conv_fwd, _conv_bwd)
-
-
 class TrunkConv(nn.Module):
   """A convolution of the trunk with bias, stride 1, padded as PyTorch: 'kernel' [k, k, C_in,
   features] (HWIO) and 'bias' [features], float32; arithmetic in `dtype`. 3x3 kernels through
-  `conv_shifted_grad`, 1x1 as a matrix product over the channels (as resnet38.Conv)."""
+  `convolution.conv2d` with the kernel gradient as products (that module's docstring), 1x1 as a
+  matrix product over the channels (as resnet38.Conv)."""
   features: int
   kernel_size: int
   dilation: int = 1
@@ -126,7 +74,8 @@ class TrunkConv(nn.Module):
                         jnp.float32).astype(self.dtype)
     bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
     x = x.astype(self.dtype)
-    y = jnp.dot(x, kernel[0, 0]) if k == 1 else conv_shifted_grad(x, kernel, self.dilation)
+    y = jnp.dot(x, kernel[0, 0]) if k == 1 else convolution.conv2d(
+        x, kernel, dilation=self.dilation, kernel_grad="products")
     return y + bias.astype(self.dtype)
 
 

@@ -1,0 +1,107 @@
+"""The networks' k x k convolutions (NHWC, HWIO, padded as PyTorch) and how they are differentiated.
+
+`conv2d` is `jax.lax.conv_general_dilated` with PyTorch's symmetric padding. Its value is XLA's
+convolution on every platform; its gradients are chosen per platform, all the same numbers up to
+float rounding:
+
+- input gradient, stride 1 on a CPU: the convolution of the output gradient with the kernel's
+  channels swapped, on both sides mirrored in H and W (instead of the kernel mirrored). XLA:CPU
+  (jaxlib 0.10) builds its own input gradient from a copy of the kernel mirrored and transposed
+  in one loop, which ran at ~0.4 GB/s: 212 ms per step for ResNet-38's b7 kernel (3x3, 1024 ->
+  2048) on a 2-core AMD EPYC without AVX-512, where the plain transpose takes 41 ms and the
+  mirrored activations are small (experiments/RESULTS.md, "The kernel's mirrored copy").
+  Elsewhere, and for strided convolutions, XLA's own.
+- kernel gradient: XLA's own, or with `kernel_grad="products"` the k * k matrix products of the
+  shifted inputs and the output gradient (each a sum over B, H, W), which beat cuDNN's on an H200
+  GPU (VGG-16's AffinityNet step 1.29x in float32, 1.51x in bfloat16; RESULTS.md, "On a GPU,
+  second lease") and YNNPACK's on a CPU; on a CPU where affinity_jax.compilation keeps YNNPACK
+  to matrix products XLA's own is faster still (RESULTS.md, "YNNPACK's convolutions"), so there
+  it is XLA's in either case.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from affinity_jax import compilation
+
+KERNEL_GRADS = ("xla", "products")
+
+
+def conv_nhwc(x: jax.Array, kernel: jax.Array, stride: int = 1, dilation: int = 1) -> jax.Array:
+  """x [B, H, W, C] * kernel [k, k, C, O] (odd k), padded by dilation * (k - 1) / 2 on each
+  side as PyTorch (stride 2 gives ceil(H / 2) rows), XLA's gradients."""
+  pad = dilation * (kernel.shape[0] - 1) // 2
+  return jax.lax.conv_general_dilated(x, kernel, (stride, stride), ((pad, pad), (pad, pad)),
+                                      rhs_dilation=(dilation, dilation),
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, dilation: int = 1,
+           kernel_grad: str = "xla") -> jax.Array:
+  """`conv_nhwc` with the gradients of the module docstring; `kernel_grad` "xla" or
+  "products" (a stride-1 convolution's kernel gradient on a GPU, or on a CPU without
+  affinity_jax.compilation's options)."""
+  if kernel_grad not in KERNEL_GRADS:
+    raise ValueError(f"kernel_grad {kernel_grad!r}: expected one of {KERNEL_GRADS}")
+  if stride != 1 or kernel.shape[0] % 2 == 0 or kernel.shape[0] != kernel.shape[1]:
+    return conv_nhwc(x, kernel, stride, dilation)
+  return _conv(x, kernel, dilation, kernel_grad)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv(x, kernel, dilation, kernel_grad):
+  return conv_nhwc(x, kernel, 1, dilation)
+
+
+def _conv_fwd(x, kernel, dilation, kernel_grad):
+  return conv_nhwc(x, kernel, 1, dilation), (x, kernel)
+
+
+def input_grad_xla(grad, kernel, dilation):
+  """XLA's own input gradient of a stride-1 `conv_nhwc` (it does not depend on x's values)."""
+  x = jax.ShapeDtypeStruct(grad.shape[:-1] + kernel.shape[2:3], grad.dtype)
+  return jax.linear_transpose(lambda x: conv_nhwc(x, kernel, 1, dilation), x)(grad)[0]
+
+
+def input_grad_mirrored(grad, kernel, dilation):
+  """The input gradient as the convolution of the mirrored output gradient with the kernel's
+  channels swapped, mirrored back: the kernel is transposed but never mirrored."""
+  mirrored = conv_nhwc(grad[:, ::-1, ::-1], jnp.swapaxes(kernel, 2, 3), 1, dilation)
+  return mirrored[:, ::-1, ::-1]
+
+
+def kernel_grad_xla(x, grad, kernel, dilation):
+  return jax.vjp(lambda kernel: conv_nhwc(x, kernel, 1, dilation), kernel)[1](grad)[0]
+
+
+def kernel_grad_products(x, grad, kernel, dilation):
+  """The kernel gradient as k * k matrix products of shifted inputs and the output gradient."""
+  k, (h, w) = kernel.shape[0], x.shape[1:3]
+  pad = dilation * (k - 1) // 2
+  xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  rows = [[jnp.einsum("bhwc,bhwo->co", xp[:, i * dilation:i * dilation + h,
+                                          j * dilation:j * dilation + w], grad)
+           for j in range(k)] for i in range(k)]
+  return jnp.stack([jnp.stack(r) for r in rows]).astype(kernel.dtype)
+
+
+def _conv_bwd(dilation, kernel_grad, saved, grad):
+  x, kernel = saved
+  dx = jax.lax.platform_dependent(grad, kernel, default=functools.partial(input_grad_xla,
+                                                                            dilation=dilation),
+                                  cpu=functools.partial(input_grad_mirrored, dilation=dilation))
+  xla = functools.partial(kernel_grad_xla, dilation=dilation)
+  if kernel_grad == "xla":
+    dk = xla(x, grad, kernel)
+  else:
+    products = functools.partial(kernel_grad_products, dilation=dilation)
+    dk = jax.lax.platform_dependent(x, grad, kernel, default=products,
+                                    cpu=xla if compilation.compiler_options() else products)
+  return dx, dk
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
