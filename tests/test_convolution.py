@@ -54,17 +54,17 @@ def test_each_gradient_form_is_the_convolution_s(dilation):
 
 def _mirrored_kernel_copies(conv) -> int:
   """How many arrays of a kernel's shape the compiled input gradient mirrors (reverses)."""
-  x, kernel = _arrays(1, c=64, o=96, shape=(1, 12, 12))
+  cpu = jax.devices("cpu")[0]  # the program is compiled for the CPU on any machine
+  x, kernel = jax.device_put(_arrays(1, c=64, o=96, shape=(1, 12, 12)), cpu)
   dx = compilation.jit(jax.grad(lambda x, k: jnp.sum(conv(x, k) ** 2)))
   text = dx.lower(x, kernel).compile().as_text()
   return len(re.findall(r"= f32\[3,3,(?:64,96|96,64)\]\{[0-9,]*\} reverse\(", text))
 
 
 def test_a_cpu_never_mirrors_the_kernel_for_the_input_gradient():
-  if jax.default_backend() != "cpu":
-    pytest.skip("the mirrored input gradient is the CPU's")
-  if not _mirrored_kernel_copies(lambda x, k: convolution.conv_nhwc(x, k)):
-    pytest.skip("this jaxlib's own input gradient does not mirror the kernel either")
+  # XLA:CPU's own input gradient mirrors the kernel (jaxlib 0.10); if a later jaxlib stops,
+  # conv2d's mirrored activations may no longer pay: measure again (RESULTS.md).
+  assert _mirrored_kernel_copies(lambda x, k: convolution.conv_nhwc(x, k)) > 0
   assert _mirrored_kernel_copies(lambda x, k: convolution.conv2d(x, k)) == 0
 
 
