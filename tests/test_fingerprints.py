@@ -97,3 +97,17 @@ def test_a_change_to_irns_path_alone_leaves_psas_outputs_current():
   assert stages.version(train_aff, psa) == train_aff.VERSION == 2
   assert stages.version(train_aff, irn) == "2+irn3" and train_aff.IRN_VERSION == 3
   assert stages.version(train_cam, irn) == train_cam.VERSION
+
+
+def test_the_instances_background_counts_only_with_instances():
+  """random_walk.instance_bg_threshold is read only where random_walk.instances is on: with it
+  off, a changed threshold leaves the walk's outputs current."""
+  from affinity_jax import stages
+  from affinity_jax.stages import random_walk
+  irn = config.load_config("synthetic_irn:tiny")
+  key = "random_walk.instance_bg_threshold"
+  for on in (False, True):
+    irn.random_walk.instances = on
+    assert (key in stages.reads(random_walk, irn)) == on
+    assert "random_walk.instances" in stages.reads(random_walk, irn)
+  assert key not in stages.reads(random_walk, config.load_config("synthetic:tiny"))

@@ -32,9 +32,17 @@ def parse_stages(text: str) -> list[str]:
 
 def reads(module, cfg) -> tuple[str, ...]:
   """The config keys a stage's outputs are made from: its READS, and with method irn its
-  IRN_READS (keys that only IRN's configs have)."""
-  from affinity_jax import config
-  extra = getattr(module, "IRN_READS", ()) if config.method(cfg) == "irn" else ()
+  IRN_READS (keys that only IRN's configs have) and, of its IRN_READS_WHEN {key: keys}, the
+  keys whose switch `key` is on."""
+  from affinity_jax import config, fingerprints
+  if config.method(cfg) != "irn":
+    return tuple(module.READS)
+  extra = list(getattr(module, "IRN_READS", ()))
+  switches = getattr(module, "IRN_READS_WHEN", {})
+  values = fingerprints.config_values(cfg, tuple(switches))
+  for switch, keys in switches.items():
+    if values[switch]:
+      extra.extend(keys)
   return tuple(module.READS) + tuple(extra)
 
 

@@ -46,8 +46,10 @@ READS = ("model", "random_walk.beta", "random_walk.logt", "random_walk.alpha",
          "random_walk.radius", "random_walk.scheme", "random_walk.tol", "random_walk.crf",
          "random_walk.crf_iters", "aff.image_scale", "data.canvas")
 # With method irn, also these (keys of IRN's configs only).
-IRN_READS = ("random_walk.bg_threshold", "random_walk.instances",
-             "random_walk.instance_bg_threshold")
+IRN_READS = ("random_walk.bg_threshold", "random_walk.instances")
+# And these only where the key named is on: the instances' background counts only when the
+# stage makes instances.
+IRN_READS_WHEN = {"random_walk.instances": ("random_walk.instance_bg_threshold",)}
 CONSUMES = ("train_aff", "infer_cam")
 # The version of this stage's code: bumped when the same inputs give other outputs
 # (fingerprints.py). 2: the exact canvas forward, the original's pair set per image.
