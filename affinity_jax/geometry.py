@@ -190,10 +190,27 @@ def pair_affinities(features: jax.Array, *, radius: int = 5, scheme: str = "full
   return _pair_affinities(features, mask, radius=_check_radius(radius))
 
 
+def _pair_distance(features: jax.Array, dy: int, dx: int) -> jax.Array:
+  """[B, h, w]: mean_c |f(p) - f(p + (dy, dx))| where p + (dy, dx) is on the grid, 0 elsewhere.
+
+  Taken between the two overlapping slices of the grid and padded after the mean, so that only
+  the [B, h, w] distance is padded, never the features (34 padded copies of them, and their
+  gradients, cost more than the rest of the affinities)."""
+  b, h, w, _ = features.shape
+  y0, y1 = max(-dy, 0), h - max(dy, 0)
+  x0, x1 = max(-dx, 0), w - max(dx, 0)
+  if y1 <= y0 or x1 <= x0:  # the offset leaves the grid from everywhere
+    return jnp.zeros((b, h, w), features.dtype)
+  here = features[:, y0:y1, x0:x1]
+  there = features[:, y0 + dy:y1 + dy, x0 + dx:x1 + dx]
+  dist = jnp.mean(jnp.abs(here - there), axis=-1)
+  return jnp.pad(dist, ((0, 0), (y0, h - y1), (x0, w - x1)))
+
+
 @functools.partial(jit, static_argnames=("radius",))
 def _pair_affinities(features, mask, *, radius):
-  dist = jnp.stack([jnp.mean(jnp.abs(features - _shift(features, dy, dx)), axis=-1)
-                    for dy, dx in forward_offsets(radius)], axis=-1)
+  dist = jnp.stack([_pair_distance(features, dy, dx) for dy, dx in forward_offsets(radius)],
+                   axis=-1)
   return jnp.where(mask, jnp.exp(-dist), 0.0).astype(features.dtype)
 
 

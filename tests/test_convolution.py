@@ -1,6 +1,8 @@
 """models/convolution.py: `conv2d`'s value is XLA's convolution, its gradients (the mirrored input
 gradient, the kernel gradient as products) are XLA's own up to rounding, and on a CPU its
-compiled input gradient copies the kernel without mirroring it."""
+compiled input gradient copies the kernel without mirroring it; `pointwise` is `jnp.dot` with
+the same gradients, and on a CPU its kernel gradient reads the output gradient as it is laid
+out."""
 
 import re
 
@@ -72,3 +74,84 @@ def test_an_unknown_kernel_gradient_is_refused():
   x, kernel = _arrays(1)
   with pytest.raises(ValueError, match="kernel_grad 'cudnn'"):
     convolution.conv2d(x, kernel, kernel_grad="cudnn")
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_pointwise_and_its_gradients_are_jnp_dot_s(dtype, tol):
+  rng = np.random.default_rng(7)
+  x = jnp.asarray(rng.normal(size=(2, 5, 7, 6)), dtype)
+  kernel = jnp.asarray(rng.normal(size=(6, 4)), dtype)
+  loss = lambda mm: lambda x, k: jnp.sum(jnp.sin(mm(x, k).astype(jnp.float32)))  # noqa: E731
+  for jit in (jax.jit, compilation.jit):
+    np.testing.assert_array_equal(jit(convolution.pointwise)(x, kernel), jit(jnp.dot)(x, kernel))
+    got = jit(jax.grad(loss(convolution.pointwise), argnums=(0, 1)))(x, kernel)
+    want = jit(jax.grad(loss(jnp.dot), argnums=(0, 1)))(x, kernel)
+    for g, w in zip(got, want):
+      assert g.dtype == w.dtype == dtype and g.shape == w.shape
+      g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+      np.testing.assert_allclose(g, w, rtol=tol, atol=tol * np.abs(w).max())
+
+
+def _transposed_output_gradients(mm, o=24, n=60, c=40) -> int:
+  """How many fusions of the compiled kernel gradient of `mm` write an [O, N] array: the output
+  gradient (here a sum of shifted differences, as behind AffinityNet's f9) in channel-major
+  order."""
+  cpu = jax.devices("cpu")[0]
+  rng = np.random.default_rng(0)
+  x = jax.device_put(jnp.asarray(rng.normal(size=(1, 6, 10, c)), jnp.float32), cpu)
+  kernel = jax.device_put(jnp.asarray(rng.normal(size=(c, o)), jnp.float32), cpu)
+
+  def loss(kernel, x):
+    f = jax.nn.elu(mm(x, kernel))
+    return sum(jnp.sum(jnp.abs(f[:, :, d:] - f[:, :, :-d])) + jnp.sum(jnp.abs(f[:, d:] - f[:, :-d]))
+               for d in (1, 2, 3))
+
+  text = compilation.jit(jax.grad(loss)).lower(kernel, x).compile().as_text()
+  return len(re.findall(rf"= f32\[{o},{n}\]\{{1,0\}} fusion\(", text))
+
+
+def test_a_cpu_kernel_gradient_reads_the_output_gradient_as_laid_out():
+  # XLA:CPU's own gradient of jnp.dot writes the output gradient channel-major (jaxlib 0.10);
+  # if a later jaxlib stops, `pointwise` may no longer pay: measure again (RESULTS.md).
+  assert _transposed_output_gradients(jnp.dot) > 0
+  assert _transposed_output_gradients(convolution.pointwise) == 0
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_add_bias_and_its_gradients_are_the_sum_s(dtype, tol):
+  rng = np.random.default_rng(8)
+  y = jnp.asarray(rng.normal(size=(2, 5, 7, 6)), dtype)
+  bias = jnp.asarray(rng.normal(size=(6,)), dtype)
+  plus = lambda y, b: y + b  # noqa: E731
+  loss = lambda add: lambda y, b: jnp.sum(jnp.sin(add(y, b).astype(jnp.float32)))  # noqa: E731
+  for jit in (jax.jit, compilation.jit):
+    np.testing.assert_array_equal(jit(convolution.add_bias)(y, bias), jit(plus)(y, bias))
+    got = jit(jax.grad(loss(convolution.add_bias), argnums=(0, 1)))(y, bias)
+    want = jit(jax.grad(loss(plus), argnums=(0, 1)))(y, bias)
+    for g, w in zip(got, want):
+      assert g.dtype == w.dtype == dtype and g.shape == w.shape
+      g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+      np.testing.assert_allclose(g, w, rtol=tol, atol=tol * np.abs(w).max())
+
+
+def _bias_gradient_reductions(add) -> int:
+  """How many reductions the compiled gradient of a bias (and a step of SGD on it) makes."""
+  cpu = jax.devices("cpu")[0]
+  rng = np.random.default_rng(0)
+  y, g = (jax.device_put(jnp.asarray(rng.normal(size=(2, 8, 8, 16)), jnp.float32), cpu)
+          for _ in range(2))
+  bias = jax.device_put(jnp.zeros((16,), jnp.float32), cpu)
+
+  def step(bias):
+    grad = jax.grad(lambda b: jnp.sum(jax.nn.relu(add(y, b)) * g))(bias)
+    return bias - 0.1 * (grad + 5e-4 * bias)
+
+  text = compilation.jit(step).lower(bias).compile().as_text()
+  return len(re.findall(r"= f32\[16\]\{0\} reduce\(", text))
+
+
+def test_a_cpu_bias_gradient_is_a_product_not_a_reduction():
+  # XLA:CPU reduces the output gradient over its positions inside the bias's update (jaxlib
+  # 0.10); if a later jaxlib stops, `add_bias` may no longer pay: measure again (RESULTS.md).
+  assert _bias_gradient_reductions(lambda y, b: y + b) > 0
+  assert _bias_gradient_reductions(convolution.add_bias) == 0

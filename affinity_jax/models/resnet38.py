@@ -110,10 +110,11 @@ class Conv(nn.Module):
   [features], both float32; the arithmetic runs in `dtype`. `__call__`: x [B, H, W, C_in] ->
   [B, H', W', features].
 
-  A 1x1 kernel is applied as a matrix product over the channels (after subsampling for
-  stride 2): the same numbers, but XLA:CPU differentiates a dot into two matrix products,
-  while the kernel gradient of a 1x1 convolution becomes a convolution with an H x W window,
-  about 3.5x slower (2048 -> 4096 channels, 2 x 28 x 28 positions: 1.26 s against 4.5 s).
+  A 1x1 kernel is applied as a matrix product over the channels (`convolution.pointwise`,
+  after subsampling for stride 2): the same numbers, but XLA:CPU differentiates a dot into two
+  matrix products, while the kernel gradient of a 1x1 convolution becomes a convolution with an
+  H x W window, about 3.5x slower (2048 -> 4096 channels, 2 x 28 x 28 positions: 1.26 s against
+  4.5 s). The bias is added by `convolution.add_bias`.
   """
   features: int
   kernel_size: int
@@ -136,12 +137,12 @@ class Conv(nn.Module):
         # subdim_size_accumulator == dim_size (50176 vs. 448)", experiments/RESULTS.md,
         # "On a GPU, second lease"). The numbers are the same.
         x = jax.lax.optimization_barrier(x[:, ::self.stride, ::self.stride])
-      y = jnp.dot(x, kernel[0, 0])
+      y = convolution.pointwise(x, kernel[0, 0])
     else:
       y = convolution.conv2d(x, kernel, self.stride, self.dilation)
     if self.use_bias:
-      y = y + self.param("bias", nn.initializers.zeros_init(), (self.features,),
-                         jnp.float32).astype(self.dtype)
+      y = convolution.add_bias(y, self.param("bias", nn.initializers.zeros_init(),
+                                             (self.features,), jnp.float32).astype(self.dtype))
     return y
 
 

@@ -61,7 +61,8 @@ class TrunkConv(nn.Module):
   """A convolution of the trunk with bias, stride 1, padded as PyTorch: 'kernel' [k, k, C_in,
   features] (HWIO) and 'bias' [features], float32; arithmetic in `dtype`. 3x3 kernels through
   `convolution.conv2d` with the kernel gradient as products (that module's docstring), 1x1 as a
-  matrix product over the channels (as resnet38.Conv)."""
+  matrix product over the channels (`convolution.pointwise`, as resnet38.Conv); the bias added
+  by `convolution.add_bias`."""
   features: int
   kernel_size: int
   dilation: int = 1
@@ -74,9 +75,9 @@ class TrunkConv(nn.Module):
                         jnp.float32).astype(self.dtype)
     bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
     x = x.astype(self.dtype)
-    y = jnp.dot(x, kernel[0, 0]) if k == 1 else convolution.conv2d(
+    y = convolution.pointwise(x, kernel[0, 0]) if k == 1 else convolution.conv2d(
         x, kernel, dilation=self.dilation, kernel_grad="products")
-    return y + bias.astype(self.dtype)
+    return convolution.add_bias(y, bias.astype(self.dtype))
 
 
 def vgg16_taps(images: jax.Array, width: float, dtype: Dtype, train: bool,
