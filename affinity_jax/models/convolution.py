@@ -20,12 +20,13 @@ float rounding:
 
 `pointwise` (a 1x1 convolution as a product over the channels) and `add_bias` give their
 kernel and bias gradients as matrix products laid out as XLA:CPU reads them best (their
-docstrings); their values are `jnp.dot`'s and `+`'s.
+docstrings), on every platform; their values are `jnp.dot`'s and `+`'s.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +34,11 @@ import jax.numpy as jnp
 from affinity_jax import compilation
 
 KERNEL_GRADS = ("xla", "products")
+
+
+def _rows(x: jax.Array) -> jax.Array:
+  """x [..., C] as [positions, C] (zero-size dimensions included)."""
+  return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
 
 
 def pointwise(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -43,11 +49,12 @@ def pointwise(x: jax.Array, kernel: jax.Array) -> jax.Array:
   JAX differentiates `jnp.dot` into the product [O, C] transposed, which XLA:CPU (jaxlib 0.10)
   folds into the product by wanting the output gradient's channels major: it then writes the
   output gradient's whole fusion once more in that order, reading each of its inputs across the
-  channels. Behind AffinityNet's pair affinities (a sum of 68 shifted terms) that fusion took
-  48 of the 79 ms of a 4096 -> 448 1x1 convolution's and the affinities' gradients at batch 1,
-  20 x 20 positions, 29 ms in all with this form, on a 2-core Xeon with AVX-512
-  (experiments/RESULTS.md, "The 1x1 kernel gradient and the bias gradient"). The same numbers
-  (the same products, summed alike).
+  channels. Behind AffinityNet's pair affinities (a sum of 68 shifted terms), a 4096 -> 448 1x1
+  convolution's and the affinities' gradients at batch 1, 20 x 20 positions took 83 ms with
+  `jnp.dot` and 29 ms with this form on a 2-core Xeon with AVX-512 (experiments/RESULTS.md,
+  "The 1x1 kernel gradient and the bias gradient"). Both sum the same products alike: the
+  gradients are the same numbers. On every platform (not measured on a GPU or TPU, where the
+  products run at the backend's default precision, as `jnp.dot`'s own).
   """
   return _pointwise(x, kernel)
 
@@ -64,8 +71,7 @@ def _pointwise_fwd(x, kernel):
 def _pointwise_bwd(saved, grad):
   x, kernel = saved
   dx = jax.lax.dot_general(grad, kernel, (((grad.ndim - 1,), (1,)), ((), ())))
-  dk = jax.lax.dot_general(x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1]),
-                           (((0,), (0,)), ((), ())))
+  dk = jax.lax.dot_general(_rows(x), _rows(grad), (((0,), (0,)), ((), ())))
   return dx.astype(x.dtype), dk.astype(kernel.dtype)
 
 
@@ -73,15 +79,21 @@ _pointwise.defvjp(_pointwise_fwd, _pointwise_bwd)
 
 
 def add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
-  """y [..., O] + bias [O], with the bias gradient as the product of a row of ones and the
-  output gradient [positions, O], accumulated in float32.
+  """y [..., O] + bias [O] (both in their common dtype), with the bias gradient as the product
+  of a row of ones and the output gradient [positions, O], accumulated in float32 or wider at
+  the highest precision (a GPU's or TPU's default would round each term first).
 
   The same sum as XLA's reduction of the output gradient over its positions, which XLA:CPU
   (jaxlib 0.10) fuses into the optimiser's update of the bias, one strided column per channel:
   17.6 ms for VGG-16's conv5_3 (1568 positions x 512 channels) in the trace of AffinityNet's
-  step, ~90 ms over its biases; alone, that bias's gradient and update take 4.7 ms, 0.5 ms as a
-  product (experiments/RESULTS.md, "The 1x1 kernel gradient and the bias gradient")."""
-  return _add_bias(y, bias)
+  step, whose update fusions fell from 134 to 47 ms with this form; alone, that bias's gradient
+  and update take 4.7 ms, 0.5 ms as a product (experiments/RESULTS.md, "The 1x1 kernel gradient
+  and the bias gradient"). Not measured on a GPU or TPU."""
+  if bias.shape != y.shape[-1:]:
+    raise ValueError(f"a bias of shape {tuple(bias.shape)} for an output with {y.shape[-1]} "
+                     "channels: expected one value per channel")
+  dtype = jnp.result_type(y, bias)
+  return _add_bias(y.astype(dtype), bias.astype(dtype))
 
 
 @jax.custom_vjp
@@ -94,10 +106,11 @@ def _add_bias_fwd(y, bias):
 
 
 def _add_bias_bwd(bias, grad):
-  rows = grad.reshape(-1, grad.shape[-1])
+  rows = _rows(grad)
   ones = jnp.ones((rows.shape[0],), rows.dtype)
   db = jax.lax.dot_general(ones, rows, (((0,), (0,)), ((), ())),
-                           preferred_element_type=jnp.float32)
+                           precision=jax.lax.Precision.HIGHEST,
+                           preferred_element_type=jnp.promote_types(rows.dtype, jnp.float32))
   return grad, db.astype(bias.dtype)
 
 
