@@ -1,6 +1,7 @@
 """models/convolution.py: `conv2d`'s value is XLA's convolution, its gradients (the mirrored input
-gradient, the kernel gradient as products) are XLA's own up to rounding, and on a CPU its
-compiled input gradient copies the kernel without mirroring it; `pointwise` and `add_bias` are
+gradient, the input gradient as a product, the kernel gradient as products) are XLA's own up to
+rounding, and on a CPU its compiled input gradient copies the kernel without mirroring it, and
+without transposing it where the positions are fewer than the channels; `pointwise` and `add_bias` are
 `jnp.dot` and `+` with the same gradients, and on a CPU their kernel and bias gradients are
 products that read the output gradient as it is laid out."""
 
@@ -26,10 +27,16 @@ def _close(got, want):
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
+# (grid, output channels): more positions than channels (the CPU's mirrored input gradient),
+# and fewer (its product with the kernel as stored).
+GRIDS = [((2, 9, 11), 4), ((1, 3, 4), 16)]
+
+
 @pytest.mark.parametrize("kernel_grad", convolution.KERNEL_GRADS)
 @pytest.mark.parametrize("stride,dilation", [(1, 1), (1, 2), (1, 4), (2, 1)])
-def test_conv2d_and_its_gradients_are_xla_s(stride, dilation, kernel_grad):
-  x, kernel = _arrays(dilation)
+@pytest.mark.parametrize("shape,o", GRIDS)
+def test_conv2d_and_its_gradients_are_xla_s(stride, dilation, kernel_grad, shape, o):
+  x, kernel = _arrays(dilation, o=o, shape=shape)
   ours = lambda x, k: convolution.conv2d(x, k, stride, dilation, kernel_grad)  # noqa: E731
   xla = lambda x, k: convolution.conv_nhwc(x, k, stride, dilation)  # noqa: E731
   loss = lambda conv: lambda x, k: jnp.sum(jnp.sin(conv(x, k)))  # noqa: E731
@@ -39,7 +46,8 @@ def test_conv2d_and_its_gradients_are_xla_s(stride, dilation, kernel_grad):
     want = jit(jax.grad(loss(xla), argnums=(0, 1)))(x, kernel)
     for g, w in zip(got, want):
       _close(g, w)
-  assert ours(x, kernel).shape == (2, -(-9 // stride), -(-11 // stride), 4)
+  b, h, w = shape
+  assert ours(x, kernel).shape == (b, -(-h // stride), -(-w // stride), o)
 
 
 @pytest.mark.parametrize("dilation", [1, 2, 4])
@@ -52,6 +60,25 @@ def test_each_gradient_form_is_the_convolution_s(dilation):
   _close(convolution.input_grad_mirrored(grad, kernel, dilation), want_x)
   _close(convolution.kernel_grad_xla(x, grad, kernel, dilation), want_k)
   _close(convolution.kernel_grad_products(x, grad, kernel, dilation), want_k)
+  _close(convolution.kernel_grad_columns(x, grad, kernel, dilation), want_k)
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+@pytest.mark.parametrize("dilation", [1, 2, 4])
+@pytest.mark.parametrize("shape,o", GRIDS)
+def test_the_gradients_as_one_product_are_the_convolution_s(k, dilation, shape, o):
+  x, kernel = _arrays(dilation, o=o, k=k, shape=shape)
+  grad = jnp.cos(convolution.conv_nhwc(x, kernel, 1, dilation))
+  want = jax.vjp(lambda x: convolution.conv_nhwc(x, kernel, 1, dilation), x)[1](grad)[0]
+  for jit in (jax.jit, compilation.jit):
+    got = jit(convolution.input_grad_products, static_argnums=2)(grad, kernel, dilation)
+    assert got.shape == x.shape
+    _close(got, want)
+  want = jax.vjp(lambda k: convolution.conv_nhwc(x, k, 1, dilation), kernel)[1](grad)[0]
+  for jit in (jax.jit, compilation.jit):
+    got = jit(convolution.kernel_grad_columns, static_argnums=3)(x, grad, kernel, dilation)
+    assert got.shape == kernel.shape
+    _close(got, want)
 
 
 def _mirrored_kernel_copies(conv) -> int:
@@ -68,6 +95,38 @@ def test_a_cpu_never_mirrors_the_kernel_for_the_input_gradient():
   # conv2d's mirrored activations may no longer pay: measure again (RESULTS.md).
   assert _mirrored_kernel_copies(lambda x, k: convolution.conv_nhwc(x, k)) > 0
   assert _mirrored_kernel_copies(lambda x, k: convolution.conv2d(x, k)) == 0
+
+
+def _transposed_kernels(shape) -> int:
+  """How many arrays of the kernel's shape with its channels swapped ([3, 3, O, C]) the compiled
+  CPU input gradient of `conv2d` writes, for an input of `shape` [B, H, W] and O = 96."""
+  cpu = jax.devices("cpu")[0]
+  x, kernel = jax.device_put(_arrays(1, c=64, o=96, shape=shape), cpu)
+  dx = compilation.jit(jax.grad(lambda x, k: jnp.sum(convolution.conv2d(x, k) ** 2)))
+  text = dx.lower(x, kernel).compile().as_text()
+  return len(re.findall(r"= f32\[3,3,96,64\]\{[0-9,]*\} ", text))
+
+
+def test_a_cpu_transposes_the_kernel_only_for_more_positions_than_channels():
+  # 144 positions >= 96 channels: the mirrored convolution, with the kernel's channels swapped.
+  assert _transposed_kernels((1, 12, 12)) > 0
+  # 48 < 96: one product with the kernel as stored, never transposed.
+  assert _transposed_kernels((1, 6, 8)) == 0
+
+
+@pytest.mark.parametrize("kernel_grad", convolution.KERNEL_GRADS)
+def test_a_cpu_kernel_gradient_is_one_product_for_fewer_positions_than_channels(kernel_grad):
+  cpu = jax.devices("cpu")[0]
+
+  def convolutions(shape):  # in the compiled kernel gradient, the forward's included
+    x, kernel = jax.device_put(_arrays(1, c=64, o=96, shape=shape), cpu)
+    loss = lambda k, x: jnp.sum(convolution.conv2d(x, k, kernel_grad=kernel_grad) ** 2)  # noqa: E731
+    text = compilation.jit(jax.grad(loss)).lower(kernel, x).compile().as_text()
+    return len(re.findall(r" convolution\(", text))
+
+  if compilation.compiler_options():  # XLA's own convolution for 144 positions >= 96 channels
+    assert convolutions((1, 12, 12)) == 2
+  assert convolutions((1, 6, 8)) == 1  # 48 < 96: one product
 
 
 def test_an_unknown_kernel_gradient_is_refused():

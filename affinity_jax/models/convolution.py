@@ -10,13 +10,19 @@ float rounding:
   in one loop, which ran at ~0.4 GB/s: 212 ms per step for ResNet-38's b7 kernel (3x3, 1024 ->
   2048) on a 2-core AMD EPYC without AVX-512, where the plain transpose takes 41 ms and the
   mirrored activations are small (experiments/RESULTS.md, "The kernel's mirrored copy").
-  Elsewhere, and for strided convolutions, XLA's own.
+  Where the output gradient has fewer positions (B * H * W) than channels, as in ResNet-38's
+  dilated blocks at batch 1, even the plain transpose costs more than the product it feeds:
+  there the input gradient is one matrix product with the kernel read as stored and its k * k
+  column blocks added back at their shifts (`input_grad_products`; RESULTS.md, "The input
+  gradient without the kernel's transpose"). Elsewhere, and for strided convolutions, XLA's own.
 - kernel gradient: XLA's own, or with `kernel_grad="products"` the k * k matrix products of the
   shifted inputs and the output gradient (each a sum over B, H, W), which beat cuDNN's on an H200
   GPU (VGG-16's AffinityNet step 1.29x in float32, 1.51x in bfloat16; RESULTS.md, "On a GPU,
   second lease") and YNNPACK's on a CPU; on a CPU where affinity_jax.compilation keeps YNNPACK
   to matrix products XLA's own is faster still (RESULTS.md, "YNNPACK's convolutions"), so there
-  it is XLA's in either case.
+  it is XLA's in either case, except with few positions (as above), where it is one product of
+  the k * k shifted inputs side by side and the output gradient, written as the kernel is
+  stored (`kernel_grad_columns`), instead of XLA's transposes of both.
 
 `pointwise` (a 1x1 convolution as a product over the channels) and `add_bias` give their
 kernel and bias gradients as matrix products laid out as XLA:CPU reads them best (their
@@ -160,6 +166,39 @@ def input_grad_mirrored(grad, kernel, dilation):
   return mirrored[:, ::-1, ::-1]
 
 
+def input_grad_products(grad, kernel, dilation):
+  """The input gradient as one matrix product: the output gradient [positions, O] times the
+  kernel as stored ([k * k * C, O], O contracted), whose k * k blocks of C columns are then
+  added back at their taps' shifts (col2im). The kernel is never copied; the product's result
+  is k * k times the input gradient's size, so this pays only where there are fewer positions
+  than the kernel's output channels (`_conv_bwd`)."""
+  b, h, w, o = grad.shape
+  k, c = kernel.shape[0], kernel.shape[2]
+  pad = dilation * (k - 1) // 2
+  cols = jax.lax.dot_general(_rows(grad), kernel.reshape(k * k * c, o), (((1,), (1,)), ((), ())))
+  cols = jnp.pad(cols.reshape(b, h, w, k, k, c), ((0, 0), (pad, pad), (pad, pad), (0, 0), (0, 0),
+                                                  (0, 0)))
+  # x at p met tap (i, j) in the output at p + pad - (i, j) * dilation.
+  taps = [cols[:, 2 * pad - i * dilation:2 * pad - i * dilation + h,
+               2 * pad - j * dilation:2 * pad - j * dilation + w, i, j]
+          for i in range(k) for j in range(k)]
+  return functools.reduce(jnp.add, taps)
+
+
+def _few_positions(grad: jax.Array) -> bool:
+  """Whether the output gradient [B, H, W, O] has fewer positions (B * H * W) than channels:
+  where a CPU's gradients read the kernel as stored (module docstring)."""
+  return math.prod(grad.shape[:-1]) < grad.shape[-1]
+
+
+def input_grad_cpu(grad, kernel, dilation):
+  """A CPU's input gradient: `input_grad_products` with few positions, else
+  `input_grad_mirrored` (module docstring)."""
+  if _few_positions(grad):
+    return input_grad_products(grad, kernel, dilation)
+  return input_grad_mirrored(grad, kernel, dilation)
+
+
 def kernel_grad_xla(x, grad, kernel, dilation):
   return jax.vjp(lambda kernel: conv_nhwc(x, kernel, 1, dilation), kernel)[1](grad)[0]
 
@@ -175,18 +214,41 @@ def kernel_grad_products(x, grad, kernel, dilation):
   return jnp.stack([jnp.stack(r) for r in rows]).astype(kernel.dtype)
 
 
+def kernel_grad_columns(x, grad, kernel, dilation):
+  """The kernel gradient as one matrix product: the k * k shifted inputs side by side
+  [positions, k * k * C] times the output gradient [positions, O], summed over the positions,
+  which is [k * k * C, O] as the kernel is stored."""
+  k, (h, w) = kernel.shape[0], x.shape[1:3]
+  pad = dilation * (k - 1) // 2
+  xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  columns = jnp.stack([xp[:, i * dilation:i * dilation + h, j * dilation:j * dilation + w]
+                       for i in range(k) for j in range(k)], axis=3)
+  dk = jax.lax.dot_general(_rows(columns.reshape(x.shape[:3] + (-1,))), _rows(grad),
+                           (((0,), (0,)), ((), ())))
+  return dk.reshape(kernel.shape).astype(kernel.dtype)
+
+
+def kernel_grad_cpu(x, grad, kernel, dilation):
+  """A CPU's kernel gradient (with affinity_jax.compilation's options): `kernel_grad_columns`
+  with few positions, else XLA's own (module docstring)."""
+  if _few_positions(grad):
+    return kernel_grad_columns(x, grad, kernel, dilation)
+  return kernel_grad_xla(x, grad, kernel, dilation)
+
+
 def _conv_bwd(dilation, kernel_grad, saved, grad):
   x, kernel = saved
   dx = jax.lax.platform_dependent(grad, kernel, default=functools.partial(input_grad_xla,
                                                                             dilation=dilation),
-                                  cpu=functools.partial(input_grad_mirrored, dilation=dilation))
-  xla = functools.partial(kernel_grad_xla, dilation=dilation)
+                                  cpu=functools.partial(input_grad_cpu, dilation=dilation))
+  cpu = functools.partial(kernel_grad_cpu, dilation=dilation)
   if kernel_grad == "xla":
-    dk = xla(x, grad, kernel)
+    default = functools.partial(kernel_grad_xla, dilation=dilation)
   else:
-    products = functools.partial(kernel_grad_products, dilation=dilation)
-    dk = jax.lax.platform_dependent(x, grad, kernel, default=products,
-                                    cpu=xla if compilation.compiler_options() else products)
+    default = functools.partial(kernel_grad_products, dilation=dilation)
+    if not compilation.compiler_options():
+      cpu = default
+  dk = jax.lax.platform_dependent(x, grad, kernel, default=default, cpu=cpu)
   return dx, dk
 
 
