@@ -11,10 +11,11 @@ float rounding:
   2048) on a 2-core AMD EPYC without AVX-512, where the plain transpose takes 41 ms and the
   mirrored activations are small (experiments/RESULTS.md, "The kernel's mirrored copy").
   Where the output gradient has fewer positions (B * H * W) than channels, as in ResNet-38's
-  dilated blocks at batch 1, even the plain transpose costs more than the product it feeds:
-  there the input gradient is one matrix product with the kernel read as stored and its k * k
-  column blocks added back at their shifts (`input_grad_products`; RESULTS.md, "The input
-  gradient without the kernel's transpose"). Elsewhere, and for strided convolutions, XLA's own.
+  dilated blocks at batch 1, even the plain transpose costs more than half the product it
+  feeds: there (with affinity_jax.compilation's options) the input gradient is one matrix
+  product with the kernel read as stored and its k * k column blocks added back at their shifts
+  (`input_grad_products`; RESULTS.md, "The input gradient without the kernel's transpose").
+  Elsewhere, and for strided convolutions, XLA's own.
 - kernel gradient: XLA's own, or with `kernel_grad="products"` the k * k matrix products of the
   shifted inputs and the output gradient (each a sum over B, H, W), which beat cuDNN's on an H200
   GPU (VGG-16's AffinityNet step 1.29x in float32, 1.51x in bfloat16; RESULTS.md, "On a GPU,
@@ -22,7 +23,9 @@ float rounding:
   to matrix products XLA's own is faster still (RESULTS.md, "YNNPACK's convolutions"), so there
   it is XLA's in either case, except with few positions (as above), where it is one product of
   the k * k shifted inputs side by side and the output gradient, written as the kernel is
-  stored (`kernel_grad_columns`), instead of XLA's transposes of both.
+  stored (`kernel_grad_columns`), instead of XLA's transposes of both. A CPU without those
+  options keeps XLA's kernel gradient (or the products where asked) and the mirrored input
+  gradient whatever the positions: the products were measured only with them.
 
 `pointwise` (a 1x1 convolution as a product over the channels) and `add_bias` give their
 kernel and bias gradients as matrix products laid out as XLA:CPU reads them best (their
@@ -171,18 +174,20 @@ def input_grad_products(grad, kernel, dilation):
   kernel as stored ([k * k * C, O], O contracted), whose k * k blocks of C columns are then
   added back at their taps' shifts (col2im). The kernel is never copied; the product's result
   is k * k times the input gradient's size, so this pays only where there are fewer positions
-  than the kernel's output channels (`_conv_bwd`)."""
+  than the kernel's output channels (`_conv_bwd`). The blocks are products and sums in float32
+  or wider, rounded to the gradient's dtype once at the end, as a convolution's result."""
   b, h, w, o = grad.shape
   k, c = kernel.shape[0], kernel.shape[2]
   pad = dilation * (k - 1) // 2
-  cols = jax.lax.dot_general(_rows(grad), kernel.reshape(k * k * c, o), (((1,), (1,)), ((), ())))
+  cols = jax.lax.dot_general(_rows(grad), kernel.reshape(k * k * c, o), (((1,), (1,)), ((), ())),
+                             preferred_element_type=jnp.promote_types(grad.dtype, jnp.float32))
   cols = jnp.pad(cols.reshape(b, h, w, k, k, c), ((0, 0), (pad, pad), (pad, pad), (0, 0), (0, 0),
                                                   (0, 0)))
   # x at p met tap (i, j) in the output at p + pad - (i, j) * dilation.
   taps = [cols[:, 2 * pad - i * dilation:2 * pad - i * dilation + h,
                2 * pad - j * dilation:2 * pad - j * dilation + w, i, j]
           for i in range(k) for j in range(k)]
-  return functools.reduce(jnp.add, taps)
+  return functools.reduce(jnp.add, taps).astype(grad.dtype)
 
 
 def _few_positions(grad: jax.Array) -> bool:
@@ -192,9 +197,9 @@ def _few_positions(grad: jax.Array) -> bool:
 
 
 def input_grad_cpu(grad, kernel, dilation):
-  """A CPU's input gradient: `input_grad_products` with few positions, else
-  `input_grad_mirrored` (module docstring)."""
-  if _few_positions(grad):
+  """A CPU's input gradient: `input_grad_products` with few positions (and
+  affinity_jax.compilation's options), else `input_grad_mirrored` (module docstring)."""
+  if _few_positions(grad) and compilation.compiler_options():
     return input_grad_products(grad, kernel, dilation)
   return input_grad_mirrored(grad, kernel, dilation)
 
@@ -223,7 +228,8 @@ def kernel_grad_columns(x, grad, kernel, dilation):
   xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
   columns = jnp.stack([xp[:, i * dilation:i * dilation + h, j * dilation:j * dilation + w]
                        for i in range(k) for j in range(k)], axis=3)
-  dk = jax.lax.dot_general(_rows(columns.reshape(x.shape[:3] + (-1,))), _rows(grad),
+  dk = jax.lax.dot_general(_rows(columns.reshape(x.shape[:3] + (k * k * x.shape[3],))),
+                           _rows(grad),
                            (((0,), (0,)), ((), ())))
   return dk.reshape(kernel.shape).astype(kernel.dtype)
 
@@ -241,13 +247,10 @@ def _conv_bwd(dilation, kernel_grad, saved, grad):
   dx = jax.lax.platform_dependent(grad, kernel, default=functools.partial(input_grad_xla,
                                                                             dilation=dilation),
                                   cpu=functools.partial(input_grad_cpu, dilation=dilation))
-  cpu = functools.partial(kernel_grad_cpu, dilation=dilation)
-  if kernel_grad == "xla":
-    default = functools.partial(kernel_grad_xla, dilation=dilation)
-  else:
-    default = functools.partial(kernel_grad_products, dilation=dilation)
-    if not compilation.compiler_options():
-      cpu = default
+  kernel_grads = {"xla": kernel_grad_xla, "products": kernel_grad_products}
+  default = functools.partial(kernel_grads[kernel_grad], dilation=dilation)
+  cpu = (functools.partial(kernel_grad_cpu, dilation=dilation)
+         if compilation.compiler_options() else default)
   dk = jax.lax.platform_dependent(x, grad, kernel, default=default, cpu=cpu)
   return dx, dk
 
