@@ -208,29 +208,30 @@ def kernel_grad_xla(x, grad, kernel, dilation):
   return jax.vjp(lambda kernel: conv_nhwc(x, kernel, 1, dilation), kernel)[1](grad)[0]
 
 
-def kernel_grad_products(x, grad, kernel, dilation):
-  """The kernel gradient as k * k matrix products of shifted inputs and the output gradient."""
-  k, (h, w) = kernel.shape[0], x.shape[1:3]
+def _shifted_inputs(x: jax.Array, k: int, dilation: int) -> list[jax.Array]:
+  """The k * k views of x [B, H, W, C], zero-padded as the convolution, that tap (i, j) of a k x
+  k kernel meets at each output position, in the kernel's row-major tap order."""
+  h, w = x.shape[1:3]
   pad = dilation * (k - 1) // 2
   xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-  rows = [[jnp.einsum("bhwc,bhwo->co", xp[:, i * dilation:i * dilation + h,
-                                          j * dilation:j * dilation + w], grad)
-           for j in range(k)] for i in range(k)]
-  return jnp.stack([jnp.stack(r) for r in rows]).astype(kernel.dtype)
+  return [xp[:, i * dilation:i * dilation + h, j * dilation:j * dilation + w]
+          for i in range(k) for j in range(k)]
+
+
+def kernel_grad_products(x, grad, kernel, dilation):
+  """The kernel gradient as k * k matrix products of shifted inputs and the output gradient."""
+  taps = [jnp.einsum("bhwc,bhwo->co", shifted, grad)
+          for shifted in _shifted_inputs(x, kernel.shape[0], dilation)]
+  return jnp.stack(taps).reshape(kernel.shape).astype(kernel.dtype)
 
 
 def kernel_grad_columns(x, grad, kernel, dilation):
   """The kernel gradient as one matrix product: the k * k shifted inputs side by side
   [positions, k * k * C] times the output gradient [positions, O], summed over the positions,
   which is [k * k * C, O] as the kernel is stored."""
-  k, (h, w) = kernel.shape[0], x.shape[1:3]
-  pad = dilation * (k - 1) // 2
-  xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-  columns = jnp.stack([xp[:, i * dilation:i * dilation + h, j * dilation:j * dilation + w]
-                       for i in range(k) for j in range(k)], axis=3)
-  dk = jax.lax.dot_general(_rows(columns.reshape(x.shape[:3] + (k * k * x.shape[3],))),
-                           _rows(grad),
-                           (((0,), (0,)), ((), ())))
+  columns = jnp.stack(_shifted_inputs(x, kernel.shape[0], dilation), axis=3)
+  rows = columns.reshape(x.shape[:3] + (columns.shape[3] * columns.shape[4],))
+  dk = jax.lax.dot_general(_rows(rows), _rows(grad), (((0,), (0,)), ((), ())))
   return dk.reshape(kernel.shape).astype(kernel.dtype)
 
 
