@@ -50,6 +50,12 @@ def _rows(x: jax.Array) -> jax.Array:
   return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
 
 
+def _summed_over_positions(a: jax.Array, b: jax.Array) -> jax.Array:
+  """a [..., C] and b [..., O] (the same positions) -> [C, O]: the sum over the positions of
+  their outer products, one matrix product laid out as a kernel is stored."""
+  return jax.lax.dot_general(_rows(a), _rows(b), (((0,), (0,)), ((), ())))
+
+
 def pointwise(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """A 1x1 convolution: x [..., C] times kernel [C, O] over the channels, as `jnp.dot`, with the
   kernel gradient as the product of x and the output gradient summed over every position,
@@ -80,8 +86,7 @@ def _pointwise_fwd(x, kernel):
 def _pointwise_bwd(saved, grad):
   x, kernel = saved
   dx = jax.lax.dot_general(grad, kernel, (((grad.ndim - 1,), (1,)), ((), ())))
-  dk = jax.lax.dot_general(_rows(x), _rows(grad), (((0,), (0,)), ((), ())))
-  return dx.astype(x.dtype), dk.astype(kernel.dtype)
+  return dx.astype(x.dtype), _summed_over_positions(x, grad).astype(kernel.dtype)
 
 
 _pointwise.defvjp(_pointwise_fwd, _pointwise_bwd)
@@ -230,9 +235,8 @@ def kernel_grad_columns(x, grad, kernel, dilation):
   [positions, k * k * C] times the output gradient [positions, O], summed over the positions,
   which is [k * k * C, O] as the kernel is stored."""
   columns = jnp.stack(_shifted_inputs(x, kernel.shape[0], dilation), axis=3)
-  rows = columns.reshape(x.shape[:3] + (columns.shape[3] * columns.shape[4],))
-  dk = jax.lax.dot_general(_rows(rows), _rows(grad), (((0,), (0,)), ((), ())))
-  return dk.reshape(kernel.shape).astype(kernel.dtype)
+  columns = columns.reshape(x.shape[:3] + (columns.shape[3] * columns.shape[4],))
+  return _summed_over_positions(columns, grad).reshape(kernel.shape).astype(kernel.dtype)
 
 
 def kernel_grad_cpu(x, grad, kernel, dilation):
