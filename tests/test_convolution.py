@@ -97,13 +97,19 @@ def test_the_gradients_as_one_product_are_the_convolution_s(k, dilation, shape, 
     _close(got, want)
 
 
+def _compiled_gradient(conv, shape=(1, 12, 12), argnum=0) -> str:
+  """The compiled CPU program (text) of the gradient of sum(conv(x, kernel) ** 2) with respect
+  to x (argnum 0) or the kernel (1), for x [*shape, 64] and a 3x3 kernel 64 -> 96."""
+  cpu = jax.devices("cpu")[0]  # the program is compiled for the CPU on any machine
+  x, kernel = jax.device_put(_arrays(1, c=64, o=96, shape=shape), cpu)
+  grad = compilation.jit(jax.grad(lambda x, k: jnp.sum(conv(x, k) ** 2), argnums=argnum))
+  return grad.lower(x, kernel).compile().as_text()
+
+
 def _mirrored_kernel_copies(conv) -> int:
   """How many arrays of a kernel's shape the compiled input gradient mirrors (reverses)."""
-  cpu = jax.devices("cpu")[0]  # the program is compiled for the CPU on any machine
-  x, kernel = jax.device_put(_arrays(1, c=64, o=96, shape=(1, 12, 12)), cpu)
-  dx = compilation.jit(jax.grad(lambda x, k: jnp.sum(conv(x, k) ** 2)))
-  text = dx.lower(x, kernel).compile().as_text()
-  return len(re.findall(r"= f32\[3,3,(?:64,96|96,64)\]\{[0-9,]*\} reverse\(", text))
+  return len(re.findall(r"= f32\[3,3,(?:64,96|96,64)\]\{[0-9,]*\} reverse\(",
+                        _compiled_gradient(conv)))
 
 
 def test_a_cpu_never_mirrors_the_kernel_for_the_input_gradient():
@@ -116,11 +122,8 @@ def test_a_cpu_never_mirrors_the_kernel_for_the_input_gradient():
 def _transposed_kernels(shape) -> int:
   """How many arrays of the kernel's shape with its channels swapped ([3, 3, O, C]) the compiled
   CPU input gradient of `conv2d` writes, for an input of `shape` [B, H, W] and O = 96."""
-  cpu = jax.devices("cpu")[0]
-  x, kernel = jax.device_put(_arrays(1, c=64, o=96, shape=shape), cpu)
-  dx = compilation.jit(jax.grad(lambda x, k: jnp.sum(convolution.conv2d(x, k) ** 2)))
-  text = dx.lower(x, kernel).compile().as_text()
-  return len(re.findall(r"= f32\[3,3,96,64\]\{[0-9,]*\} ", text))
+  return len(re.findall(r"= f32\[3,3,96,64\]\{[0-9,]*\} ",
+                        _compiled_gradient(convolution.conv2d, shape)))
 
 
 def test_a_cpu_transposes_the_kernel_only_for_more_positions_than_channels():
@@ -136,14 +139,10 @@ def test_a_cpu_transposes_the_kernel_only_for_more_positions_than_channels():
 
 @pytest.mark.parametrize("kernel_grad", convolution.KERNEL_GRADS)
 def test_a_cpu_kernel_gradient_is_one_product_for_fewer_positions_than_channels(kernel_grad):
-  cpu = jax.devices("cpu")[0]
+  conv = functools.partial(convolution.conv2d, kernel_grad=kernel_grad)
 
   def convolutions(shape):  # in the compiled kernel gradient, the forward's included
-    x, kernel = jax.device_put(_arrays(1, c=64, o=96, shape=shape), cpu)
-    def loss(k, x):
-      return jnp.sum(convolution.conv2d(x, k, kernel_grad=kernel_grad) ** 2)
-    text = compilation.jit(jax.grad(loss)).lower(kernel, x).compile().as_text()
-    return len(re.findall(r" convolution\(", text))
+    return len(re.findall(r" convolution\(", _compiled_gradient(conv, shape, argnum=1)))
 
   many, few = convolutions((1, 12, 12)), convolutions((1, 6, 8))
   if compilation.compiler_options():
