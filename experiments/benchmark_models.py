@@ -200,8 +200,11 @@ def flops_of(jitted, *args) -> float | None:
   through the PJRT C API (jax's CUDA plugin) have no analysis of a lowered program
   (`Lowered.cost_analysis` gives None), so there the lowered program is analysed by the CPU client:
   the same HLO cost analysis of the same program. On a CPU the lowered and the compiled counts
-  are equal. A failure is printed once and the count left empty.
+  are equal. oneDNN's convolutions (affinity_jax/models/onednn.py, on a single-device CPU) are
+  custom calls the analysis does not count: `onednn.flops` adds theirs from the program's text.
+  A failure is printed once and the count left empty.
   """
+  from affinity_jax.models import onednn
   try:
     lowered = jitted.lower(*args)
     cost = lowered.cost_analysis()  # None where the backend has none
@@ -218,8 +221,8 @@ def flops_of(jitted, *args) -> float | None:
     return None
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else {}
-  flops = (cost or {}).get("flops")
-  return float(flops) if flops and flops > 0 else None
+  flops = ((cost or {}).get("flops") or 0.0) + onednn.flops(lowered.as_text())
+  return float(flops) if flops > 0 else None
 
 
 def time_sides(ctx, fn_torch, fn_jax, warmup: int | None = None

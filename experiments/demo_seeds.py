@@ -14,8 +14,9 @@ streams' shuffling and augmentation (data/pipelines.py) and the dropout keys, fo
 networks. The dataset has a seed of its own (`data.options`, synthetic_wsss' `seed`), left
 alone: every run scores the same images. For an ISA other than "native", XLA_FLAGS gets
 `--xla_cpu_max_isa=ISA` appended (XLA's names: SSE4_2, AVX, AVX2, AVX512, AVX512_VNNI,
-AVX512_BF16, AMX, AMX_FP16; NEON, SVE, SVE2 on ARM); "native" leaves XLA_FLAGS as it is.
-The flag caps only the kernels XLA compiles: TensorFlow's input pipeline, NumPy's SIMD
+AVX512_BF16, AMX, AMX_FP16; NEON, SVE, SVE2 on ARM) and, on x86, ONEDNN_MAX_CPU_ISA is set
+to oneDNN's name of the same level (the package's CPU convolutions); "native" leaves both as
+they are. The caps reach only XLA's and oneDNN's kernels: TensorFlow's input pipeline, NumPy's SIMD
 dispatch and the dCRF keep the CPU's own paths. (With jaxlib 0.10.2 XLA's kernels prefer
 256-bit vectors even on an AVX-512 CPU: native and AVX2 runs of the tiny config were
 bit-identical on one.)
@@ -80,6 +81,10 @@ X86_ISAS = (("SSE4_2", "sse4_2"), ("AVX", "avx"), ("AVX2", "avx2"), ("AVX512", "
             ("AVX512_VNNI", "avx512_vnni"), ("AVX512_BF16", "avx512_bf16"),
             ("AMX", "amx_tile"), ("AMX_FP16", "amx_fp16"))
 ARM_ISAS = (("NEON", "asimd"), ("SVE", "sve"), ("SVE2", "sve2"))
+# oneDNN's names (ONEDNN_MAX_CPU_ISA) for XLA's x86 levels.
+ONEDNN_ISAS = {"SSE4_2": "SSE41", "AVX": "AVX", "AVX2": "AVX2", "AVX512": "AVX512_CORE",
+               "AVX512_VNNI": "AVX512_CORE_VNNI", "AVX512_BF16": "AVX512_CORE_BF16",
+               "AMX": "AVX512_CORE_AMX", "AMX_FP16": "AVX512_CORE_AMX_FP16"}
 # The level reported for a run without the flag: the CPU's best up to AVX512 (the extensions
 # above it add int8 / bf16 / matrix instructions, which a float32 pipeline does not use).
 NATIVE_CEILING = {"x86": "AVX512", "arm": "SVE2"}
@@ -166,10 +171,13 @@ def isa_used(xla_flags: str, flags: set[str]) -> str:
 
 def child_env(isa: str, environ: Mapping[str, str]) -> dict[str, str]:
   """The environment of a run with instruction set `isa`: XLA_FLAGS gets --xla_cpu_max_isa
-  appended to what it holds (nothing for native)."""
+  appended to what it holds, and on x86 ONEDNN_MAX_CPU_ISA caps oneDNN's convolutions
+  (affinity_jax/models/onednn.py) at the same level (nothing for native)."""
   env = dict(environ)
   if isa != NATIVE:
     env["XLA_FLAGS"] = f"{environ.get('XLA_FLAGS', '')} --xla_cpu_max_isa={isa}".strip()
+    if isa in ONEDNN_ISAS:
+      env["ONEDNN_MAX_CPU_ISA"] = ONEDNN_ISAS[isa]
   return env
 
 

@@ -3,7 +3,8 @@ gradient, the input gradient as a product, the kernel gradient as products) are 
 rounding, and on a CPU its compiled input gradient copies the kernel without mirroring it, and
 without transposing it where the positions are fewer than the channels; `pointwise` and
 `add_bias` are `jnp.dot` and `+` with the same gradients, and on a CPU their kernel and bias
-gradients are products that read the output gradient as it is laid out."""
+gradients are products that read the output gradient as it is laid out. All with oneDNN's
+convolutions switched off: these are the forms of every other case (tests/test_onednn.py)."""
 
 import functools
 import re
@@ -14,7 +15,12 @@ import numpy as np
 import pytest
 
 from affinity_jax import compilation
-from affinity_jax.models import convolution
+from affinity_jax.models import convolution, onednn
+
+
+@pytest.fixture(autouse=True)
+def _xla_s_convolutions(monkeypatch):
+  monkeypatch.setenv(onednn.ENV_SWITCH, "0")
 
 
 def _arrays(dilation, c=5, o=4, k=3, shape=(2, 9, 11)):

@@ -95,8 +95,11 @@ def test_isa_names_flags_and_what_the_cpu_allows():
   with pytest.raises(demo_seeds.UsageError, match="AVX3"):
     demo_seeds.parse_isa("AVX3")
   env = demo_seeds.child_env("AVX2", {"XLA_FLAGS": "--xla_foo=1", "HOME": "/h"})
-  assert env == {"XLA_FLAGS": "--xla_foo=1 --xla_cpu_max_isa=AVX2", "HOME": "/h"}
-  assert "XLA_FLAGS" not in demo_seeds.child_env("native", {"HOME": "/h"})
+  assert env == {"XLA_FLAGS": "--xla_foo=1 --xla_cpu_max_isa=AVX2", "HOME": "/h",
+                 "ONEDNN_MAX_CPU_ISA": "AVX2"}
+  assert demo_seeds.child_env("AVX512", {})["ONEDNN_MAX_CPU_ISA"] == "AVX512_CORE"
+  assert "ONEDNN_MAX_CPU_ISA" not in demo_seeds.child_env("SVE", {})
+  assert demo_seeds.child_env("native", {"HOME": "/h"}) == {"HOME": "/h"}
   avx512 = {"sse4_2", "avx", "avx2", "avx512f", "avx512_vnni"}
   cpuinfo = "processor\t: 0\nmodel name\t: Some EPYC\nflags\t\t: " + " ".join(avx512) + "\n"
   assert demo_seeds.cpu_flags(cpuinfo) == avx512 and demo_seeds.cpu_model(cpuinfo) == "Some EPYC"

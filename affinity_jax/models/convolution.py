@@ -1,8 +1,10 @@
 """The networks' k x k convolutions (NHWC, HWIO, padded as PyTorch) and how they are differentiated.
 
-`conv2d` is `jax.lax.conv_general_dilated` with PyTorch's symmetric padding. Its value is XLA's
-convolution on every platform; its gradients are chosen per platform, all the same numbers up to
-float rounding:
+`conv2d` is `jax.lax.conv_general_dilated` with PyTorch's symmetric padding. On a CPU that is the
+only device, in float32, it is oneDNN's convolution with oneDNN's gradients where the package
+could build them (`onednn`, which says why and when). Everywhere else its value is XLA's
+convolution and its gradients are chosen per platform, all the same numbers up to float
+rounding:
 
 - input gradient, stride 1 on a CPU: the convolution of the output gradient with the kernel's
   channels swapped, on both sides mirrored in H and W (instead of the kernel mirrored). XLA:CPU
@@ -41,6 +43,7 @@ import jax
 import jax.numpy as jnp
 
 from affinity_jax import compilation
+from affinity_jax.models import onednn
 
 KERNEL_GRADS = ("xla", "products")
 
@@ -142,12 +145,16 @@ def conv_nhwc(x: jax.Array, kernel: jax.Array, stride: int = 1, dilation: int = 
 
 def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, dilation: int = 1,
            kernel_grad: str = "xla") -> jax.Array:
-  """`conv_nhwc` with the gradients of the module docstring; `kernel_grad` "xla" or
-  "products" (a stride-1 convolution's kernel gradient on a GPU, or on a CPU without
-  affinity_jax.compilation's options)."""
+  """`conv_nhwc` by oneDNN where `onednn.applies`, else with the gradients of the module
+  docstring; `kernel_grad` "xla" or "products" (a stride-1 convolution's kernel gradient on a
+  GPU, or on a CPU without oneDNN and without affinity_jax.compilation's options)."""
   if kernel_grad not in KERNEL_GRADS:
     raise ValueError(f"kernel_grad {kernel_grad!r}: expected one of {KERNEL_GRADS}")
-  if stride != 1 or kernel.shape[0] % 2 == 0 or kernel.shape[0] != kernel.shape[1]:
+  if kernel.shape[0] % 2 == 0 or kernel.shape[0] != kernel.shape[1]:
+    return conv_nhwc(x, kernel, stride, dilation)
+  if onednn.applies(x, kernel, stride, dilation):
+    return onednn.conv2d(x, kernel, stride, dilation)
+  if stride != 1:
     return conv_nhwc(x, kernel, stride, dilation)
   return _conv(x, kernel, dilation, kernel_grad)
 
