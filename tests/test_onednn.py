@@ -3,8 +3,10 @@ both gradients, are what `convolution.conv2d` runs on a single-device CPU in flo
 only there), and a machine that cannot build them gets a warning and XLA's convolutions."""
 
 import os
+import pathlib
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -21,15 +23,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGETS = tuple(onednn.TARGETS)
 
 
-def test_the_handlers_build_and_load_on_x86_64_linux():
-  # The wheels exist for x86-64 Linux only (setup.cfg): there they must build.
-  x86_linux = sys.platform == "linux" and platform.machine() == "x86_64"
-  assert onednn.available() == x86_linux
-  if x86_linux:
+def test_the_handlers_build_and_load_on_x86_64_linux_with_a_compiler():
+  # The wheels exist for x86-64 Linux only (setup.cfg), and `make test` needs a C++ compiler
+  # anyway (pydensecrf2 builds from source): there they must build.
+  buildable = (sys.platform == "linux" and platform.machine() == "x86_64"
+               and shutil.which(os.environ.get("CXX") or "c++") is not None)
+  assert onednn.available() == buildable
+  if buildable:
     built = onednn.build()
     assert built.is_file() and built.parent == onednn.cache_dir()
     assert onednn.build() == built  # compiled once, then found
-    assert not list(built.parent.glob("*.tmp"))
 
 
 def _arrays(k, c, o, shape, seed=0):
@@ -108,11 +111,16 @@ def test_conv2d_runs_onednn_on_one_cpu_device_in_float32(monkeypatch):
   assert _targets(_compiled(_loss_grad((0, 1)), x, kernel)) == []
 
 
-def test_flops_counts_what_the_cost_analysis_leaves_out():
-  x, kernel = _arrays(3, 8, 16, (2, 10, 12))
-  lowered = jax.jit(_loss_grad((0, 1))).lower(x, kernel)
-  per_call = 2 * (2 * 10 * 12 * 16) * (3 * 3 * 8)  # output positions x channels x k * k * C
-  assert onednn.flops(lowered.as_text()) == 3 * per_call  # forward, both gradients
+@pytest.mark.parametrize("stride,dilation", [(1, 2), (2, 1)])
+def test_flops_counts_as_xla_counts_a_convolution(stride, dilation, monkeypatch):
+  x, kernel = _arrays(3, 8, 16, (2, 10, 13))
+  grad = jax.grad(lambda x, k: jnp.sum(convolution.conv2d(x, k, stride, dilation) ** 2),
+                  argnums=(0, 1))
+  ours = onednn.flops(jax.jit(grad).lower(x, kernel).as_text())
+  monkeypatch.setenv(onednn.ENV_SWITCH, "0")  # the same program with XLA's convolutions
+  xla = jax.jit(lambda x, k: grad(x, k)).lower(x, kernel).cost_analysis()["flops"]
+  # XLA's count adds the elementwise work (a few per cent here) to the convolutions'.
+  assert 0.9 * xla < ours <= xla
   assert onednn.flops(jax.jit(lambda x: x + 1).lower(x).as_text()) == 0
 
 
@@ -131,7 +139,10 @@ def test_a_failed_build_names_the_source_and_leaves_no_file(tmp_path, monkeypatc
   monkeypatch.setenv("AFFINITY_JAX_CACHE", str(tmp_path / "cache"))
   with pytest.raises(onednn.Unavailable, match=r"compiling .*onednn\.cc failed"):
     onednn.build()
-  assert list((tmp_path / "cache" / "onednn").iterdir()) == []
+  assert list((tmp_path / "cache" / "onednn").iterdir()) == []  # no half-written library
+  bad.write_text(pathlib.Path(onednn.__file__).with_name("onednn.cc").read_text())
+  built = onednn.build()  # the same source elsewhere: built into this cache, loadable by all
+  assert built.parent == tmp_path / "cache" / "onednn" and built.stat().st_mode & 0o044 == 0o044
 
 
 _SCRIPT = textwrap.dedent("""

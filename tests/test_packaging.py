@@ -77,8 +77,10 @@ def test_the_wheel_holds_the_package_and_its_configs_only(wheel):
   (meta,) = [n for n in names if n.endswith(".dist-info/METADATA")]
   requires = [line for line in zipfile.ZipFile(wheel).read(meta).decode().splitlines()
               if line.startswith("Requires-Dist:")]
-  for dep in ("jax", "flax", "numpy", "ml-collections", "tensorflow-datasets"):
+  for dep in ("jax", "flax", "numpy", "ml-collections", "tensorflow-datasets", "onednn-cpu-gomp"):
     assert any(line.split()[1].startswith(dep) for line in requires), (dep, requires)
+  # oneDNN's handlers' source, compiled at first use (without it: XLA's convolutions, a warning).
+  assert "affinity_jax/models/onednn.cc" in names
   # And every shipped weight file (setup.cfg's package_data).
   shipped = [f for f in glob.glob(os.path.join(REPO, "affinity_jax", "pretrained", "**", "*"),
                                   recursive=True) if os.path.isfile(f) and "__pycache__" not in f]

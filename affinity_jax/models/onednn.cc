@@ -151,6 +151,8 @@ ffi::Error Guarded(const char* what, F&& body) {
     return ffi::Error::Success();
   } catch (const std::exception& e) {
     return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN ") + what + ": " + e.what());
+  } catch (...) {
+    return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN ") + what + ": unknown error");
   }
 }
 

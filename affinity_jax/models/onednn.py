@@ -11,9 +11,9 @@ convolutions"). The values agree with XLA's to float32 rounding (a few
 machines.
 
 How: `onednn.cc` (next to this file) holds three XLA FFI handlers. It is compiled once per
-machine, at its first use, with the C++ compiler `$CXX` (else `c++`) against jaxlib's FFI
-headers and the oneDNN of the `onednn-cpu-gomp` / `onednn-devel-cpu-gomp` wheels (installed with
-the package on x86-64 Linux), into `$AFFINITY_JAX_CACHE/onednn` (default
+environment (virtualenv), at its first use, with the C++ compiler `$CXX` (else `c++`) against
+jaxlib's FFI headers and the oneDNN of the `onednn-cpu-gomp` / `onednn-devel-cpu-gomp` wheels
+(installed with the package on x86-64 Linux), into `$AFFINITY_JAX_CACHE/onednn` (default
 `~/.cache/affinity_jax/onednn`); the library's name carries a hash of everything it was built
 from, and it is written under a temporary name and renamed, so a half-written library is never
 loaded.
@@ -38,6 +38,7 @@ import math
 import os
 import pathlib
 import re
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -71,13 +72,11 @@ def _wheel_file(dist: str, suffix: str) -> pathlib.Path:
   raise Unavailable(f"the {dist} wheel has no {suffix}")
 
 
-def _inputs() -> tuple[pathlib.Path, pathlib.Path, str]:
-  """oneDNN's include folder, its shared library, and the compiler."""
+def _inputs() -> tuple[pathlib.Path, pathlib.Path, list[str]]:
+  """oneDNN's include folder, its shared library, and the compiler's command."""
   header = _wheel_file("onednn-devel-cpu-gomp", "oneapi/dnnl/dnnl.hpp")
   library = _wheel_file("onednn-cpu-gomp", "/libdnnl.so.3")
-  compiler = os.environ.get("CXX", "c++")
-  if shutil.which(compiler) is None:
-    raise Unavailable(f"no C++ compiler {compiler!r} on PATH (set CXX)")
+  compiler = shlex.split(os.environ.get("CXX") or "c++")  # "ccache g++" too
   return header.parent.parent.parent, library, compiler
 
 
@@ -88,25 +87,42 @@ def cache_dir() -> pathlib.Path:
 
 
 def build() -> pathlib.Path:
-  """The compiled handlers for this machine, compiled now if not yet; `Unavailable` if not."""
+  """The compiled handlers for this environment, compiled now if not yet; `Unavailable` if
+  they cannot be. The library's name hashes the source's text, the compiler's command (with
+  jaxlib's and oneDNN's folders, so one per virtual environment) and the versions of jaxlib and
+  oneDNN."""
   include, library, compiler = _inputs()
-  command = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-w",
-             f"-I{jax.ffi.include_dir()}", f"-I{include}", str(SOURCE), "-o", "{out}",
-             f"-L{library.parent}", f"-l:{library.name}", f"-Wl,-rpath,{library.parent}"]
-  digest = hashlib.sha256("\0".join([SOURCE.read_text(), *command,
-                                     importlib.metadata.version("jaxlib")]).encode())
-  target = cache_dir() / f"affinity_onednn_{digest.hexdigest()[:16]}.so"
+  options = ["-O2", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}",
+             f"-I{include}", f"-L{library.parent}", f"-l:{library.name}",
+             f"-Wl,-rpath,{library.parent}"]
+  try:
+    source = SOURCE.read_text()
+  except OSError as e:
+    raise Unavailable(f"cannot read {SOURCE}: {e}") from None
+  key = [source, *compiler, *options, importlib.metadata.version("jaxlib"),
+         importlib.metadata.version("onednn-cpu-gomp")]
+  digest = hashlib.sha256("\0".join(key).encode()).hexdigest()[:16]
+  target = cache_dir() / f"affinity_onednn_{digest}.so"
   if target.exists():
     return target
-  target.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
+  if shutil.which(compiler[0]) is None:
+    raise Unavailable(f"no C++ compiler {compiler[0]!r} on PATH (set CXX)")
+  try:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
+  except OSError as e:
+    raise Unavailable(f"cannot write to {target.parent} (set AFFINITY_JAX_CACHE): {e}") from None
   os.close(fd)
   try:
-    done = subprocess.run([tmp if a == "{out}" else a for a in command], capture_output=True,
-                          text=True)
+    try:
+      done = subprocess.run([*compiler, str(SOURCE), "-o", tmp, *options], capture_output=True,
+                            text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+      raise Unavailable(f"compiling {SOURCE} took over 600 s") from None
     if done.returncode != 0:
-      raise Unavailable(f"compiling {SOURCE} failed ({' '.join(command[:1])} exit "
-                        f"{done.returncode}):\n{done.stderr[-2000:]}")
+      raise Unavailable(f"compiling {SOURCE} failed ({compiler[0]} exit {done.returncode}):\n"
+                        f"{done.stderr[-2000:]}")
+    os.chmod(tmp, 0o755)  # mkstemp's 0600 would keep other users of a shared cache out
     os.replace(tmp, target)
   finally:
     if os.path.exists(tmp):
@@ -121,7 +137,7 @@ def _registered() -> str | None:
     lib = ctypes.cdll.LoadLibrary(str(build()))
     for name, symbol in TARGETS.items():
       jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
-  except (Unavailable, OSError) as e:
+  except (Unavailable, OSError, AttributeError) as e:  # AttributeError: a symbol missing
     log.warning("oneDNN's convolutions are not available, using XLA's: %s", e)
     return str(e)
   return None
@@ -157,23 +173,35 @@ def applies(x: jax.Array, kernel: jax.Array, stride: int, dilation: int) -> bool
           and available())
 
 
-_CALL = re.compile(r"stablehlo\.custom_call @(affinity_onednn_conv_[a-z_]+)\(.*?:\s*"
+_CALL = re.compile(r"stablehlo\.custom_call @(affinity_onednn_conv_[a-z_]+)\(.*?"
+                   r"dilation = (\d+) : i64, pad = (\d+) : i64, stride = (\d+) : i64.*?:\s*"
                    r"\(tensor<([0-9x]+)xf32>, tensor<([0-9x]+)xf32>\) -> tensor<([0-9x]+)xf32>")
 
 
+def _taps_inside(size: int, out: int, k: int, stride: int, dilation: int, pad: int) -> int:
+  """How many (output position, tap) pairs along one side read the input, not its padding."""
+  return sum(1 for o in range(out) for i in range(k) if 0 <= o * stride + i * dilation - pad < size)
+
+
 def flops(stablehlo: str) -> float:
-  """The arithmetic (2 x multiply-adds) of the oneDNN convolutions a lowered program's text
-  calls, which XLA's cost analysis leaves out of its count: 2 * (output gradient's or output's
-  size) * k * k * C for the forward and each gradient. Each call counted once as written."""
+  """The arithmetic of the oneDNN convolutions a lowered program's text calls, which XLA's cost
+  analysis leaves out: counted as XLA counts a convolution, 2 x the multiply-adds of the taps
+  that read the input (not its padding), for the forward and each gradient alike. Each call is
+  counted once as written (a loop's body once)."""
   total = 0.0
-  for target, a, b, out in _CALL.findall(stablehlo):
+  for target, dilation, pad, stride, a, b, out in _CALL.findall(stablehlo):
+    dilation, pad, stride = int(dilation), int(pad), int(stride)
     a, b, out = ([int(d) for d in s.split("x")] for s in (a, b, out))
     if target.endswith("forward"):  # (x, kernel) -> y
-      total += 2 * math.prod(out) * math.prod(b[:3])
+      x, kernel, y = a, b, out
     elif target.endswith("input_grad"):  # (dy, kernel) -> dx
-      total += 2 * math.prod(a) * math.prod(b[:3])
+      x, kernel, y = out, b, a
     else:  # (x, dy) -> kernel
-      total += 2 * math.prod(b) * math.prod(out[:3])
+      x, kernel, y = a, out, b
+    k = kernel[0]
+    inside = (_taps_inside(x[1], y[1], k, stride, dilation, pad)
+              * _taps_inside(x[2], y[2], k, stride, dilation, pad))
+    total += 2.0 * x[0] * inside * kernel[2] * kernel[3]
   return total
 
 
@@ -191,7 +219,11 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int, dilation: int) -> jax.A
   """x [B, H, W, C] (float32) * kernel [k, k, C, O] (odd k), padded by dilation * (k - 1) / 2
   on each side as `convolution.conv_nhwc`, by oneDNN, with oneDNN's gradients. Call only where
   `applies` (`Unavailable` where the handlers are not; ValueError outside `fits`)."""
-  if not fits(x.shape, kernel.shape[0], stride, dilation):
+  k = kernel.shape[0]
+  if kernel.ndim != 4 or kernel.shape[1] != k or k % 2 == 0 or math.prod(x.shape) == 0:
+    raise ValueError(f"oneDNN's convolution takes an odd square kernel and a non-empty input: "
+                     f"got {tuple(kernel.shape)} and {tuple(x.shape)}")
+  if not fits(x.shape, k, stride, dilation):
     raise ValueError(f"oneDNN's convolution of {tuple(x.shape)} with a {kernel.shape[0]}x"
                      f"{kernel.shape[1]} kernel, stride {stride}, dilation {dilation}: outside "
                      "the geometries it computes right (onednn.fits)")
