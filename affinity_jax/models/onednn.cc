@@ -156,13 +156,19 @@ ffi::Error Guarded(const char* what, F&& body) {
   }
 }
 
-ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
-                   ffi::ResultBuffer<ffi::F32> y, int64_t stride, int64_t dilation,
-                   int64_t pad) {
-  return Guarded("convolution", [&] {
+// The forward ('f': x -> y) and the input gradient ('d': dy -> dx) read the kernel alike:
+// `in` and `out` are x and y, or dy and dx.
+ffi::Error ThroughKernel(char kind, ffi::Buffer<ffi::F32> in, ffi::Buffer<ffi::F32> k,
+                         ffi::ResultBuffer<ffi::F32> out, int64_t stride, int64_t dilation,
+                         int64_t pad) {
+  const bool forward = kind == 'f';
+  return Guarded(forward ? "convolution" : "input gradient", [&] {
     std::lock_guard<std::mutex> lock(CallMutex());
-    const Geometry g = Shapes(x.dimensions(), k.dimensions(), y->dimensions(), stride, dilation, pad);
-    auto p = Prepare(g, 'f');
+    const Geometry g = forward ? Shapes(in.dimensions(), k.dimensions(), out->dimensions(),
+                                        stride, dilation, pad)
+                               : Shapes(out->dimensions(), k.dimensions(), in.dimensions(),
+                                        stride, dilation, pad);
+    auto p = Prepare(g, kind);
     dnnl::stream s(Engine());
     memory kernel(g.Kernel(), Engine(), k.typed_data());
     if (p->reorder) {
@@ -171,35 +177,26 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
               {{DNNL_ARG_FROM, kernel}, {DNNL_ARG_TO, blocked}});
       kernel = blocked;
     }
+    memory a(forward ? g.Input() : g.Output(), Engine(), in.typed_data());
+    memory b(forward ? g.Output() : g.Input(), Engine(), out->typed_data());
     Execute(p->conv, p->conv_scratchpad, s,
-            {{DNNL_ARG_SRC, memory(g.Input(), Engine(), x.typed_data())},
+            {{forward ? DNNL_ARG_SRC : DNNL_ARG_DIFF_DST, a},
              {DNNL_ARG_WEIGHTS, kernel},
-             {DNNL_ARG_DST, memory(g.Output(), Engine(), y->typed_data())}});
+             {forward ? DNNL_ARG_DST : DNNL_ARG_DIFF_SRC, b}});
     s.wait();
   });
+}
+
+ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
+                   ffi::ResultBuffer<ffi::F32> y, int64_t stride, int64_t dilation,
+                   int64_t pad) {
+  return ThroughKernel('f', x, k, y, stride, dilation, pad);
 }
 
 ffi::Error InputGrad(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> k,
                      ffi::ResultBuffer<ffi::F32> dx, int64_t stride, int64_t dilation,
                      int64_t pad) {
-  return Guarded("input gradient", [&] {
-    std::lock_guard<std::mutex> lock(CallMutex());
-    const Geometry g = Shapes(dx->dimensions(), k.dimensions(), dy.dimensions(), stride, dilation, pad);
-    auto p = Prepare(g, 'd');
-    dnnl::stream s(Engine());
-    memory kernel(g.Kernel(), Engine(), k.typed_data());
-    if (p->reorder) {
-      memory blocked(p->kernel, Engine());
-      Execute(p->kernel_reorder, p->reorder_scratchpad, s,
-              {{DNNL_ARG_FROM, kernel}, {DNNL_ARG_TO, blocked}});
-      kernel = blocked;
-    }
-    Execute(p->conv, p->conv_scratchpad, s,
-            {{DNNL_ARG_DIFF_DST, memory(g.Output(), Engine(), dy.typed_data())},
-             {DNNL_ARG_WEIGHTS, kernel},
-             {DNNL_ARG_DIFF_SRC, memory(g.Input(), Engine(), dx->typed_data())}});
-    s.wait();
-  });
+  return ThroughKernel('d', dy, k, dx, stride, dilation, pad);
 }
 
 ffi::Error KernelGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
