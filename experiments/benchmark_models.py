@@ -267,8 +267,8 @@ def add_row(ctx, name: str, dtype: str, images: int, t_jax: float | None,
   torch_part = (f", torch {t_torch:.3f} s, ratio {row['ratio']:.2f}" if t_torch else "")
   mfu_part = (f", JAX MFU {row['jax_mfu']:.1%}" if row["jax_mfu"] is not None else "")
   # Everything on the row's own line, so a part stopped before its table still leaves it.
-  print(f"  {name} [{dtype}]: JAX {t_jax:.3f} s ({row['jax_img_s']:.1f} img/s){torch_part}, "
-        f"{fmt(row['gflop'], '.1f')} GFLOP{mfu_part}", flush=True)
+  print(f"  {name} [{dtype}]: JAX {t_jax:.3f} s ({fmt_rate(row['jax_img_s'])} img/s)"
+        f"{torch_part}, {fmt(row['gflop'], '.1f')} GFLOP{mfu_part}", flush=True)
 
 
 def jax_variables(ctx, arch: str, state: dict | None, num_classes: int = 20) -> dict:
@@ -577,6 +577,12 @@ def fmt(value, spec: str) -> str:
   return "-" if value is None else format(value, spec)
 
 
+def fmt_rate(value) -> str:
+  """Images per second: one decimal from 10 up, three significant digits below (a CPU's step
+  at the original's settings takes minutes: 0.112, not 0.1)."""
+  return "-" if value is None else format(value, ".1f" if value >= 10 else ".3g")
+
+
 def main(argv=None) -> dict:
   args = parse_args(argv)
   import jax
@@ -614,8 +620,8 @@ def main(argv=None) -> dict:
   print("|---|---|---|---|---|---|---|---|---|---|")
   for r in ctx.rows:
     print(f"| {r['name']} | {r['dtype']} | {fmt(r['jax_s'], '.3f')} | "
-          f"{fmt(r['jax_img_s'], '.1f')} | "
-          f"{fmt(r['torch_s'], '.3f')} | {fmt(r['torch_img_s'], '.1f')} | "
+          f"{fmt_rate(r['jax_img_s'])} | "
+          f"{fmt(r['torch_s'], '.3f')} | {fmt_rate(r['torch_img_s'])} | "
           f"{fmt(r['ratio'], '.2f')} | {fmt(r['gflop'], '.1f')} | {fmt(r['jax_mfu'], '.1%')} | "
           f"{fmt(r['torch_mfu'], '.1%')} |")
   print(f"load average at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
